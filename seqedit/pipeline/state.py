@@ -1,0 +1,75 @@
+"""Durable campaign state: which shards exist, which attempt of each is done.
+
+The state file is rewritten atomically after every transition, so another process
+(`seqedit query`, `seqedit status`) can read it while the campaign runs.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from seqedit.pipeline.atomic import write_text_atomic
+
+ShardStatus = Literal["pending", "running", "done", "failed"]
+STATE_FILE = "state.json"
+
+
+def now() -> str:
+    """UTC timestamp, ISO 8601."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class ShardState(BaseModel):
+    """One contiguous range of edit steps [start, stop) and its latest attempt."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    index: int
+    start: int
+    stop: int
+    status: ShardStatus = "pending"
+    attempt: int = Field(default=0, description="Number of the latest attempt (0-based).")
+    done_attempt: int | None = Field(default=None, description="Attempt whose rows count.")
+    error: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+
+
+class CampaignState(BaseModel):
+    """All shards of a campaign plus the hash of the spec they were planned from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    campaign: str
+    spec_hash: str
+    shards: list[ShardState]
+    status: Literal["pending", "running", "done", "failed"] = "pending"
+    updated_at: str = Field(default_factory=now)
+
+    def save(self, campaign_dir: str | Path) -> None:
+        """Atomically write the state file."""
+        self.updated_at = now()
+        write_text_atomic(Path(campaign_dir) / STATE_FILE, self.model_dump_json(indent=2))
+
+    @classmethod
+    def load(cls, campaign_dir: str | Path) -> CampaignState:
+        """Read the state file, naming it in any error."""
+        path = Path(campaign_dir) / STATE_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no campaign state here (is this a campaign dir?)")
+        try:
+            return cls.model_validate_json(path.read_text(encoding="utf-8"))
+        except ValidationError as exc:
+            raise ValueError(f"{path}: corrupt campaign state: {exc}") from exc
+
+    def done_partitions(self) -> list[tuple[int, int]]:
+        """(shard, attempt) of every finished shard: the only rows queries may see."""
+        return [
+            (s.index, s.done_attempt)
+            for s in self.shards
+            if s.status == "done" and s.done_attempt is not None
+        ]

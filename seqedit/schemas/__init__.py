@@ -1,0 +1,1 @@
+"""Pydantic models and Arrow schemas: the one source of truth for records and tables."""

@@ -1,0 +1,105 @@
+"""The campaign spec: what to edit, with which method, and how to run and evaluate it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class DatasetSpec(BaseModel):
+    """Where the edit requests come from and which of them to use."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str = Field(description="Requests file (CounterFact, zsRE, or our JSONL).")
+    format: str = Field(default="auto", description="Loader format name, or 'auto'.")
+    offset: int = Field(default=0, ge=0, description="Skip this many valid records first.")
+    quarantine: bool = Field(
+        default=False, description="Set aside bad records (rejects.jsonl) instead of failing."
+    )
+
+
+class ResourcesSpec(BaseModel):
+    """Ray resources of the editor actor."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_cpus: float = Field(default=1, gt=0)
+    num_gpus: float = Field(default=0, ge=0)
+    torch_threads: int | None = Field(default=None, ge=1, description="None: Ray's default.")
+
+
+class CampaignSpec(BaseModel):
+    """A sequential editing campaign. Relative paths are resolved against the spec's folder."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    model: str = Field(description="Local Hugging Face model directory.")
+    dataset: DatasetSpec
+    method: str = Field(default="rome", description="Registered editing method.")
+    hparams: dict[str, Any] = Field(default_factory=dict, description="Method config fields.")
+    stats: str | None = Field(default=None, description="Covariance stats dir (seqedit stats).")
+    n_edits: int = Field(gt=0, description="Number of edits, applied one per step, in order.")
+    shard_size: int | None = Field(default=None, gt=0, description="Steps per shard.")
+    eval_every: int | None = Field(
+        default=None, gt=0, description="Retention evaluation of all edits so far every K edits."
+    )
+    eval_batch_size: int = Field(default=64, gt=0)
+    seed: int = 0
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+
+    @model_validator(mode="after")
+    def _shard_fits(self) -> CampaignSpec:
+        if self.shard_size is not None and self.shard_size > self.n_edits:
+            raise ValueError(f"shard_size {self.shard_size} exceeds n_edits {self.n_edits}")
+        return self
+
+    def spec_hash(self) -> str:
+        """sha256 of the canonical JSON of the spec: identifies what a campaign dir holds."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def resolved(self, base: str | Path) -> CampaignSpec:
+        """A copy whose relative paths are made absolute against `base`."""
+        root = Path(base)
+
+        def fix(path: str | None) -> str | None:
+            if path is None or "://" in path:
+                return path
+            return str((root / path).resolve())
+
+        dataset = self.dataset.model_copy(update={"path": fix(self.dataset.path)})
+        return self.model_copy(
+            update={"model": fix(self.model), "stats": fix(self.stats), "dataset": dataset}
+        )
+
+
+class SpecError(ValueError):
+    """A campaign spec file that cannot be used, with the file and the fields at fault."""
+
+
+def load_spec(path: str | Path) -> CampaignSpec:
+    """Read and validate a campaign YAML; errors name the file and each bad field."""
+    file = Path(path)
+    try:
+        raw = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise SpecError(f"{file}: no such campaign spec") from exc
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{file}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise SpecError(f"{file}: a campaign spec is a mapping, got {type(raw).__name__}")
+    try:
+        spec = CampaignSpec.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"field '{'.'.join(str(p) for p in err['loc'])}': {err['msg']}" for err in exc.errors()
+        )
+        raise SpecError(f"{file}: invalid campaign spec: {problems}") from exc
+    return spec.resolved(file.parent)

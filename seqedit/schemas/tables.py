@@ -1,0 +1,104 @@
+"""Row models of every table we write, and their Arrow schemas (derived, never hand-kept).
+
+A row model is a pydantic class; `arrow_schema(Row)` turns its fields into an Arrow schema,
+so column names and types live in exactly one place. Tables are partitioned on disk by
+shard and attempt (hive style), so those two are not columns of the rows themselves.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Literal, Union, get_args, get_origin
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+Protocol = Literal["immediate", "retention", "final"]
+"""How a metric row was produced.
+
+immediate: scored right after the edit itself was applied (before any later edit).
+retention: all records edited so far, scored at a checkpoint after `n_edits_applied` edits.
+final: all edited records, scored after the last edit of the campaign.
+"""
+
+
+class EditRow(BaseModel):
+    """One applied edit: what the optimisation did and what the rewrite prompt says."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    campaign: str
+    step: int = Field(description="0-based position of the edit in the campaign.")
+    case_id: int
+    method: str
+    method_version: str
+    layers: str = Field(description="Edited layers, comma separated.")
+    p_new_before: float = Field(description="P(target_new | rewrite prompt) before the edit.")
+    p_true_before: float | None
+    p_new_after: float = Field(description="P(target_new | rewrite prompt) after the edit.")
+    p_true_after: float | None
+    success: bool = Field(description="After the edit, P(new) > P(true) (immediate efficacy).")
+    loss_initial: float = Field(description="Value-optimisation loss at its first step.")
+    loss: float = Field(description="Value-optimisation loss at its last step.")
+    opt_steps: int
+    update_norm: float = Field(description="Frobenius norm of this edit's weight update.")
+    weight_drift: float = Field(description="max over layers of ||W_t - W_0||_F / ||W_0||_F.")
+    seconds: float = Field(description="Wall time of the edit (optimisation + update).")
+
+
+class EvalRow(BaseModel):
+    """CounterFact metrics of one edited record at one point of the campaign."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    campaign: str
+    protocol: Protocol
+    n_edits_applied: int = Field(description="Edits applied to the model when it was scored.")
+    case_id: int
+    edit_step: int = Field(description="Step at which this record was edited.")
+    metric_version: str
+    es: float | None = Field(description="Efficacy: [P(new) > P(true)] on the rewrite prompt.")
+    ps: float | None = Field(description="Paraphrase: mean [P(new) > P(true)] on paraphrases.")
+    ns: float | None = Field(description="Neighbourhood: mean [P(true) > P(new)] on neighbours.")
+    em: float | None = Field(description="Efficacy magnitude: P(new) - P(true), rewrite prompt.")
+    pm: float | None = Field(description="Paraphrase magnitude: mean P(new) - P(true).")
+    nm: float | None = Field(description="Neighbourhood magnitude: mean P(true) - P(new).")
+    rewrite_acc: float = Field(description="Teacher-forced token accuracy of target_new.")
+    n_paraphrases: int
+    n_neighbors: int
+
+
+_ARROW_TYPES: dict[type, pa.DataType] = {
+    int: pa.int64(),
+    float: pa.float64(),
+    str: pa.string(),
+    bool: pa.bool_(),
+}
+
+
+def _arrow_type(annotation: object) -> tuple[pa.DataType, bool]:
+    """Map a field annotation to (arrow type, nullable)."""
+    origin = get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        if len(args) != 1:
+            raise TypeError(f"unsupported union {annotation!r}")
+        return _arrow_type(args[0])[0], True
+    if origin is Literal:
+        return pa.string(), False
+    if isinstance(annotation, type) and annotation in _ARROW_TYPES:
+        return _ARROW_TYPES[annotation], False
+    raise TypeError(f"no Arrow type for {annotation!r}")
+
+
+def arrow_schema(row_model: type[BaseModel]) -> pa.Schema:
+    """The Arrow schema of a row model, field by field, in declaration order."""
+    fields = []
+    for name, info in row_model.model_fields.items():
+        arrow_type, nullable = _arrow_type(info.annotation)
+        fields.append(pa.field(name, arrow_type, nullable=nullable))
+    return pa.schema(fields)
+
+
+TABLES: dict[str, type[BaseModel]] = {"edits": EditRow, "evals": EvalRow}
+"""Every table of a campaign, by name: the DuckDB view of the same name reads it."""

@@ -1,0 +1,84 @@
+"""The metric lake: atomic parts, views over done attempts only, read-only queries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from seqedit.pipeline.state import CampaignState, ShardState
+from seqedit.pipeline.store import QueryError, query, write_part
+from seqedit.schemas.tables import EditRow
+
+
+def _row(step: int, case_id: int) -> EditRow:
+    return EditRow(
+        campaign="c", step=step, case_id=case_id, method="rome", method_version="1",
+        layers="1", p_new_before=0.1, p_true_before=0.5, p_new_after=0.9, p_true_after=0.05,
+        success=True, loss_initial=3.0, loss=0.1, opt_steps=5, update_norm=1.0,
+        weight_drift=0.01, seconds=0.1,
+    )
+
+
+def _campaign(tmp_path: Path, shards: list[ShardState]) -> Path:
+    CampaignState(campaign="c", spec_hash="h", shards=shards).save(tmp_path)
+    return tmp_path
+
+
+def test_views_show_only_the_done_attempt_of_each_shard(tmp_path: Path) -> None:
+    shards = [
+        ShardState(index=0, start=0, stop=2, status="done", attempt=1, done_attempt=1),
+        ShardState(index=1, start=2, stop=4, status="failed", attempt=0),
+    ]
+    root = _campaign(tmp_path, shards)
+    write_part(root, "edits", 0, 0, 0, [_row(0, 10), _row(1, 11)])  # failed first attempt
+    write_part(root, "edits", 0, 1, 0, [_row(0, 10), _row(1, 11)])  # the rerun that counts
+    write_part(root, "edits", 1, 0, 0, [_row(2, 12)])  # shard not done: invisible
+    result = query(root, "SELECT step, shard, attempt FROM edits ORDER BY step").to_pylist()
+    assert result == [
+        {"step": 0, "shard": 0, "attempt": 1},
+        {"step": 1, "shard": 0, "attempt": 1},
+    ]
+
+
+def test_empty_campaign_has_typed_empty_views(tmp_path: Path) -> None:
+    root = _campaign(tmp_path, [ShardState(index=0, start=0, stop=1)])
+    table = query(root, "SELECT * FROM evals")
+    assert table.num_rows == 0
+    assert "es" in table.column_names and "protocol" in table.column_names
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "DELETE FROM edits",
+        "COPY (SELECT * FROM edits) TO 'out.csv'",
+        "CREATE TABLE x AS SELECT 1",
+        "DROP VIEW edits",
+        "ATTACH 'other.db'",
+        "SET enable_external_access = true",
+        "SELECT 1; DELETE FROM edits",
+    ],
+)
+def test_query_refuses_statements_that_write(tmp_path: Path, sql: str) -> None:
+    root = _campaign(tmp_path, [ShardState(index=0, start=0, stop=1)])
+    with pytest.raises(QueryError, match="not allowed"):
+        query(root, sql)
+
+
+def test_query_cannot_read_outside_the_lake(tmp_path: Path) -> None:
+    root = _campaign(tmp_path / "c", [ShardState(index=0, start=0, stop=1)])
+    (tmp_path / "secret.csv").write_text("a\n1\n")
+    with pytest.raises(QueryError, match="query failed"):
+        query(root, f"SELECT * FROM read_csv('{tmp_path / 'secret.csv'}')")
+
+
+def test_parts_are_written_atomically_with_no_leftovers(tmp_path: Path) -> None:
+    path = write_part(tmp_path, "edits", 0, 0, 3, [_row(0, 1)])
+    assert path.name == "part-00003.parquet"
+    assert [p.name for p in path.parent.iterdir()] == ["part-00003.parquet"]
+
+
+def test_write_part_checks_the_row_type(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="EvalRow"):
+        write_part(tmp_path, "evals", 0, 0, 0, [_row(0, 1)])
