@@ -6,15 +6,15 @@ import math
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from seqedit.methods.scoring import score_targets
 
 
 @pytest.fixture(scope="module")
 def tiny() -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast]:
-    words = "<|endoftext|> a b c d e f g h the was born in Paris Rome cat".split()
+    words = ["<|endoftext|>", *"a b c d e f g h the was born in Paris Rome cat".split()]
     vocab = {w: i for i, w in enumerate(words)}
     raw = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
     raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -33,7 +33,10 @@ TARGETS = ["Paris", "Rome Paris", "cat a b", "e"]
 def test_batched_equals_one_at_a_time(tiny, padding_side: str) -> None:
     model, tok = tiny
     batched = score_targets(model, tok, PROMPTS, TARGETS, batch_size=4, padding_side=padding_side)
-    single = [score_targets(model, tok, [p], [t], batch_size=1)[0] for p, t in zip(PROMPTS, TARGETS)]
+    single = [
+        score_targets(model, tok, [p], [t], batch_size=1)[0]
+        for p, t in zip(PROMPTS, TARGETS, strict=True)
+    ]
     for b, s in zip(batched, single, strict=True):
         assert b.mean_nll == pytest.approx(s.mean_nll, abs=1e-5)
         assert b.token_accuracy == s.token_accuracy

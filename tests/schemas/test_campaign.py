@@ -37,7 +37,10 @@ def test_spec_hash_changes_with_content(tmp_path: Path) -> None:
     [
         (GOOD.replace("n_edits: 10", "n_edits: -1"), "field 'n_edits'"),
         (GOOD.replace("name: t", "name: t\nbogus: 1"), "field 'bogus'"),
-        (GOOD.replace("dataset: {path: data/requests.jsonl}", "dataset: {}"), "field 'dataset.path'"),
+        (
+            GOOD.replace("dataset: {path: data/requests.jsonl}", "dataset: {}"),
+            "field 'dataset.path'",
+        ),
         ("name: [unclosed", "not valid YAML"),
         ("- a list", "is a mapping"),
     ],
