@@ -1,0 +1,6 @@
+"""The editing math, pure torch: methods (ROME, ...) and their shared ops.
+
+Shared ops: `arch` (module names per architecture), `hooks` (capture/edit module I/O),
+`tokens` (subject token positions), `context` (context templates), `keys_values` (keys
+at the subject, value optimisation), `delta` (low-rank deltas and edit results).
+"""

@@ -1,0 +1,121 @@
+"""Architecture module names: where the editable modules live in each model family.
+
+Every editing method addresses modules by dotted name templates with one `{}` for the
+layer index (the convention of the reference code). Adding an architecture is one entry
+in `_NAMES`.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+
+class ModuleNames(BaseModel):
+    """Dotted module names (templates take the layer index) of one model family."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rewrite_module_tmp: str = Field(
+        description="The edited linear map, the MLP output projection "
+        "(e.g. 'transformer.h.{}.mlp.c_proj')."
+    )
+    layer_module_tmp: str = Field(
+        description="A whole transformer block (its output is the residual)."
+    )
+    mlp_module_tmp: str = Field(
+        description="The MLP of a block (its output is the rewrite module's output)."
+    )
+    attn_module_tmp: str = Field(description="The attention of a block.")
+    ln_f_module: str = Field(description="The final layer norm before the LM head.")
+    lm_head_module: str = Field(description="The module mapping hidden states to logits.")
+    rewrite_weight_transposed: bool = Field(
+        description="True when the rewrite weight is stored (d_in, d_out), as GPT-2's Conv1D does; "
+        "False for nn.Linear storage (d_out, d_in)."
+    )
+
+
+def _decoder(
+    prefix: str, mlp_out: str, attn: str, ln_f: str, lm_head: str = "lm_head"
+) -> ModuleNames:
+    return ModuleNames(
+        rewrite_module_tmp=f"{prefix}.{{}}.mlp.{mlp_out}",
+        layer_module_tmp=f"{prefix}.{{}}",
+        mlp_module_tmp=f"{prefix}.{{}}.mlp",
+        attn_module_tmp=f"{prefix}.{{}}.{attn}",
+        ln_f_module=ln_f,
+        lm_head_module=lm_head,
+        rewrite_weight_transposed=False,
+    )
+
+
+_LLAMA_LIKE = _decoder("model.layers", "down_proj", "self_attn", "model.norm")
+
+_NAMES: dict[str, ModuleNames] = {
+    "gpt2": _decoder("transformer.h", "c_proj", "attn", "transformer.ln_f").model_copy(
+        update={"rewrite_weight_transposed": True}
+    ),
+    "gptj": _decoder("transformer.h", "fc_out", "attn", "transformer.ln_f"),
+    "gpt_neox": _decoder(
+        "gpt_neox.layers", "dense_4h_to_h", "attention", "gpt_neox.final_layer_norm", "embed_out"
+    ),
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+}
+
+
+def supported_model_types() -> list[str]:
+    """The `config.model_type` values `module_names_for` knows."""
+    return sorted(_NAMES)
+
+
+def module_names_for(model: nn.Module) -> ModuleNames:
+    """The module names of `model`, chosen by `model.config.model_type`."""
+    config = getattr(model, "config", None)
+    return module_names_for_type(getattr(config, "model_type", None))
+
+
+def module_names_for_type(model_type: str | None) -> ModuleNames:
+    """The module names of a model family by its `config.model_type` ("gpt2", "llama"...)."""
+    if model_type not in _NAMES:
+        raise ValueError(
+            f"no module names for model_type={model_type!r}; supported: "
+            f"{', '.join(supported_model_types())} (add an entry to seqedit/methods/arch.py)"
+        )
+    return _NAMES[model_type]
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    """The submodule at dotted `name`, with an error that says what exists instead."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError as exc:
+        parent = name.rsplit(".", 1)[0] if "." in name else ""
+        try:
+            children = [n for n, _ in model.get_submodule(parent).named_children()]
+        except AttributeError:
+            children = []
+        raise LookupError(
+            f"model {type(model).__name__} has no module {name!r}"
+            + (f"; children of {parent!r}: {children}" if children else "")
+        ) from exc
+
+
+def rewrite_weight(model: nn.Module, names: ModuleNames, layer: int) -> nn.Parameter:
+    """The stored weight of the rewrite module at `layer`.
+
+    Shape (d_in, d_out) when `names.rewrite_weight_transposed`, else (d_out, d_in).
+    """
+    module = get_module(model, names.rewrite_module_tmp.format(layer))
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise LookupError(f"module {names.rewrite_module_tmp.format(layer)!r} has no weight tensor")
+    return weight  # type: ignore[return-value]
+
+
+def rewrite_dims(model: nn.Module, names: ModuleNames, layer: int) -> tuple[int, int]:
+    """(d_in, d_out) of the rewrite module at `layer`, whatever its storage layout."""
+    rows, cols = rewrite_weight(model, names, layer).shape
+    return (rows, cols) if names.rewrite_weight_transposed else (cols, rows)

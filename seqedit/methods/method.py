@@ -1,0 +1,49 @@
+"""What the editor needs to know about an editing method, in one small record.
+
+A method module defines its pydantic config and one `EditMethod` value; the registry lists
+them. No inheritance: the editor calls the functions held here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from seqedit.methods.delta import EditResult
+from seqedit.schemas.requests import EditRequest
+
+Prepare = Callable[
+    [PreTrainedModel, PreTrainedTokenizerBase, Any, dict[int, torch.Tensor] | None], Any
+]
+"""(model, tokenizer, config, second moments by layer or None) -> per-campaign context."""
+
+Edit = Callable[[PreTrainedModel, PreTrainedTokenizerBase, EditRequest, Any, Any], EditResult]
+"""(model, tokenizer, request, config, context) -> the deltas of one edit (model untouched)."""
+
+
+@dataclass(frozen=True)
+class EditMethod:
+    """One registered editing method.
+
+    Attributes:
+        name: registry key ("rome").
+        version: bumped whenever the math changes; recorded in every edit row.
+        config_cls: pydantic config (extra="forbid") validated from the campaign's hparams.
+        layers: the layers whose rewrite module a config edits.
+        uses_second_moment: whether a config needs covariance statistics.
+        prepare: work done once per campaign (context templates, inverse covariances).
+        edit: compute the deltas of one request.
+    """
+
+    name: str
+    version: str
+    config_cls: type[BaseModel]
+    layers: Callable[[Any], list[int]]
+    uses_second_moment: Callable[[Any], bool]
+    prepare: Prepare
+    edit: Edit

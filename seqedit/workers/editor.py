@@ -1,0 +1,198 @@
+"""SequentialEditor: applies edits one after another to one model, and scores them.
+
+A plain class (no Ray): the pipeline wraps it with `ray.remote`. The model's edited weights
+have fp32 master copies; every delta is added to the master and the master is copied into
+the model, so small updates are not rounded away in low precision over thousands of edits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from seqedit.methods.arch import module_names_for, rewrite_weight
+from seqedit.methods.delta import LowRankDelta, apply_delta_
+from seqedit.methods.registry import get_method
+from seqedit.methods.scoring import score_targets
+from seqedit.schemas.requests import EditRequest
+from seqedit.schemas.tables import EditRow, EvalRow, Protocol
+from seqedit.workers.evaluator import evaluate_records
+from seqedit.workers.model_io import load_model
+from seqedit.workers.stats_store import load_stats
+
+log = logging.getLogger(__name__)
+
+
+class EditError(RuntimeError):
+    """An edit that produced an unusable update (NaN/Inf), naming the step and case."""
+
+
+class SequentialEditor:
+    """Owns one model and applies edit requests to it in order.
+
+    Args:
+        model_dir: local Hugging Face model directory (the base model).
+        method: registered method name ("rome", ...).
+        hparams: the method's config fields.
+        stats_dir: covariance stats directory, needed when the method uses second moments.
+        campaign: campaign name, written into every row.
+        seed: torch seed set once at start, so a campaign is deterministic on CPU.
+        torch_threads: intra-op threads for this worker (None keeps the current setting).
+    """
+
+    def __init__(
+        self,
+        model_dir: str,
+        method: str,
+        hparams: dict[str, Any],
+        *,
+        stats_dir: str | None,
+        campaign: str,
+        seed: int = 0,
+        torch_threads: int | None = None,
+        device: str = "cpu",
+    ) -> None:
+        if torch_threads is not None:
+            torch.set_num_threads(torch_threads)
+        torch.manual_seed(seed)
+        self.campaign = campaign
+        self.method = get_method(method)
+        self.config = self.method.config_cls.model_validate(hparams)
+        self.model, self.tokenizer = load_model(model_dir, device=device)
+        self.names = module_names_for(self.model)
+        self.layers: list[int] = self.method.layers(self.config)
+        self.module_names = {
+            layer: self.names.rewrite_module_tmp.format(layer) for layer in self.layers
+        }
+        weights = {layer: rewrite_weight(self.model, self.names, layer) for layer in self.layers}
+        self._params = {self.module_names[layer]: w for layer, w in weights.items()}
+        self._masters = {name: w.detach().float().clone() for name, w in self._params.items()}
+        self._base = {name: m.clone() for name, m in self._masters.items()}
+        self._base_norms = {name: float(m.norm()) for name, m in self._base.items()}
+        self.second_moments: dict[int, torch.Tensor] | None = None
+        if self.method.uses_second_moment(self.config):
+            if stats_dir is None:
+                raise ValueError(
+                    f"method {method!r} with these hparams needs covariance stats: "
+                    "set `stats:` in the campaign (build them with `seqedit stats build`)"
+                )
+            self.second_moments = load_stats(
+                Path(stats_dir),
+                model_dir=model_dir,
+                layers=self.layers,
+                module_tmp=self.names.rewrite_module_tmp,
+                dtype=torch.float32,
+            )
+        self.context = self.method.prepare(
+            self.model, self.tokenizer, self.config, self.second_moments
+        )
+        self.edit_log: list[tuple[int, list[LowRankDelta]]] = []
+        self.n_applied = 0
+
+    # --- editing -------------------------------------------------------------------------
+
+    def _rewrite_probs(self, request: EditRequest) -> tuple[float, float | None]:
+        prompt = request.filled_prompt
+        targets = [request.target_new]
+        if request.target_true is not None:
+            targets.append(request.target_true)
+        scores = score_targets(self.model, self.tokenizer, [prompt] * len(targets), targets)
+        return scores[0].prob, (scores[1].prob if len(scores) > 1 else None)
+
+    def edit(self, request: EditRequest, step: int) -> EditRow:
+        """Compute and apply one edit; return its row (probabilities before and after)."""
+        start = time.perf_counter()
+        p_new_before, p_true_before = self._rewrite_probs(request)
+        result = self.method.edit(self.model, self.tokenizer, request, self.config, self.context)
+        for delta in result.deltas:
+            if not (torch.isfinite(delta.left).all() and torch.isfinite(delta.right).all()):
+                raise EditError(
+                    f"step {step} (case_id {request.case_id}): the {delta.module} update "
+                    "contains NaN/Inf; the model was left unchanged"
+                )
+        update_norm = 0.0
+        for delta in result.deltas:
+            self._apply(delta)
+            update_norm = math.hypot(update_norm, float(delta.norm()))
+        self.edit_log.append((step, result.deltas))
+        self.n_applied += 1
+        p_new_after, p_true_after = self._rewrite_probs(request)
+        return EditRow(
+            campaign=self.campaign,
+            step=step,
+            case_id=request.case_id,
+            method=self.method.name,
+            method_version=self.method.version,
+            layers=",".join(str(layer) for layer in self.layers),
+            p_new_before=p_new_before,
+            p_true_before=p_true_before,
+            p_new_after=p_new_after,
+            p_true_after=p_true_after,
+            success=p_true_after is None or p_new_after > p_true_after,
+            loss_initial=result.initial_loss,
+            loss=result.loss,
+            opt_steps=result.steps,
+            update_norm=update_norm,
+            weight_drift=self.weight_drift(),
+            seconds=time.perf_counter() - start,
+        )
+
+    def _apply(self, delta: LowRankDelta) -> None:
+        master = self._masters[delta.module]
+        apply_delta_(master, delta, transposed=self.names.rewrite_weight_transposed)
+        with torch.no_grad():
+            self._params[delta.module].copy_(master.to(self._params[delta.module].dtype))
+
+    # --- inspection ----------------------------------------------------------------------
+
+    def weight_drift(self) -> float:
+        """max over edited modules of ||W_t - W_0||_F / ||W_0||_F."""
+        return max(
+            float((self._masters[name] - self._base[name]).norm()) / self._base_norms[name]
+            for name in self._masters
+        )
+
+    def weights_fingerprint(self) -> str:
+        """sha256 of the fp32 masters of every edited module (bit-exact comparisons)."""
+        digest = hashlib.sha256()
+        for name in sorted(self._masters):
+            digest.update(name.encode())
+            digest.update(self._masters[name].contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    def take_edit_log(self) -> dict[str, torch.Tensor]:
+        """The factors of the edits applied since the last call, keyed for safetensors."""
+        tensors: dict[str, torch.Tensor] = {}
+        for step, deltas in self.edit_log:
+            for delta in deltas:
+                tensors[f"step{step}.{delta.module}.left"] = delta.left.contiguous()
+                tensors[f"step{step}.{delta.module}.right"] = delta.right.contiguous()
+        self.edit_log = []
+        return tensors
+
+    def evaluate(
+        self,
+        requests: Sequence[EditRequest],
+        edit_steps: Sequence[int],
+        *,
+        protocol: Protocol,
+        batch_size: int = 64,
+    ) -> list[EvalRow]:
+        """Score `requests` on the model as it is now (after `n_applied` edits)."""
+        return evaluate_records(
+            self.model,
+            self.tokenizer,
+            requests,
+            edit_steps,
+            campaign=self.campaign,
+            protocol=protocol,
+            n_edits_applied=self.n_applied,
+            batch_size=batch_size,
+        )

@@ -1,0 +1,136 @@
+"""Loader for a golden set: inputs and outputs of the original reference implementations.
+
+Layout (see shared/golden/README.md): `model/`, `requests.json`, `hparams_<method>.json`,
+`context_templates.json`, `cov.safetensors`, `<method>_result.safetensors`. The directory
+comes from `SEQEDIT_GOLDEN_DIR`, defaulting to ../shared/golden/reference-tiny-gpt2
+relative to the repository root; tests skip only when it is absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from seqedit.schemas.requests import EditRequest
+from seqedit.workers.model_io import load_model
+
+DEFAULT_GOLDEN_DIR = (
+    Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "reference-tiny-gpt2"
+)
+
+
+def golden_dir() -> Path:
+    """`SEQEDIT_GOLDEN_DIR` or the default set next to the repository."""
+    return Path(os.environ.get("SEQEDIT_GOLDEN_DIR", str(DEFAULT_GOLDEN_DIR)))
+
+
+def _target(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value["str"] if isinstance(value, dict) else str(value)
+
+
+@dataclass(frozen=True)
+class GoldenSet:
+    """Read access to one golden directory."""
+
+    root: Path
+
+    def _json(self, name: str) -> Any:
+        return json.loads((self.root / name).read_text())
+
+    def hparams(self, method: str) -> dict[str, Any]:
+        """The reference hyperparameters of `method` ('rome', 'memit', 'alphaedit')."""
+        return self._json(f"hparams_{method}.json")
+
+    def requests(self) -> list[EditRequest]:
+        """The edit requests, in order."""
+        return [
+            EditRequest(
+                case_id=r["case_id"],
+                prompt=r["prompt"],
+                subject=r["subject"],
+                target_new=_target(r["target_new"]) or "",
+                target_true=_target(r.get("target_true")),
+            )
+            for r in self._json("requests.json")
+        ]
+
+    def context_templates(self, method: str) -> Any:
+        """ROME: a flat list; MEMIT/AlphaEdit: a list of lists."""
+        return self._json("context_templates.json")[method]
+
+    def threads(self, method: str) -> int:
+        """Torch CPU threads of the reference run (`machine.threads`; 2 when not recorded)."""
+        path = self.root / f"{method}_run.json"
+        if not path.is_file():
+            return 2
+        return int(json.loads(path.read_text()).get("machine", {}).get("threads", 2))
+
+    def model(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        """A fresh copy of the model (float32, CPU, eval, no grads) and its tokenizer."""
+        return load_model(self.root / "model")
+
+    @cached_property
+    def _cov_file(self) -> dict[str, torch.Tensor]:
+        return load_file(str(self.root / "cov.safetensors"))
+
+    def second_moment(self, module: str) -> torch.Tensor:
+        """(d_in, d_in) uncentred second moment E[k k^T] of `module`'s input (float32)."""
+        return self._cov_file[f"{module}.cov"]
+
+    def mom2_sum(self, module: str) -> torch.Tensor:
+        """(d_in, d_in) sum of k k^T over `cov_count()` tokens."""
+        return self._cov_file[f"{module}.mom2_sum"]
+
+    def cov_count(self) -> int:
+        """Number of tokens the second moments were accumulated over."""
+        with safe_open(str(self.root / "cov.safetensors"), "pt") as handle:
+            return int((handle.metadata() or {})["count"])
+
+    def result(self, method: str) -> dict[str, torch.Tensor]:
+        """All tensors of `<method>_result.safetensors`."""
+        return load_file(str(self.root / f"{method}_result.safetensors"))
+
+    def delta_params(self, method: str) -> list[str]:
+        """Parameter names with a reference delta (keys `delta.<param>`), sorted."""
+        return sorted(
+            k.removeprefix("delta.") for k in self.result(method) if k.startswith("delta.")
+        )
+
+
+def require_golden() -> GoldenSet:
+    """The golden set, or skip the test when its directory does not exist."""
+    root = golden_dir()
+    if not root.is_dir():
+        pytest.skip(f"golden set not found at {root} (set SEQEDIT_GOLDEN_DIR)")
+    return GoldenSet(root)
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the body with `n` torch CPU threads, restoring the previous count after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def max_rel_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """max|ours - ref| / max|ref|."""
+    ours, ref = ours.double(), ref.double()
+    return float((ours - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
