@@ -34,31 +34,45 @@ METRICS: dict[str, MetricInfo] = {
     info.name: info
     for info in [
         MetricInfo(
-            name="es", version=METRIC_VERSION, higher_is_better=True,
+            name="es",
+            version=METRIC_VERSION,
+            higher_is_better=True,
             description="Efficacy score: P(new) > P(true) on the rewrite prompt",
         ),
         MetricInfo(
-            name="ps", version=METRIC_VERSION, higher_is_better=True,
+            name="ps",
+            version=METRIC_VERSION,
+            higher_is_better=True,
             description="Paraphrase score: P(new) > P(true) on paraphrase prompts",
         ),
         MetricInfo(
-            name="ns", version=METRIC_VERSION, higher_is_better=True,
+            name="ns",
+            version=METRIC_VERSION,
+            higher_is_better=True,
             description="Neighbourhood score: P(true) > P(new) on neighbour prompts",
         ),
         MetricInfo(
-            name="em", version=METRIC_VERSION, higher_is_better=True,
+            name="em",
+            version=METRIC_VERSION,
+            higher_is_better=True,
             description="Efficacy magnitude: P(new) - P(true) on the rewrite prompt",
         ),
         MetricInfo(
-            name="pm", version=METRIC_VERSION, higher_is_better=True,
+            name="pm",
+            version=METRIC_VERSION,
+            higher_is_better=True,
             description="Paraphrase magnitude: P(new) - P(true) on paraphrase prompts",
         ),
         MetricInfo(
-            name="nm", version=METRIC_VERSION, higher_is_better=True,
+            name="nm",
+            version=METRIC_VERSION,
+            higher_is_better=True,
             description="Neighbourhood magnitude: P(true) - P(new) on neighbour prompts",
         ),
         MetricInfo(
-            name="score", version=METRIC_VERSION, higher_is_better=True,
+            name="score",
+            version=METRIC_VERSION,
+            higher_is_better=True,
             description="Harmonic mean of ES, PS and NS",
         ),
     ]

@@ -7,14 +7,15 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pyarrow as pa  # noqa: E402
+import matplotlib.pyplot as plt
+import pyarrow as pa
+from matplotlib.ticker import MaxNLocator
 
 CURVE_METRICS = {
-    "es": "Efficacy (ES)",
-    "ps": "Generalisation (PS)",
-    "ns": "Specificity (NS)",
-    "immediate_es": "Immediate efficacy (per-edit)",
+    "es": "Efficacy ES (all edits so far)",
+    "ps": "Generalisation PS (all edits so far)",
+    "ns": "Specificity NS (all edits so far)",
+    "immediate_es": "Immediate efficacy (right after each edit, rolling)",
 }
 
 
@@ -31,13 +32,18 @@ def plot_degradation(curve: pa.Table, out: str | Path, *, title: str) -> Path:
         if column in data and any(v is not None for v in data[column]):
             points = [(a, b) for a, b in zip(x, data[column], strict=True) if b is not None]
             ax.plot(
-                [p[0] for p in points], [p[1] for p in points],
-                marker=next(markers), markersize=4, linewidth=1.6, label=label,
+                [p[0] for p in points],
+                [p[1] for p in points],
+                marker=next(markers),
+                markersize=4,
+                linewidth=1.6,
+                label=label,
             )
     ax.set_xlabel("edits applied (count)")
     ax.set_ylabel("score (fraction of prompts, 0–1)")
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlim(left=0)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.3)
     ax.set_title(title)
     ax.legend(loc="lower left", frameon=True)

@@ -115,7 +115,7 @@ def query(campaign_dir: str | Path, sql: str) -> pa.Table:
     check_read_only(sql)
     con = connect(campaign_dir)
     try:
-        return con.execute(sql).to_arrow_table()
+        return con.sql(sql).to_arrow_table()
     except duckdb.Error as exc:
         raise QueryError(f"query failed: {exc}") from exc
     finally:

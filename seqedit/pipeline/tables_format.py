@@ -38,9 +38,7 @@ def format_table(table: pa.Table, fmt: OutputFormat = "table", *, max_rows: int 
     shown = rows[:max_rows]
     cells = [[_cell(r[c]) for c in columns] for r in shown]
     widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]
-    numeric = [
-        pa.types.is_integer(f.type) or pa.types.is_floating(f.type) for f in table.schema
-    ]
+    numeric = [pa.types.is_integer(f.type) or pa.types.is_floating(f.type) for f in table.schema]
 
     def line(values: list[str]) -> str:
         parts = [

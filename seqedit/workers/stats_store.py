@@ -41,6 +41,7 @@ from seqedit.workers.stats import (
 
 log = logging.getLogger(__name__)
 
+
 def _tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     """sha256 over the names, dtypes, shapes and bytes of ``tensors`` (sorted by name)."""
     digest = hashlib.sha256()

@@ -1,0 +1,172 @@
+"""The `seqedit` command line. It owns the terminal: progress bars, tables, exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from seqedit import __version__
+
+
+class CliError(Exception):
+    """An error to print as one clear line, exit status 2."""
+
+
+def _layers(text: str) -> list[int]:
+    try:
+        layers = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"layers must be like 1,2 — got {text!r}") from exc
+    if not layers:
+        raise argparse.ArgumentTypeError("give at least one layer")
+    return layers
+
+
+def cmd_testbed_build(args: argparse.Namespace) -> None:
+    from seqedit.pipeline.commands import build_testbed_command
+
+    report = build_testbed_command(
+        args.out,
+        dataset=args.dataset,
+        limit=args.limit,
+        synthetic=args.synthetic,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    print(
+        f"testbed: {report.n_facts} facts, top-1 recall {report.recall:.1%}, "
+        f"trained in {report.train_seconds:.1f}s ({report.steps} steps) -> {args.out}"
+    )
+
+
+def cmd_stats_build(args: argparse.Namespace) -> None:
+    from seqedit.pipeline.commands import build_stats_command
+
+    meta = build_stats_command(
+        args.model,
+        args.layers,
+        args.corpus,
+        args.out,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        dtype=args.dtype,
+        progress=not args.quiet,
+    )
+    print(f"stats: layers {args.layers}, {meta.token_count} tokens -> {args.out}")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from seqedit.pipeline.commands import run_campaign_command
+
+    state = run_campaign_command(args.spec, args.out, progress=not args.quiet)
+    print(f"campaign {state.campaign}: {state.status} -> {args.out}")
+
+
+def cmd_query(args: argparse.Namespace) -> None:
+    from seqedit.pipeline.store import query
+    from seqedit.pipeline.tables_format import format_table
+
+    print(format_table(query(args.campaign_dir, args.sql), args.format))
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    from seqedit.pipeline.commands import plot_campaign
+
+    path = plot_campaign(args.campaign_dir, args.out)
+    print(f"plot -> {path}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from seqedit.pipeline.demo import run_demo
+
+    started = time.perf_counter()
+    run_demo(Path(args.out), n_edits=args.edits, n_facts=args.facts, seed=args.seed)
+    print(f"demo finished in {time.perf_counter() - started:.0f}s")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="seqedit", description="Sequential knowledge editing of language models on Ray."
+    )
+    parser.add_argument("--version", action="version", version=f"seqedit {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    testbed = sub.add_parser("testbed", help="the fact testbed model").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    build = testbed.add_parser("build", help="train a tiny GPT-2 that knows a set of facts")
+    build.add_argument("--out", required=True, type=Path, help="model directory to write")
+    source = build.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dataset", type=Path, help="CounterFact file whose TRUE facts to learn")
+    source.add_argument("--synthetic", type=int, metavar="N", help="generate a world of N facts")
+    build.add_argument("--limit", type=int, help="with --dataset: first N records")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--quiet", action="store_true", help="no progress bar")
+    build.set_defaults(func=cmd_testbed_build)
+
+    stats = sub.add_parser("stats", help="covariance (second moment) statistics").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    sbuild = stats.add_parser("build", help="second moments of the rewrite modules' inputs")
+    sbuild.add_argument("--model", required=True, type=Path, help="HF model directory")
+    sbuild.add_argument("--layers", required=True, type=_layers, help="e.g. 1,2")
+    sbuild.add_argument("--corpus", required=True, nargs="+", type=Path, help="text/JSONL files")
+    sbuild.add_argument("--out", required=True, type=Path, help="stats directory to write")
+    sbuild.add_argument("--batch-size", type=int, default=32)
+    sbuild.add_argument("--max-length", type=int, default=None, help="default: model context")
+    sbuild.add_argument("--dtype", choices=["float32", "float64"], default="float64")
+    sbuild.add_argument("--quiet", action="store_true")
+    sbuild.set_defaults(func=cmd_stats_build)
+
+    run = sub.add_parser("run", help="run a campaign spec locally (embedded Ray)")
+    run.add_argument("spec", type=Path, help="campaign YAML")
+    run.add_argument("--out", required=True, type=Path, help="campaign directory")
+    run.add_argument("--quiet", action="store_true")
+    run.set_defaults(func=cmd_run)
+
+    q = sub.add_parser("query", help="read-only SQL over a campaign's tables (DuckDB)")
+    q.add_argument("campaign_dir", type=Path)
+    q.add_argument("sql", help='e.g. "SELECT count(*) FROM edits"')
+    q.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    q.set_defaults(func=cmd_query)
+
+    plot = sub.add_parser("plot", help="PNG of a campaign's degradation curve")
+    plot.add_argument("campaign_dir", type=Path)
+    plot.add_argument("--out", type=Path, default=None, help="default: <campaign>/degradation.png")
+    plot.set_defaults(func=cmd_plot)
+
+    demo = sub.add_parser("demo", help="testbed + stats + a ROME campaign + table + plot")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"))
+    demo.add_argument("--edits", type=int, default=200)
+    demo.add_argument("--facts", type=int, default=300)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        if args.verbose:
+            raise
+        print(f"seqedit: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

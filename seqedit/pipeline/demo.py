@@ -1,0 +1,104 @@
+"""`make demo`: the whole path on the embedded default, in a few minutes on a laptop CPU.
+
+1. build (or reuse) a synthetic fact testbed: a tiny GPT-2 that knows N fictional facts;
+2. compute (or reuse) the covariance of its edited layer over the facts' text;
+3. run a sequential ROME campaign of E edits on local Ray, with a progress bar;
+4. print efficacy/specificity against the number of edits applied (a DuckDB query);
+5. write the degradation-curve PNG.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import yaml
+
+from seqedit.pipeline.commands import curve_sql, plot_campaign, progress_bar
+from seqedit.pipeline.driver import run_campaign
+from seqedit.pipeline.store import query
+from seqedit.pipeline.tables_format import format_table
+from seqedit.schemas.campaign import load_spec
+from seqedit.testbed.build import TestbedReport, build_synthetic_testbed, load_report
+from seqedit.workers.stats import StatsConfig, compute_stats
+from seqedit.workers.stats_store import load_accumulators, save_stats
+
+DEMO_LAYER = 1
+DEMO_HPARAMS = {
+    "layer": DEMO_LAYER,
+    "v_loss_layer": 3,
+    "v_num_grad_steps": 20,
+    "v_lr": 0.5,
+    "v_weight_decay": 0.5,
+    "clamp_norm_factor": 4.0,
+    "kl_factor": 0.0625,
+    "mom2_adjustment": True,
+    "context_template_length_params": [[5, 2], [10, 2]],
+}
+
+
+def _testbed(out: Path, n_facts: int, seed: int) -> tuple[Path, TestbedReport]:
+    model_dir = out / "testbed"
+    source = f"synthetic:{n_facts}:{seed}"
+    report = load_report(model_dir) if (model_dir / "testbed.json").is_file() else None
+    if report is not None and report.source == source:
+        print(
+            f"[1/4] reusing testbed {model_dir} "
+            f"({report.n_facts} facts, recall {report.recall:.1%})"
+        )
+        return model_dir, report
+    print(f"[1/4] building testbed: {n_facts} synthetic facts, seed {seed}")
+    report = build_synthetic_testbed(model_dir, n_facts, seed)
+    print(f"      top-1 recall {report.recall:.1%} in {report.train_seconds:.0f}s")
+    return model_dir, report
+
+
+def _stats(out: Path, model_dir: Path) -> Path:
+    stats_dir = out / "stats"
+    try:
+        meta = load_accumulators(stats_dir).meta
+        if DEMO_LAYER in meta.layers and meta.model_dir == str(model_dir.resolve()):
+            print(f"[2/4] reusing covariance {stats_dir} ({meta.token_count} tokens)")
+            return stats_dir
+    except (ValueError, FileNotFoundError):
+        pass
+    print(f"[2/4] covariance of layer {DEMO_LAYER} over the testbed corpus")
+    config = StatsConfig(layers=[DEMO_LAYER], corpus=[model_dir / "corpus.txt"])
+    save_stats(stats_dir, compute_stats(model_dir.resolve(), config, progress=True))
+    return stats_dir
+
+
+def run_demo(out: Path, *, n_edits: int, n_facts: int, seed: int) -> None:
+    """Run the demo end to end under `out` (reusing the testbed and stats when they match)."""
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir, report = _testbed(out, n_facts, seed)
+    stats_dir = _stats(out, model_dir)
+    spec_file = out / "campaign.yaml"
+    spec_file.write_text(
+        yaml.safe_dump(
+            {
+                "name": "demo-rome",
+                "model": "testbed",
+                "dataset": {"path": "testbed/requests.jsonl"},
+                "method": "rome",
+                "hparams": DEMO_HPARAMS,
+                "stats": stats_dir.name,
+                "n_edits": min(n_edits, report.n_facts),
+                "eval_every": max(1, n_edits // 8),
+                "seed": seed,
+            },
+            sort_keys=False,
+        )
+    )
+    spec = load_spec(spec_file)
+    campaign_dir = out / "campaign"
+    if campaign_dir.exists():
+        shutil.rmtree(campaign_dir)
+    print(f"[3/4] {spec.n_edits} sequential ROME edits on local Ray -> {campaign_dir}")
+    with progress_bar(spec.n_edits, "editing", True) as update:
+        run_campaign(spec, campaign_dir, progress=update)
+    print("[4/4] efficacy / generalisation / specificity vs. edits applied (DuckDB):")
+    print(format_table(query(campaign_dir, curve_sql())))
+    png = plot_campaign(campaign_dir, out / "degradation.png")
+    print(f"plot: {png}")
+    print(f'query it: seqedit query {campaign_dir} "SELECT * FROM evals LIMIT 5"')

@@ -1,0 +1,187 @@
+"""The campaign driver: the one place that talks to Ray.
+
+It plans the campaign into shards of consecutive steps, starts a SequentialEditor actor,
+feeds it the requests in order, writes each shard's rows as Parquet parts, and records
+progress in the campaign state so `seqedit query` can read the finished shards meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import ray
+import yaml
+from safetensors.torch import save_file
+
+from seqedit.pipeline.atomic import write_atomic, write_text_atomic
+from seqedit.pipeline.state import CampaignState, ShardState, now
+from seqedit.pipeline.store import clear_attempt, write_part
+from seqedit.schemas.campaign import CampaignSpec
+from seqedit.schemas.loaders import load_requests, write_quarantine
+from seqedit.schemas.requests import EditRequest
+from seqedit.workers.editor import SequentialEditor
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[int, int], None]
+"""Called as progress(steps_done, steps_total) after every edit."""
+
+
+class CampaignDirError(ValueError):
+    """A campaign directory that holds a different campaign."""
+
+
+def plan_shards(n_edits: int, shard_size: int | None) -> list[ShardState]:
+    """Contiguous step ranges [start, stop) covering 0..n_edits-1."""
+    size = shard_size or n_edits
+    return [
+        ShardState(index=i, start=start, stop=min(start + size, n_edits))
+        for i, start in enumerate(range(0, n_edits, size))
+    ]
+
+
+def select_requests(spec: CampaignSpec, campaign_dir: Path) -> list[EditRequest]:
+    """The requests the campaign edits, in order; rejected records go to rejects.jsonl."""
+    loaded = load_requests(
+        spec.dataset.path, spec.dataset.format, quarantine=spec.dataset.quarantine
+    )
+    if loaded.rejected:
+        write_quarantine(loaded, campaign_dir / "rejects.jsonl")
+        log.warning(
+            "%d records rejected, see %s", len(loaded.rejected), campaign_dir / "rejects.jsonl"
+        )
+    chosen = loaded.requests[spec.dataset.offset : spec.dataset.offset + spec.n_edits]
+    if len(chosen) < spec.n_edits:
+        raise ValueError(
+            f"{spec.dataset.path}: n_edits is {spec.n_edits} but only {len(chosen)} valid "
+            f"records remain after offset {spec.dataset.offset}"
+        )
+    return chosen
+
+
+def prepare_dir(spec: CampaignSpec, campaign_dir: Path) -> CampaignState:
+    """Create the campaign dir with its frozen spec, or refuse one holding another spec."""
+    campaign_dir.mkdir(parents=True, exist_ok=True)
+    spec_file = campaign_dir / "spec.yaml"
+    if spec_file.exists():
+        state = CampaignState.load(campaign_dir)
+        if state.spec_hash != spec.spec_hash():
+            raise CampaignDirError(
+                f"{campaign_dir}: holds campaign with spec hash {state.spec_hash[:12]}, "
+                f"not {spec.spec_hash()[:12]}; use another --out directory"
+            )
+        return state
+    frozen = {"spec_hash": spec.spec_hash(), **spec.model_dump(mode="json")}
+    write_text_atomic(spec_file, yaml.safe_dump(frozen, sort_keys=False))
+    state = CampaignState(
+        campaign=spec.name,
+        spec_hash=spec.spec_hash(),
+        shards=plan_shards(spec.n_edits, spec.shard_size),
+    )
+    state.save(campaign_dir)
+    return state
+
+
+def _ensure_ray() -> None:
+    """Join the cluster at RAY_ADDRESS, or start an embedded local Ray instance."""
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS") or None
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            log_to_driver=False,
+            # the embedded instance is private to this process: keep its start-up quiet
+            logging_level=logging.WARNING if address else logging.ERROR,
+        )
+
+
+def run_campaign(
+    spec: CampaignSpec,
+    campaign_dir: str | Path,
+    *,
+    progress: ProgressCallback | None = None,
+) -> CampaignState:
+    """Run every unfinished shard of the campaign in order on one editor actor."""
+    root = Path(campaign_dir)
+    state = prepare_dir(spec, root)
+    requests = select_requests(spec, root)
+    _ensure_ray()
+    actor_cls = ray.remote(SequentialEditor).options(
+        num_cpus=spec.resources.num_cpus, num_gpus=spec.resources.num_gpus, max_restarts=0
+    )
+    editor = actor_cls.remote(
+        spec.model,
+        spec.method,
+        spec.hparams,
+        stats_dir=spec.stats,
+        campaign=spec.name,
+        seed=spec.seed,
+        torch_threads=spec.resources.torch_threads,
+        device="cuda" if spec.resources.num_gpus > 0 else "cpu",
+    )
+    state.status = "running"
+    state.save(root)
+    try:
+        for shard in state.shards:
+            if shard.status == "done":
+                continue
+            _run_shard(spec, root, state, shard, editor, requests, progress)
+        state.status = "done"
+    except BaseException:
+        state.status = "failed"
+        raise
+    finally:
+        state.save(root)
+        ray.kill(editor)
+    return state
+
+
+def _run_shard(
+    spec: CampaignSpec,
+    root: Path,
+    state: CampaignState,
+    shard: ShardState,
+    editor: ray.actor.ActorHandle,
+    requests: list[EditRequest],
+    progress: ProgressCallback | None,
+) -> None:
+    if shard.status in ("running", "failed"):
+        shard.attempt += 1
+    clear_attempt(root, shard.index, shard.attempt)
+    shard.status, shard.started_at, shard.error = "running", now(), None
+    state.save(root)
+    edit_rows, eval_rows, part = [], [], 0
+    try:
+        for step in range(shard.start, shard.stop):
+            edit_rows.append(ray.get(editor.edit.remote(requests[step], step)))
+            if progress is not None:
+                progress(step + 1, spec.n_edits)
+            applied = step + 1
+            last = applied == spec.n_edits
+            if last or (spec.eval_every and applied % spec.eval_every == 0):
+                eval_rows.extend(
+                    ray.get(
+                        editor.evaluate.remote(
+                            requests[:applied],
+                            list(range(applied)),
+                            protocol="final" if last else "retention",
+                            batch_size=spec.eval_batch_size,
+                        )
+                    )
+                )
+        write_part(root, "edits", shard.index, shard.attempt, part, edit_rows)
+        if eval_rows:
+            write_part(root, "evals", shard.index, shard.attempt, part, eval_rows)
+        tensors = ray.get(editor.take_edit_log.remote())
+        write_atomic(
+            root / "editlog" / f"shard={shard.index}.safetensors",
+            lambda tmp: save_file(tensors, str(tmp), metadata={"campaign": spec.name}),
+        )
+    except Exception as exc:
+        shard.status, shard.error, shard.finished_at = "failed", repr(exc), now()
+        raise
+    shard.status, shard.done_attempt, shard.finished_at = "done", shard.attempt, now()
+    state.save(root)

@@ -1,0 +1,25 @@
+"""The method registry: lookup with did-you-mean, and every method's record is complete."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from seqedit.methods.registry import METHODS, get_method
+
+
+def test_unknown_method_suggests_the_closest() -> None:
+    with pytest.raises(ValueError, match="did you mean 'rome'"):
+        get_method("rmoe")
+
+
+def test_lookup_is_case_insensitive() -> None:
+    assert get_method("ROME").name == "rome"
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_configs_forbid_unknown_fields(name: str) -> None:
+    method = METHODS[name]
+    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+        method.config_cls.model_validate({"layer": 1, "not_a_field": 1})
+    assert method.version

@@ -1,0 +1,88 @@
+"""The command line: query output formats, exit codes, clear one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from seqedit.pipeline.cli import main
+from seqedit.pipeline.state import CampaignState, ShardState
+from seqedit.pipeline.store import write_part
+from seqedit.schemas.tables import EditRow
+
+
+@pytest.fixture()
+def campaign(tmp_path: Path) -> Path:
+    shard = ShardState(index=0, start=0, stop=3, status="done", done_attempt=0)
+    CampaignState(campaign="c", spec_hash="h", shards=[shard]).save(tmp_path)
+    rows = [
+        EditRow(
+            campaign="c",
+            step=i,
+            case_id=100 + i,
+            method="rome",
+            method_version="1",
+            layers="1",
+            p_new_before=0.1,
+            p_true_before=0.6,
+            p_new_after=0.7,
+            p_true_after=0.2,
+            success=True,
+            loss_initial=4.0,
+            loss=0.04,
+            opt_steps=7,
+            update_norm=2.0,
+            weight_drift=0.01 * (i + 1),
+            seconds=0.1,
+        )
+        for i in range(3)
+    ]
+    write_part(tmp_path, "edits", 0, 0, 0, rows)
+    return tmp_path
+
+
+def test_query_json(campaign: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(
+        ["query", str(campaign), "SELECT case_id FROM edits ORDER BY step", "--format", "json"]
+    )
+    assert code == 0
+    assert json.loads(capsys.readouterr().out) == [
+        {"case_id": 100},
+        {"case_id": 101},
+        {"case_id": 102},
+    ]
+
+
+def test_query_table(campaign: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["query", str(campaign), "SELECT count(*) AS n FROM edits"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].strip() == "n" and "3" in out and "(1 row)" in out
+
+
+def test_query_refuses_delete_with_exit_2(
+    campaign: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["query", str(campaign), "DELETE FROM edits"]) == 2
+    err = capsys.readouterr().err
+    assert "DELETE statements are not allowed" in err and err.count("\n") == 1
+
+
+def test_query_on_a_folder_that_is_no_campaign(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["query", str(tmp_path), "SELECT 1"]) == 2
+    assert "no campaign state here" in capsys.readouterr().err
+
+
+def test_bad_sql_names_the_problem(campaign: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["query", str(campaign), "SELECT nope FROM edits"]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("seqedit ")
