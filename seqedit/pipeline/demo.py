@@ -19,7 +19,7 @@ from seqedit.pipeline.driver import run_campaign
 from seqedit.pipeline.store import query
 from seqedit.pipeline.tables_format import format_table
 from seqedit.schemas.campaign import load_spec
-from seqedit.testbed.build import TestbedReport, build_synthetic_testbed, load_report
+from seqedit.testbed.build import CORPUS_FILE, TestbedReport, build_synthetic_testbed, load_testbed
 from seqedit.workers.stats import StatsConfig, compute_stats
 from seqedit.workers.stats_store import load_accumulators, save_stats
 
@@ -40,7 +40,10 @@ DEMO_HPARAMS = {
 def _testbed(out: Path, n_facts: int, seed: int) -> tuple[Path, TestbedReport]:
     model_dir = out / "testbed"
     source = f"synthetic:{n_facts}:{seed}"
-    report = load_report(model_dir) if (model_dir / "testbed.json").is_file() else None
+    try:
+        report: TestbedReport | None = load_testbed(model_dir)[0]
+    except (FileNotFoundError, ValueError):
+        report = None
     if report is not None and report.source == source:
         print(
             f"[1/4] reusing testbed {model_dir} "
@@ -63,7 +66,7 @@ def _stats(out: Path, model_dir: Path) -> Path:
     except (ValueError, FileNotFoundError):
         pass
     print(f"[2/4] covariance of layer {DEMO_LAYER} over the testbed corpus")
-    config = StatsConfig(layers=[DEMO_LAYER], corpus=[model_dir / "corpus.txt"])
+    config = StatsConfig(layers=[DEMO_LAYER], corpus=[model_dir / CORPUS_FILE])
     save_stats(stats_dir, compute_stats(model_dir.resolve(), config, progress=True))
     return stats_dir
 

@@ -1,0 +1,89 @@
+"""End to end: a 20-edit ROME campaign through a Ray actor into Parquet, back out via DuckDB."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+
+from seqedit.pipeline.commands import curve_sql
+from seqedit.pipeline.driver import CampaignDirError, run_campaign
+from seqedit.pipeline.state import CampaignState
+from seqedit.pipeline.store import query
+from seqedit.schemas.campaign import load_spec
+from tests.conftest import TINY_LAYER
+
+N_EDITS = 20
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def _spec(tmp_path: Path, testbed: Path, stats: Path, **overrides: object) -> Path:
+    spec = {
+        "name": "it-rome",
+        "model": str(testbed),
+        "dataset": {"path": str(testbed / "requests.jsonl")},
+        "method": "rome",
+        "hparams": {"layer": TINY_LAYER, "context_template_length_params": [[5, 2]]},
+        "stats": str(stats),
+        "n_edits": N_EDITS,
+        "shard_size": 10,
+        "eval_every": 10,
+        "resources": {"torch_threads": 1},
+        **overrides,
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.mark.slow
+def test_twenty_edit_campaign_through_ray_into_duckdb(
+    ray_local: None, tiny_testbed: Path, tiny_stats: Path, tmp_path: Path
+) -> None:
+    spec = load_spec(_spec(tmp_path, tiny_testbed, tiny_stats))
+    seen: list[int] = []
+    state = run_campaign(spec, tmp_path / "c", progress=lambda done, total: seen.append(done))
+    assert state.status == "done"
+    assert seen == list(range(1, N_EDITS + 1))
+    assert [s.status for s in CampaignState.load(tmp_path / "c").shards] == ["done", "done"]
+
+    edits = query(tmp_path / "c", "SELECT * FROM edits ORDER BY step").to_pylist()
+    assert [r["step"] for r in edits] == list(range(N_EDITS))
+    assert len({r["case_id"] for r in edits}) == N_EDITS
+    assert all(r["shard"] == r["step"] // 10 and r["attempt"] == 0 for r in edits)
+    assert all(r["update_norm"] > 0 and r["seconds"] > 0 and r["opt_steps"] >= 1 for r in edits)
+    drift = [r["weight_drift"] for r in edits]
+    assert drift[-1] > drift[0] > 0
+
+    evals = query(
+        tmp_path / "c",
+        "SELECT protocol, n_edits_applied, count(*) AS n, count(DISTINCT case_id) AS ids "
+        "FROM evals GROUP BY ALL ORDER BY n_edits_applied",
+    ).to_pylist()
+    assert evals == [
+        {"protocol": "retention", "n_edits_applied": 10, "n": 10, "ids": 10},
+        {"protocol": "final", "n_edits_applied": 20, "n": 20, "ids": 20},
+    ]
+    curve = query(tmp_path / "c", curve_sql()).to_pylist()
+    assert [row["n_edits_applied"] for row in curve] == [10, 20]
+    assert all(0.0 <= row["ns"] <= 1.0 for row in curve)
+    assert (tmp_path / "c" / "editlog" / "shard=1.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_campaign_dir_holding_another_spec_is_refused(
+    ray_local: None, tiny_testbed: Path, tiny_stats: Path, tmp_path: Path
+) -> None:
+    first = load_spec(_spec(tmp_path, tiny_testbed, tiny_stats, n_edits=2, shard_size=None))
+    run_campaign(first, tmp_path / "c")
+    second = load_spec(_spec(tmp_path, tiny_testbed, tiny_stats, n_edits=3, shard_size=None))
+    with pytest.raises(CampaignDirError, match="use another --out directory"):
+        run_campaign(second, tmp_path / "c")
