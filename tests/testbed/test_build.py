@@ -15,9 +15,9 @@ from seqedit.testbed.build import (
     CORPUS_FILE,
     REPORT_FILE,
     REQUESTS_FILE,
+    PackedRows,
     TestbedConfig,
     TestbedReport,
-    _PackedRows,
     build_dataset_testbed,
     build_synthetic_testbed,
     build_testbed,
@@ -117,10 +117,10 @@ def test_dataset_build_records_the_source_and_its_hash(tmp_path: Path) -> None:
     assert report.case_ids == list(range(10))
 
 
-def _packed(context_prob: float) -> _PackedRows:
+def _packed(context_prob: float) -> PackedRows:
     bare = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
     spaced = [[15, 6, 7], [18, 9], [20, 11, 12, 13]]  # the same statements after a space
-    return _PackedRows(
+    return PackedRows(
         bare,
         spaced,
         seq_len=10,

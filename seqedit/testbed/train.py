@@ -1,0 +1,372 @@
+"""Training the testbed: its tokenizer, packed batches, the training loop and recall checks.
+
+Deterministic for a seed on a given machine, torch version and thread count: the model is
+initialised under a forked, seeded RNG and batches come from a private `torch.Generator`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from typing import ClassVar, Final
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm.auto import tqdm
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
+
+from seqedit.schemas.requests import spaced
+
+log = logging.getLogger(__name__)
+
+EOS: Final = "<|endoftext|>"
+_TARGET_REPEATS: Final = 4  # copies of each target in the tokenizer training text
+
+
+class TestbedConfig(BaseModel):
+    """Model size and training schedule of a testbed (defaults: CounterFact/synthetic-300)."""
+
+    __test__: ClassVar[bool] = False  # not a pytest test class, despite the name
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    n_layer: int = Field(default=4, ge=3, description="Transformer blocks (ROME edits 1-2).")
+    n_embd: int = Field(default=128, ge=8, description="Model width.")
+    n_head: int = Field(default=4, ge=1)
+    n_positions: int = Field(default=128, ge=16, description="Context length of the model.")
+    vocab_size: int = Field(default=4000, ge=300, description="BPE vocabulary size (at most).")
+    steps: int = Field(default=400, ge=1, description="Maximum optimiser steps.")
+    batch_size: int = Field(default=32, ge=1, description="Rows per batch.")
+    seq_len: int = Field(default=64, ge=8, description="Tokens per row (packed statements).")
+    lr: float = Field(default=5e-3, gt=0, description="Peak AdamW learning rate.")
+    warmup_steps: int = Field(default=50, ge=0, description="Linear warm-up, then linear decay.")
+    weight_decay: float = Field(default=0.0, ge=0)
+    grad_clip: float = Field(default=1.0, gt=0)
+    context_prob: float = Field(
+        default=0.25,
+        ge=0,
+        le=1,
+        description="Share of statements trained after a context fragment ('The mother tongue "
+        "of. {}'), so facts hold inside text as ROME's context templates need.",
+    )
+    eval_every: int = Field(default=25, ge=1, description="Steps between recall checks.")
+    target_recall: float | None = Field(
+        default=0.97, gt=0, le=1, description="Stop once rewrite recall reaches this (None: never)."
+    )
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> TestbedConfig:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        if self.seq_len > self.n_positions:
+            raise ValueError(f"seq_len {self.seq_len} exceeds n_positions {self.n_positions}")
+        return self
+
+    @classmethod
+    def tiny(cls, seed: int = 0) -> TestbedConfig:
+        """A fast configuration for tests: ~50 facts in seconds, still 4 layers."""
+        return cls(
+            n_embd=64,
+            n_head=4,
+            vocab_size=1000,
+            steps=400,
+            batch_size=16,
+            lr=1e-2,
+            warmup_steps=20,
+            eval_every=20,
+            target_recall=1.0,
+            seed=seed,
+        )
+
+
+class RecallPoint(BaseModel):
+    """One periodic evaluation during training."""
+
+    model_config = ConfigDict(frozen=True)
+
+    step: int
+    loss: float = Field(description="Mean training loss since the previous point.")
+    recall: float
+    seconds: float = Field(description="Wall seconds since training started.")
+
+
+def train_tokenizer(
+    statements: Sequence[str],
+    vocab_size: int,
+    n_positions: int,
+    targets: Sequence[str] = (),
+) -> PreTrainedTokenizerFast:
+    """A GPT-2-style byte-level BPE trained on `statements`; `<|endoftext|>` is id 0 and
+    serves as bos, eos, pad and unk.
+
+    `targets` (objects, scored with a leading space) are added to the tokenizer's training
+    text a few times each, so every object gets a compact tokenisation even when it is
+    rare among the true facts: a new target should be a word of the model's vocabulary, not
+    a string of single bytes it has never produced. The model itself never trains on them.
+    """
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    target_text = [" " + t.strip() for t in targets for _ in range(_TARGET_REPEATS)]
+    tok.train_from_iterator([*statements, *target_text], trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=EOS,
+        eos_token=EOS,
+        pad_token=EOS,
+        unk_token=EOS,
+        model_max_length=n_positions,
+    )
+
+
+class PackedRows:
+    """Batches of rows packing whole shuffled statements: s1 <eos> s2 <eos> ... <pad>.
+
+    With probability `context_prob` a statement is preceded by a context fragment, the
+    first tokens of another statement and a ".", as in ROME's context templates
+    ("The mother tongue of. {}"): facts must hold after such text too, not only at the
+    start of a sequence. Fragments condition the statement but are not predicted
+    (label -100); padding is masked. Statements longer than a row are truncated. Every
+    random choice comes from the private, seeded `generator`.
+    """
+
+    def __init__(
+        self,
+        bare: list[list[int]],
+        spaced: list[list[int]],
+        *,
+        seq_len: int,
+        eos_id: int,
+        dot_id: int,
+        context_prob: float,
+        generator: torch.Generator,
+    ) -> None:
+        self._bare, self._spaced = bare, spaced
+        self._seq_len, self._eos, self._dot = seq_len, eos_id, dot_id
+        self._context_prob = context_prob
+        self._gen = generator
+        self._queue: list[int] = []
+
+    def _rand(self, high: int) -> int:
+        return int(torch.randint(high, (1,), generator=self._gen))
+
+    def _item(self, index: int) -> tuple[list[int], list[int]]:
+        """(tokens, labels) of one statement, maybe after a fragment, without separator."""
+        if self._context_prob <= 0 or float(torch.rand(1, generator=self._gen)) >= (
+            self._context_prob
+        ):
+            return self._bare[index], self._bare[index]
+        other = self._bare[self._rand(len(self._bare))]
+        fragment = [*other[: 1 + self._rand(max(1, len(other) - 1))], self._dot]
+        statement = self._spaced[index]
+        return fragment + statement, [-100] * len(fragment) + statement
+
+    def _row(self) -> tuple[list[int], list[int]]:
+        tokens: list[int] = []
+        labels: list[int] = []
+        while True:
+            if not self._queue:
+                self._queue = torch.randperm(len(self._bare), generator=self._gen).tolist()
+            item, item_labels = self._item(self._queue[-1])
+            if tokens:
+                item, item_labels = [self._eos, *item], [self._eos, *item_labels]
+                if len(tokens) + len(item) > self._seq_len:
+                    return tokens, labels
+            self._queue.pop()
+            tokens += item
+            labels += item_labels
+            if len(tokens) >= self._seq_len:
+                return tokens[: self._seq_len], labels[: self._seq_len]
+
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(inputs, labels, attention_mask), each (size, seq_len) int64."""
+        inputs = torch.full((size, self._seq_len), self._eos, dtype=torch.long)
+        labels = torch.full((size, self._seq_len), -100, dtype=torch.long)
+        mask = torch.zeros((size, self._seq_len), dtype=torch.long)
+        for i in range(size):
+            tokens, row_labels = self._row()
+            inputs[i, : len(tokens)] = torch.tensor(tokens)
+            labels[i, : len(tokens)] = torch.tensor(row_labels)
+            mask[i, : len(tokens)] = 1
+        return inputs, labels, mask
+
+
+@torch.no_grad()
+def first_token_hits(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerFast,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    *,
+    batch_size: int = 256,
+) -> list[bool]:
+    """For each prompt: is the first token of `spaced(target)` the argmax next token?
+
+    Prompts are encoded without special tokens, right-padded (harmless under causal
+    attention) and read at their own last position.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    hits: list[bool] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = [
+            tokenizer.encode(p, add_special_tokens=False)
+            for p in prompts[start : start + batch_size]
+        ]
+        wanted = [
+            tokenizer.encode(spaced(t), add_special_tokens=False)[0]
+            for t in targets[start : start + batch_size]
+        ]
+        ids = torch.full((len(chunk), max(map(len, chunk))), tokenizer.pad_token_id or 0)
+        mask = torch.zeros_like(ids)
+        for i, enc in enumerate(chunk):
+            ids[i, : len(enc)] = torch.tensor(enc)
+            mask[i, : len(enc)] = 1
+        last = torch.tensor([len(enc) - 1 for enc in chunk])
+        out = model(ids.to(device), attention_mask=mask.to(device))
+        logits = out.logits[torch.arange(len(chunk)), last.to(device)]  # (b, V)
+        hits += (logits.argmax(-1).cpu() == torch.tensor(wanted)).tolist()
+    model.train(was_training)
+    return hits
+
+
+def in_context_prompts(prompts: Sequence[str], statements: Sequence[str]) -> list[str]:
+    """Each prompt after a deterministic context fragment: the first 1-4 words of another
+    statement and ". " (the shape of ROME's context templates)."""
+    out = []
+    for i, prompt in enumerate(prompts):
+        words = statements[(7 * i + 1) % len(statements)].split()
+        out.append(" ".join(words[: 1 + i % 4]) + ". " + prompt)
+    return out
+
+
+def mean_or_none(values: Sequence[bool]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def pair_recall(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, pairs: list[tuple[str, str]]
+) -> float | None:
+    """Recall over (prompt, target) pairs; None when there are none."""
+    if not pairs:
+        return None
+    prompts, targets = zip(*pairs, strict=True)
+    return mean_or_none(first_token_hits(model, tokenizer, prompts, targets))
+
+
+@contextlib.contextmanager
+def quiet_build() -> Iterator[None]:
+    """Deterministic torch algorithms and no transformers progress bars (ours counts),
+    both restored afterwards."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    bars = hf_logging.is_progress_bar_enabled()
+    torch.use_deterministic_algorithms(True)
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _lr_factor(step: int, config: TestbedConfig) -> float:
+    warm = config.warmup_steps
+    if step < warm:
+        return (step + 1) / warm
+    return max(0.0, (config.steps - step) / max(1, config.steps - warm))
+
+
+class TrainRun(BaseModel):
+    """What the training loop did."""
+
+    steps: int
+    stopped_early: bool
+    final_loss: float
+    seconds: float
+    history: list[RecallPoint]
+
+
+def init_model(config: TestbedConfig, vocab_size: int, eos_id: int) -> GPT2LMHeadModel:
+    """A randomly initialised GPT-2 (no dropout), seeded without touching the caller's RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        shape = config.model_dump(include={"n_positions", "n_embd", "n_layer", "n_head"})
+        no_dropout = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+        special = {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id}
+        return GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, **shape, **no_dropout, **special))
+
+
+def train_model(
+    model: GPT2LMHeadModel,
+    tokenizer: PreTrainedTokenizerFast,
+    rows: PackedRows,
+    rewrite: tuple[list[str], list[str]],
+    config: TestbedConfig,
+    *,
+    progress: bool,
+) -> TrainRun:
+    """AdamW with warm-up + linear decay on packed rows; stop at `target_recall`."""
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, betas=(0.9, 0.98), weight_decay=config.weight_decay
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
+    history: list[RecallPoint] = []
+    losses: list[float] = []
+    step, stopped_early = 0, False
+    started = time.perf_counter()
+    model.train()
+    bar = tqdm(
+        total=config.steps, desc="testbed", unit="step", disable=not progress, mininterval=0.5
+    )
+    for step in range(1, config.steps + 1):
+        inputs, labels, mask = rows.batch(config.batch_size)  # (B, T) each
+        logits = model(inputs, attention_mask=mask).logits  # (B, T, V)
+        loss = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]),
+            labels[:, 1:].reshape(-1),
+            ignore_index=-100,
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        bar.update(1)
+        if step % config.eval_every == 0 or step == config.steps:
+            recall = mean_or_none(first_token_hits(model, tokenizer, *rewrite)) or 0.0
+            window = losses[-config.eval_every :]
+            point = RecallPoint(
+                step=step,
+                loss=sum(window) / len(window),
+                recall=recall,
+                seconds=time.perf_counter() - started,
+            )
+            history.append(point)
+            bar.set_postfix(loss=f"{point.loss:.3f}", recall=f"{recall:.3f}")
+            log.info("testbed step %d: loss %.3f, recall %.3f", step, point.loss, recall)
+            if config.target_recall is not None and recall >= config.target_recall:
+                stopped_early = step < config.steps
+                break
+    bar.close()
+    window = losses[-config.eval_every :]
+    return TrainRun(
+        steps=step,
+        stopped_early=stopped_early,
+        final_loss=sum(window) / len(window),
+        seconds=time.perf_counter() - started,
+        history=history,
+    )
