@@ -10,35 +10,14 @@ import pytest
 from seqedit.pipeline.cli import main
 from seqedit.pipeline.state import CampaignState, ShardState
 from seqedit.pipeline.store import write_part
-from seqedit.schemas.tables import EditRow
+from tests.pipeline.rows import edit_row
 
 
 @pytest.fixture()
 def campaign(tmp_path: Path) -> Path:
     shard = ShardState(index=0, start=0, stop=3, status="done", done_attempt=0)
     CampaignState(campaign="c", spec_hash="h", shards=[shard]).save(tmp_path)
-    rows = [
-        EditRow(
-            campaign="c",
-            step=i,
-            case_id=100 + i,
-            method="rome",
-            method_version="1",
-            layers="1",
-            p_new_before=0.1,
-            p_true_before=0.6,
-            p_new_after=0.7,
-            p_true_after=0.2,
-            success=True,
-            loss_initial=4.0,
-            loss=0.04,
-            opt_steps=7,
-            update_norm=2.0,
-            weight_drift=0.01 * (i + 1),
-            seconds=0.1,
-        )
-        for i in range(3)
-    ]
+    rows = [edit_row(i, 100 + i, weight_drift=0.01 * (i + 1)) for i in range(3)]
     write_part(tmp_path, "edits", 0, 0, 0, rows)
     return tmp_path
 

@@ -9,28 +9,11 @@ import pytest
 from seqedit.pipeline.state import CampaignState, ShardState
 from seqedit.pipeline.store import QueryError, query, write_part
 from seqedit.schemas.tables import EditRow
+from tests.pipeline.rows import edit_row
 
 
 def _row(step: int, case_id: int) -> EditRow:
-    return EditRow(
-        campaign="c",
-        step=step,
-        case_id=case_id,
-        method="rome",
-        method_version="1",
-        layers="1",
-        p_new_before=0.1,
-        p_true_before=0.5,
-        p_new_after=0.9,
-        p_true_after=0.05,
-        success=True,
-        loss_initial=3.0,
-        loss=0.1,
-        opt_steps=5,
-        update_norm=1.0,
-        weight_drift=0.01,
-        seconds=0.1,
-    )
+    return edit_row(step, case_id)
 
 
 def _campaign(tmp_path: Path, shards: list[ShardState]) -> Path:
