@@ -7,6 +7,7 @@ progress in the campaign state so `seqedit query` can read the finished shards m
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -122,6 +123,8 @@ def run_campaign(
         torch_threads=spec.resources.torch_threads,
         device="cuda" if spec.resources.num_gpus > 0 else "cpu",
     )
+    description = ray.get(editor.describe.remote())
+    write_text_atomic(root / "method.json", json.dumps(description, indent=2))
     state.status = "running"
     state.save(root)
     try:

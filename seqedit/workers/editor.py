@@ -152,6 +152,18 @@ class SequentialEditor:
 
     # --- inspection ----------------------------------------------------------------------
 
+    def describe(self) -> dict[str, Any]:
+        """What the campaign records about its method: name, version, validated config,
+        edited modules and the per-campaign context (e.g. ROME's sampled templates)."""
+        context = self.context._asdict() if hasattr(self.context, "_asdict") else {}
+        return {
+            "method": self.method.name,
+            "method_version": self.method.version,
+            "config": self.config.model_dump(mode="json"),
+            "modules": [self.module_names[layer] for layer in self.layers],
+            "context": {k: v for k, v in context.items() if not isinstance(v, torch.Tensor)},
+        }
+
     def weight_drift(self) -> float:
         """max over edited modules of ||W_t - W_0||_F / ||W_0||_F."""
         return max(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,9 @@ def test_twenty_edit_campaign_through_ray_into_duckdb(
     assert [row["n_edits_applied"] for row in curve] == [10, 20]
     assert all(0.0 <= row["ns"] <= 1.0 for row in curve)
     assert (tmp_path / "c" / "editlog" / "shard=1.safetensors").is_file()
+    method = json.loads((tmp_path / "c" / "method.json").read_text())
+    templates = method["context"]["templates"]
+    assert method["method"] == "rome" and templates[0] == "{}" and len(templates) == 3
 
 
 @pytest.mark.slow
