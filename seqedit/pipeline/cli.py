@@ -66,6 +66,32 @@ def cmd_run(args: argparse.Namespace) -> None:
     print(f"campaign {state.campaign}: {state.status} -> {args.out}")
 
 
+def cmd_edit(args: argparse.Namespace) -> None:
+    from seqedit.pipeline.edit_command import edit_model
+    from seqedit.schemas.tables import EditRow
+
+    def show(row: EditRow) -> None:
+        if not args.quiet:
+            verdict = "ok" if row.success else "FAILED"
+            print(
+                f"step {row.step} case {row.case_id}: P(new) "
+                f"{row.p_new_before:.3f} -> {row.p_new_after:.3f}, {verdict}"
+            )
+
+    rows = edit_model(
+        args.model,
+        args.method,
+        args.hparams,
+        args.requests,
+        stats=args.stats,
+        save_deltas=args.save_deltas,
+        save_model=args.save_model,
+        on_edit=show,
+    )
+    succeeded = sum(r.success for r in rows)
+    print(f"{succeeded}/{len(rows)} edits succeeded; deltas -> {args.save_deltas}")
+
+
 def cmd_query(args: argparse.Namespace) -> None:
     from seqedit.pipeline.store import query
     from seqedit.pipeline.tables_format import format_table
@@ -128,6 +154,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", required=True, type=Path, help="campaign directory")
     run.add_argument("--quiet", action="store_true")
     run.set_defaults(func=cmd_run)
+
+    edit = sub.add_parser("edit", help="edit a model once, in order, and save the deltas")
+    edit.add_argument("--model", required=True, type=Path, help="HF model directory")
+    edit.add_argument("--method", required=True, help="registered method, e.g. rome")
+    edit.add_argument("--hparams", required=True, type=Path, help="YAML/JSON of config fields")
+    edit.add_argument("--requests", required=True, type=Path, help="requests file (any format)")
+    edit.add_argument("--stats", type=Path, default=None, help="covariance stats directory")
+    edit.add_argument("--sequential", action="store_true", help="one edit after another (default)")
+    edit.add_argument("--save-deltas", required=True, type=Path, help="OUT.safetensors")
+    edit.add_argument("--save-model", type=Path, default=None, help="write the edited model here")
+    edit.add_argument("--quiet", action="store_true")
+    edit.set_defaults(func=cmd_edit)
 
     q = sub.add_parser("query", help="read-only SQL over a campaign's tables (DuckDB)")
     q.add_argument("campaign_dir", type=Path)

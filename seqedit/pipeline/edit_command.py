@@ -1,0 +1,64 @@
+"""`seqedit edit`: edit a model once, in order, without the campaign machinery.
+
+For users who just want an edited model: the deltas go to one safetensors file (and,
+optionally, the edited model to a new Hugging Face directory); a one-line summary per
+edit goes to the terminal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from safetensors.torch import save_file
+
+from seqedit.pipeline.atomic import write_atomic
+from seqedit.schemas.loaders import load_requests
+from seqedit.schemas.tables import EditRow
+from seqedit.workers.editor import SequentialEditor
+
+
+def load_hparams(path: Path) -> dict[str, Any]:
+    """A method's hyperparameters from a YAML or JSON mapping, naming the file on error."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ValueError(f"{path}: no such hparams file") from exc
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML/JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: hparams must be a mapping of field: value")
+    return raw
+
+
+def edit_model(
+    model: Path,
+    method: str,
+    hparams_file: Path,
+    requests_file: Path,
+    *,
+    stats: Path | None,
+    save_deltas: Path,
+    save_model: Path | None = None,
+    on_edit: Callable[[EditRow], None] | None = None,
+) -> list[EditRow]:
+    """Apply every request of `requests_file` in order; write the deltas (and the model)."""
+    hparams = load_hparams(hparams_file)
+    requests = load_requests(requests_file).requests
+    editor = SequentialEditor(
+        str(model), method, hparams, stats_dir=str(stats) if stats else None, campaign="edit"
+    )
+    rows = []
+    for step, request in enumerate(requests):
+        rows.append(editor.edit(request, step))
+        if on_edit is not None:
+            on_edit(rows[-1])
+    tensors = editor.take_edit_log()
+    metadata = {"method": method, "model": str(model), "n_edits": str(len(rows))}
+    write_atomic(save_deltas, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    if save_model is not None:
+        editor.model.save_pretrained(save_model)
+        editor.tokenizer.save_pretrained(save_model)
+    return rows
