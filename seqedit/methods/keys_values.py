@@ -2,6 +2,7 @@
 
 - `module_io_at_subjects`: input (the key) and output of a module at the subject token of
   each filled template.
+- `grouped_keys`: MEMIT keys, averaged within and then across context-template groups.
 - `optimize_value`: gradient descent on a vector added to one module's output at the
   subject token, so that the model predicts the new target (ROME's v*, MEMIT's z).
 
@@ -15,6 +16,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +54,18 @@ def frozen_parameters(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for param, flag in flags:
             param.requires_grad_(flag)
+
+
+@contextmanager
+def restored_tensors(tensors: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Snapshot `tensors` (e.g. weights edited temporarily); copy them back on exit."""
+    saved = [t.detach().clone() for t in tensors]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for tensor, copy in zip(tensors, saved, strict=True):
+                tensor.copy_(copy)
 
 
 @torch.no_grad()
@@ -271,3 +285,26 @@ def optimize_value(
         target_prob=prob,
         initial_target_prob=initial_prob,
     )
+
+
+def grouped_keys(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    module: str,
+    groups: Sequence[Sequence[str]],
+    fact_token: FactToken,
+) -> torch.Tensor:
+    """(n, d_in) float32 keys: module input at the subject, averaged per group, then over groups.
+
+    `groups` are context-template groups (MEMIT layout, e.g. [["{}"], ["<text>. {}", ...]]);
+    each template's `{}` takes the request prompt (reference `memit/compute_ks.py`).
+    """
+    flat = [t for g in groups for t in g]
+    prompts = [fill(t, r.prompt) for r in requests for t in flat]
+    subjects = [r.subject for r in requests for _ in flat]
+    inputs, _ = module_io_at_subjects(model, tokenizer, prompts, subjects, module, fact_token)
+    per_request = inputs.view(len(requests), len(flat), -1)  # (n, n_ctx, d_in)
+    bounds = torch.tensor([0, *(len(g) for g in groups)]).cumsum(0).tolist()
+    means = [per_request[:, a:b].mean(dim=1) for a, b in pairwise(bounds)]
+    return torch.stack(means, dim=1).mean(dim=1)

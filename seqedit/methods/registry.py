@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import difflib
 
+from seqedit.methods.alphaedit import ALPHAEDIT
 from seqedit.methods.ft import FT_L, FT_M
+from seqedit.methods.memit import MEMIT
 from seqedit.methods.method import EditMethod
 from seqedit.methods.rome import ROME
 
-METHODS: dict[str, EditMethod] = {method.name: method for method in (ROME, FT_L, FT_M)}
+METHODS: dict[str, EditMethod] = {
+    method.name: method for method in (ROME, MEMIT, ALPHAEDIT, FT_L, FT_M)
+}
 
 
 def get_method(name: str) -> EditMethod:

@@ -15,16 +15,20 @@ from seqedit.workers.editor import SequentialEditor
 from tests.conftest import TINY_LAYER
 
 # The fewest fields that make each method fast on the tiny testbed; anything else is default.
+LAYERED = {"layers": [TINY_LAYER], "v_loss_layer": 3, "context_templates": [["{}"]]}
 QUICK_HPARAMS: dict[str, dict[str, object]] = {
-    "rome": {"context_templates": ["{}"]},
-    "ft-l": {"lr": 1e-2, "num_steps": 10},
-    "ft-m": {"lr": 1e-2, "num_steps": 10},
+    "rome": {"layer": TINY_LAYER, "context_templates": ["{}"]},
+    "memit": LAYERED,
+    "alphaedit": LAYERED,
+    "ft-l": {"layer": TINY_LAYER, "lr": 1e-2, "num_steps": 10},
+    "ft-m": {"layer": TINY_LAYER, "lr": 1e-2, "num_steps": 10},
 }
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_method_raises_the_new_target(name: str, tiny_testbed: Path, tiny_stats: Path) -> None:
-    hparams = {"layer": TINY_LAYER, **QUICK_HPARAMS.get(name, {})}
+    assert name in QUICK_HPARAMS, f"add quick hparams for the new method {name!r}"
+    hparams = QUICK_HPARAMS[name]
     editor = SequentialEditor(
         str(tiny_testbed), name, hparams, stats_dir=str(tiny_stats), campaign="t"
     )

@@ -1,0 +1,230 @@
+"""AlphaEdit: null-space constrained knowledge editing (Fang et al., ICLR 2025).
+
+MEMIT's z, keys and layer-by-layer residuals (see `memit.py`), with a different update per
+layer l (math convention W: (d_out, d_in), K: (d_in, n), R: (d_out, n)):
+  P   = U0 U0^T, U0 = eigenvectors of C with eigenvalue < nullspace_threshold (absolute);
+  A   = P (K K^T + cache_c) + L2 * I                            (d_in, d_in)
+  dW  = R (A^-1 P K)^T      i.e. the reference's storage-layout dW^T = A^-1 P K R^T.
+Since dW = (...) P^T-free rows times P K, dW k = 0 for every k with P k = 0, i.e. outputs on
+the preserved keys (C's large-eigenvalue directions) are unchanged.
+After all layers are updated, the keys of the batch are recomputed on the edited model and
+cache_c += K K^T per layer: cache_c is SEQUENTIAL STATE, kept by the caller (and checkpointed
+with the model). Reference: jianghoucheng/AlphaEdit `AlphaEdit/AlphaEdit_main.py`,
+`experiments/evaluate.py:get_project` (float32 throughout, `torch.linalg.solve`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import Field
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from seqedit.methods.arch import ModuleNames, module_names_for, rewrite_dims
+from seqedit.methods.context import BARE_TEMPLATE
+from seqedit.methods.delta import EditResult
+from seqedit.methods.keys_values import grouped_keys
+from seqedit.methods.memit import (
+    LayeredEditConfig,
+    TemplateGroups,
+    apply_layered_updates,
+    batch_result,
+    compute_targets,
+    memit_context_templates,
+    restored_weights,
+)
+from seqedit.methods.method import EditMethod
+from seqedit.schemas.requests import EditRequest
+
+log = logging.getLogger(__name__)
+
+_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
+
+
+class AlphaEditConfig(LayeredEditConfig):
+    """AlphaEdit hyperparameters (MEMIT's, plus the null-space ones)."""
+
+    nullspace_threshold: float = Field(
+        default=2e-2,
+        ge=0,
+        description="Eigenvalues of C below this (absolute) span the null space P projects onto.",
+    )
+    L2: float = Field(default=10.0, ge=0, description="Ridge term L2 * I in the update's system.")
+    solve_dtype: Literal["float32", "float64"] = Field(
+        default="float32",
+        description="dtype of the update's linear solve (the reference uses float32).",
+    )
+
+
+def null_space_projector(second_moment: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(d_in, d_in) P = U0 U0^T, U0 the eigenvectors of C (d_in, d_in) with eigenvalue < threshold.
+
+    Computed with `torch.linalg.svd` in C's dtype as the reference does (for a symmetric PSD C
+    the singular vectors are its eigenvectors); returned in C's dtype.
+    """
+    u, s, _ = torch.linalg.svd(second_moment, full_matrices=False)
+    null = u[:, s < threshold]  # (d_in, r0)
+    return null @ null.T
+
+
+def alphaedit_right_factor(
+    projector: torch.Tensor,
+    cache_c: torch.Tensor,
+    keys: torch.Tensor,
+    l2: float,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """(d_in, n) A^-1 P K with A = P (K K^T + cache_c) + l2 I.
+
+    Shapes: P and cache_c (d_in, d_in), K (d_in, n). Solved in `dtype`.
+    """
+    p, c, k = projector.to(dtype), cache_c.to(dtype), keys.to(dtype)
+    eye = torch.eye(k.shape[0], dtype=dtype, device=k.device)
+    system = p @ (k @ k.T + c) + l2 * eye
+    return torch.linalg.solve(system, p @ k)
+
+
+def alphaedit_deltas(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: list[EditRequest],
+    config: AlphaEditConfig,
+    *,
+    projectors: dict[int, torch.Tensor],
+    cache_c: dict[int, torch.Tensor],
+    context_templates: TemplateGroups,
+    names: ModuleNames | None = None,
+) -> tuple[EditResult, dict[int, torch.Tensor]]:
+    """Compute (not apply) AlphaEdit's deltas for a batch, and the next cache_c.
+
+    Args:
+        projectors: layer -> (d_in, d_in) P (`null_space_projector`).
+        cache_c: layer -> (d_in, d_in) sum of K K^T of all earlier edits (zeros at the start);
+            not modified.
+        context_templates: template groups, the first being ["{}"].
+    Returns (result, new cache_c): one LowRankDelta per layer (left R (d_out, n) float64,
+    right A^-1 P K (d_in, n)); new cache_c[l] = cache_c[l] + K' K'^T with K' the keys
+    recomputed on the model carrying this batch's deltas. The new cache is only valid if the
+    caller applies the returned deltas. The model is left unchanged.
+    """
+    if not requests:
+        raise ValueError("alphaedit_deltas needs at least one request")
+    if not context_templates or context_templates[0] != [BARE_TEMPLATE]:
+        raise ValueError(f"first template group must be ['{{}}']: {context_templates[:1]}")
+    missing = [x for x in config.layers if x not in projectors or x not in cache_c]
+    if missing:
+        raise ValueError(f"AlphaEdit needs P and cache_c of layers {missing}")
+    names = names or module_names_for(model)
+    dtype = _DTYPES[config.solve_dtype]
+    values = compute_targets(model, tokenizer, requests, config, context_templates, names)
+    zs = torch.stack([v.target for v in values])  # (n, d_model)
+
+    def solve(_i: int, layer: int, keys: torch.Tensor, _resid: torch.Tensor) -> torch.Tensor:
+        return alphaedit_right_factor(projectors[layer], cache_c[layer], keys, config.L2, dtype)
+
+    new_cache: dict[int, torch.Tensor] = {}
+    with restored_weights(model, names, config.layers):
+        update = apply_layered_updates(
+            model, tokenizer, requests, config, context_templates, zs, solve, names
+        )
+        for layer in config.layers:
+            module = names.rewrite_module_tmp.format(layer)
+            k = grouped_keys(
+                model, tokenizer, requests, module, context_templates, config.fact_token
+            ).to(cache_c[layer])  # (n, d_in)
+            new_cache[layer] = cache_c[layer] + k.T @ k
+    result = batch_result(update, values, zs)
+    log.info(
+        "AlphaEdit batch of %d at layers %s: loss %.4f -> %.4f, ||dW|| %.4g",
+        len(requests),
+        config.layers,
+        result.initial_loss,
+        result.loss,
+        result.update_norm,
+    )
+    return result, new_cache
+
+
+@dataclass
+class AlphaEditContext:
+    """Per-campaign AlphaEdit state. `cache_c` is the SEQUENTIAL state: `_edit` replaces it
+    after every edit (assuming the editor applies the returned deltas); checkpoint it with
+    the model, and restore it together with the weights on rollback.
+
+    Attributes:
+        templates: template groups.
+        projectors: layer -> (d_in, d_in) P.
+        cache_c: layer -> (d_in, d_in) accumulated K K^T of all edits so far.
+    """
+
+    templates: TemplateGroups
+    projectors: dict[int, torch.Tensor]
+    cache_c: dict[int, torch.Tensor]
+
+
+def _prepare(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    config: AlphaEditConfig,
+    second_moments: dict[int, torch.Tensor] | None,
+) -> AlphaEditContext:
+    missing = [x for x in config.layers if x not in (second_moments or {})]
+    if missing:
+        raise ValueError(f"AlphaEdit needs the covariance of layers {missing}")
+    assert second_moments is not None
+    names = module_names_for(model)
+    projectors = {
+        layer: null_space_projector(second_moments[layer], config.nullspace_threshold)
+        for layer in config.layers
+    }
+    cache = {}
+    for layer in config.layers:
+        d_in = rewrite_dims(model, names, layer)[0]
+        cache[layer] = torch.zeros(d_in, d_in, dtype=projectors[layer].dtype)
+    return AlphaEditContext(memit_context_templates(model, tokenizer, config), projectors, cache)
+
+
+def alphaedit_batch(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: list[EditRequest],
+    config: AlphaEditConfig,
+    context: AlphaEditContext,
+) -> EditResult:
+    """AlphaEdit on a batch; updates `context.cache_c` (the model is left unchanged)."""
+    result, context.cache_c = alphaedit_deltas(
+        model,
+        tokenizer,
+        requests,
+        config,
+        projectors=context.projectors,
+        cache_c=context.cache_c,
+        context_templates=context.templates,
+    )
+    return result
+
+
+def _edit(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    request: EditRequest,
+    config: AlphaEditConfig,
+    context: AlphaEditContext,
+) -> EditResult:
+    result = alphaedit_batch(model, tokenizer, [request], config, context)
+    result.key, result.value = result.key[0], result.value[0]
+    return result
+
+
+ALPHAEDIT = EditMethod(
+    name="alphaedit",
+    version="1",
+    config_cls=AlphaEditConfig,
+    layers=lambda config: list(config.layers),
+    uses_second_moment=lambda config: True,
+    prepare=_prepare,
+    edit=_edit,
+)

@@ -1,0 +1,99 @@
+"""Our AlphaEdit reproduces the original reference implementation on the golden set.
+
+The golden requests are edited one at a time in sequence (each delta applied before the next
+edit, cache_c carried from edit to edit), as the reference `apply_AlphaEdit_to_model` was
+called; the null-space projectors P, the final cache_c and the total delta of every edited
+parameter must match `alphaedit_result.safetensors` within 1e-3 of their largest entry.
+Everything is read from the golden directory (SEQEDIT_GOLDEN_DIR). P is computed with the
+reference run's thread count (an SVD), the edits on one thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+import torch
+
+from seqedit.methods.alphaedit import AlphaEditConfig, alphaedit_deltas, null_space_projector
+from seqedit.methods.arch import module_names_for, rewrite_weight
+from seqedit.methods.delta import apply_delta_
+from seqedit.methods.memit import memit_context_templates
+from tests.golden import max_rel_error, require_golden, torch_threads
+
+log = logging.getLogger(__name__)
+
+REL_TOL = 1e-3
+
+
+def alphaedit_config_from_reference(hparams: dict[str, Any], templates: Any) -> AlphaEditConfig:
+    """Our AlphaEditConfig from the reference `AlphaEditHyperParams` JSON plus pinned templates."""
+    return AlphaEditConfig(
+        layers=hparams["layers"],
+        fact_token=hparams["fact_token"],
+        v_num_grad_steps=hparams["v_num_grad_steps"],
+        v_lr=hparams["v_lr"],
+        v_loss_layer=hparams["v_loss_layer"],
+        v_weight_decay=hparams["v_weight_decay"],
+        clamp_norm_factor=hparams["clamp_norm_factor"],
+        kl_factor=hparams["kl_factor"],
+        mom2_adjustment=hparams["mom2_adjustment"],
+        nullspace_threshold=hparams["nullspace_threshold"],
+        L2=hparams["L2"],
+        context_templates=templates,
+    )
+
+
+@pytest.mark.slow
+def test_alphaedit_matches_reference_sequential_edits() -> None:
+    golden = require_golden()
+    torch.manual_seed(0)
+    hparams = golden.hparams("alphaedit")
+    model, tokenizer = golden.model()
+    names = module_names_for(model)
+    assert names.rewrite_module_tmp == hparams["rewrite_module_tmp"]
+    assert names.layer_module_tmp == hparams["layer_module_tmp"]
+    config = alphaedit_config_from_reference(hparams, golden.context_templates("alphaedit"))
+    reference = golden.result("alphaedit")
+    modules = {layer: names.rewrite_module_tmp.format(layer) for layer in config.layers}
+    assert golden.delta_params("alphaedit") == sorted(f"{m}.weight" for m in modules.values())
+    weights = {layer: rewrite_weight(model, names, layer) for layer in config.layers}
+    originals = {layer: w.detach().clone() for layer, w in weights.items()}
+    for layer, module in modules.items():
+        assert torch.equal(originals[layer], reference[f"W0.{module}.weight"])
+
+    errors: dict[str, float] = {}
+    with torch_threads(golden.threads("alphaedit")):
+        projectors = {
+            layer: null_space_projector(golden.second_moment(m), config.nullspace_threshold)
+            for layer, m in modules.items()
+        }
+    for layer, module in modules.items():
+        errors[f"P.{module}"] = max_rel_error(projectors[layer], reference[f"P.{module}.weight"])
+    cache_c = {layer: torch.zeros_like(p) for layer, p in projectors.items()}
+
+    with torch_threads(1):
+        templates = memit_context_templates(model, tokenizer, config)
+        for request in golden.requests():
+            result, cache_c = alphaedit_deltas(
+                model,
+                tokenizer,
+                [request],
+                config,
+                projectors=projectors,
+                cache_c=cache_c,
+                context_templates=templates,
+            )
+            assert [d.module for d in result.deltas] == list(modules.values())
+            for layer, delta in zip(config.layers, result.deltas, strict=True):
+                apply_delta_(weights[layer], delta, transposed=names.rewrite_weight_transposed)
+
+    for layer, module in modules.items():
+        param = f"{module}.weight"
+        total = weights[layer].detach() - originals[layer]
+        errors[f"delta.{param}"] = max_rel_error(total, reference[f"delta.{param}"])
+        errors[f"cache_c.{module}"] = max_rel_error(cache_c[layer], reference[f"cache_c.{param}"])
+    log.info("AlphaEdit golden relative errors: %s", errors)
+    worst = {k: v for k, v in errors.items() if v > REL_TOL}
+    assert not worst, f"relative errors above {REL_TOL}: {worst} (all: {errors})"

@@ -1,0 +1,88 @@
+"""Our MEMIT reproduces the original reference implementation on the golden set.
+
+One batch of all golden requests is edited at the golden layers, as the reference
+`apply_memit_to_model` did; z, the first layer's keys, the factors (adj_k, resid) and the
+dense delta of every edited parameter must match `memit_result.safetensors` within 1e-3 of
+their largest entry. Everything is read from the golden directory (SEQEDIT_GOLDEN_DIR).
+The update is solved in float64 (as in the reference), so the thread count hardly matters;
+the test runs on one thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+import torch
+
+from seqedit.methods.arch import module_names_for, rewrite_weight
+from seqedit.methods.memit import MemitConfig, memit_context_templates, memit_deltas
+from tests.golden import max_rel_error, require_golden, torch_threads
+
+log = logging.getLogger(__name__)
+
+REL_TOL = 1e-3
+
+
+def memit_config_from_reference(hparams: dict[str, Any], templates: Any) -> MemitConfig:
+    """Our MemitConfig from the reference `MEMITHyperParams` JSON plus pinned templates."""
+    return MemitConfig(
+        layers=hparams["layers"],
+        fact_token=hparams["fact_token"],
+        v_num_grad_steps=hparams["v_num_grad_steps"],
+        v_lr=hparams["v_lr"],
+        v_loss_layer=hparams["v_loss_layer"],
+        v_weight_decay=hparams["v_weight_decay"],
+        clamp_norm_factor=hparams["clamp_norm_factor"],
+        kl_factor=hparams["kl_factor"],
+        mom2_adjustment=hparams["mom2_adjustment"],
+        mom2_update_weight=hparams["mom2_update_weight"],
+        context_templates=templates,
+    )
+
+
+@pytest.mark.slow
+def test_memit_matches_reference_batch() -> None:
+    golden = require_golden()
+    torch.manual_seed(0)
+    hparams = golden.hparams("memit")
+    model, tokenizer = golden.model()
+    names = module_names_for(model)
+    assert names.rewrite_module_tmp == hparams["rewrite_module_tmp"]
+    assert names.layer_module_tmp == hparams["layer_module_tmp"]
+    config = memit_config_from_reference(hparams, golden.context_templates("memit"))
+    reference = golden.result("memit")
+    modules = {layer: names.rewrite_module_tmp.format(layer) for layer in config.layers}
+    assert golden.delta_params("memit") == sorted(f"{m}.weight" for m in modules.values())
+    originals = {}
+    for layer, module in modules.items():
+        originals[layer] = rewrite_weight(model, names, layer).detach().clone()
+        assert torch.equal(originals[layer], reference[f"W0.{module}.weight"])
+    moments = {layer: golden.second_moment(module) for layer, module in modules.items()}
+    requests = golden.requests()
+
+    with torch_threads(1):
+        templates = memit_context_templates(model, tokenizer, config)
+        result = memit_deltas(
+            model, tokenizer, requests, config, second_moments=moments, context_templates=templates
+        )
+
+    for layer in config.layers:  # the function leaves the model unchanged
+        assert torch.equal(rewrite_weight(model, names, layer), originals[layer])
+    errors = {"z": max_rel_error(result.value, reference["z"])}
+    first = f"ks.layer{config.layers[0]}"
+    if first in reference:
+        errors[first] = max_rel_error(result.key, reference[first])
+    assert [d.module for d in result.deltas] == list(modules.values())
+    for delta in result.deltas:
+        param = f"{delta.module}.weight"
+        assert delta.rank == len(requests)
+        errors[f"adj_k.{param}"] = max_rel_error(delta.right, reference[f"adj_k.{param}"])
+        errors[f"resid.{param}"] = max_rel_error(delta.left, reference[f"resid.{param}"])
+        # storage layout (Conv1D): delta = (resid @ adj_k.T).T
+        dense = delta.dense().T if names.rewrite_weight_transposed else delta.dense()
+        errors[f"delta.{param}"] = max_rel_error(dense, reference[f"delta.{param}"])
+    log.info("MEMIT golden relative errors: %s", errors)
+    worst = {k: v for k, v in errors.items() if v > REL_TOL}
+    assert not worst, f"relative errors above {REL_TOL}: {worst} (all: {errors})"
