@@ -7,6 +7,7 @@ the model, so small updates are not rounded away in low precision over thousands
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -28,6 +29,23 @@ from seqedit.workers.model_io import load_model
 from seqedit.workers.stats_store import load_stats
 
 log = logging.getLogger(__name__)
+
+
+def _jsonable(value: Any) -> Any:
+    """A JSON-safe view of a method context: tensors become their shape and dtype."""
+    if isinstance(value, torch.Tensor):
+        return {"tensor": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
+    if hasattr(value, "_asdict"):  # NamedTuple
+        return _jsonable(value._asdict())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return repr(value)
 
 
 class EditError(RuntimeError):
@@ -155,13 +173,12 @@ class SequentialEditor:
     def describe(self) -> dict[str, Any]:
         """What the campaign records about its method: name, version, validated config,
         edited modules and the per-campaign context (e.g. ROME's sampled templates)."""
-        context = self.context._asdict() if hasattr(self.context, "_asdict") else {}
         return {
             "method": self.method.name,
             "method_version": self.method.version,
             "config": self.config.model_dump(mode="json"),
             "modules": [self.module_names[layer] for layer in self.layers],
-            "context": {k: v for k, v in context.items() if not isinstance(v, torch.Tensor)},
+            "context": _jsonable(self.context),
         }
 
     def weight_drift(self) -> float:

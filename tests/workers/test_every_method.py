@@ -5,6 +5,7 @@ Adding a method to the registry adds it here: the test reads the registry, not a
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -38,3 +39,5 @@ def test_method_raises_the_new_target(name: str, tiny_testbed: Path, tiny_stats:
     assert row.method == name and row.method_version
     assert row.p_new_after > row.p_new_before
     assert row.update_norm > 0 and editor.weights_fingerprint() != before
+    described = json.loads(json.dumps(editor.describe()))  # what method.json records
+    assert described["method"] == name and described["modules"]
