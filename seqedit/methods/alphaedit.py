@@ -36,7 +36,7 @@ from seqedit.methods.memit import (
     memit_context_templates,
     restored_weights,
 )
-from seqedit.methods.method import EditMethod
+from seqedit.methods.method import EditMethod, one_at_a_time
 from seqedit.schemas.requests import EditRequest
 
 log = logging.getLogger(__name__)
@@ -207,18 +207,6 @@ def alphaedit_batch(
     return result
 
 
-def _edit(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    request: EditRequest,
-    config: AlphaEditConfig,
-    context: AlphaEditContext,
-) -> EditResult:
-    result = alphaedit_batch(model, tokenizer, [request], config, context)
-    result.key, result.value = result.key[0], result.value[0]
-    return result
-
-
 ALPHAEDIT = EditMethod(
     name="alphaedit",
     version="1",
@@ -226,5 +214,5 @@ ALPHAEDIT = EditMethod(
     layers=lambda config: list(config.layers),
     uses_second_moment=lambda config: True,
     prepare=_prepare,
-    edit=_edit,
+    edit=one_at_a_time(alphaedit_batch),
 )

@@ -35,7 +35,7 @@ from seqedit.methods.keys_values import (
     optimize_value,
     restored_tensors,
 )
-from seqedit.methods.method import EditMethod
+from seqedit.methods.method import EditMethod, one_at_a_time
 from seqedit.methods.tokens import FactToken
 from seqedit.schemas.requests import EditRequest
 
@@ -375,18 +375,6 @@ def memit_batch(
     )
 
 
-def _edit(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    request: EditRequest,
-    config: MemitConfig,
-    context: MemitContext,
-) -> EditResult:
-    result = memit_batch(model, tokenizer, [request], config, context)
-    result.key, result.value = result.key[0], result.value[0]
-    return result
-
-
 MEMIT = EditMethod(
     name="memit",
     version="1",
@@ -394,5 +382,5 @@ MEMIT = EditMethod(
     layers=lambda config: list(config.layers),
     uses_second_moment=lambda config: True,
     prepare=_prepare,
-    edit=_edit,
+    edit=one_at_a_time(memit_batch),
 )

@@ -26,6 +26,32 @@ Edit = Callable[[PreTrainedModel, PreTrainedTokenizerBase, EditRequest, Any, Any
 """(model, tokenizer, request, config, context) -> the deltas of one edit (model untouched)."""
 
 
+BatchEdit = Callable[
+    [PreTrainedModel, PreTrainedTokenizerBase, list[EditRequest], Any, Any], EditResult
+]
+"""(model, tokenizer, requests, config, context) -> the deltas of one batch of edits."""
+
+
+def one_at_a_time(batch: BatchEdit) -> Edit:
+    """The `Edit` of a batched method: a batch of one, with key and value of that request.
+
+    The batch result holds keys (n, d_in) and values (n, d); the single edit's are row 0.
+    """
+
+    def edit(
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        request: EditRequest,
+        config: Any,
+        context: Any,
+    ) -> EditResult:
+        result = batch(model, tokenizer, [request], config, context)
+        result.key, result.value = result.key[0], result.value[0]
+        return result
+
+    return edit
+
+
 @dataclass(frozen=True)
 class EditMethod:
     """One registered editing method.
