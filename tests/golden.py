@@ -15,10 +15,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import torch
+from pydantic import BaseModel
 from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -29,6 +30,19 @@ from seqedit.workers.model_io import load_model
 DEFAULT_GOLDEN_DIR = (
     Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "reference-tiny-gpt2"
 )
+
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+def reference_config(
+    config_cls: type[ConfigT], hparams: dict[str, Any], **overrides: Any
+) -> ConfigT:
+    """Our config from a reference hparams JSON: every field our config shares with it by
+    name (reference field names are ours), then `overrides` (e.g. ROME's single `layer`).
+    Reference-only keys (module templates, stats dataset settings) are not config fields."""
+    shared = {key: value for key, value in hparams.items() if key in config_cls.model_fields}
+    return config_cls(**(shared | overrides))
 
 
 def golden_dir() -> Path:

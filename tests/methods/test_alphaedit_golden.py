@@ -11,7 +11,6 @@ reference run's thread count (an SVD), the edits on one thread.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import pytest
 import torch
@@ -20,29 +19,11 @@ from seqedit.methods.alphaedit import AlphaEditConfig, alphaedit_deltas, null_sp
 from seqedit.methods.arch import module_names_for, rewrite_weight
 from seqedit.methods.delta import apply_delta_
 from seqedit.methods.memit import memit_context_templates
-from tests.golden import max_rel_error, require_golden, torch_threads
+from tests.golden import max_rel_error, reference_config, require_golden, torch_threads
 
 log = logging.getLogger(__name__)
 
 REL_TOL = 1e-3
-
-
-def alphaedit_config_from_reference(hparams: dict[str, Any], templates: Any) -> AlphaEditConfig:
-    """Our AlphaEditConfig from the reference `AlphaEditHyperParams` JSON plus pinned templates."""
-    return AlphaEditConfig(
-        layers=hparams["layers"],
-        fact_token=hparams["fact_token"],
-        v_num_grad_steps=hparams["v_num_grad_steps"],
-        v_lr=hparams["v_lr"],
-        v_loss_layer=hparams["v_loss_layer"],
-        v_weight_decay=hparams["v_weight_decay"],
-        clamp_norm_factor=hparams["clamp_norm_factor"],
-        kl_factor=hparams["kl_factor"],
-        mom2_adjustment=hparams["mom2_adjustment"],
-        nullspace_threshold=hparams["nullspace_threshold"],
-        L2=hparams["L2"],
-        context_templates=templates,
-    )
 
 
 @pytest.mark.slow
@@ -54,7 +35,9 @@ def test_alphaedit_matches_reference_sequential_edits() -> None:
     names = module_names_for(model)
     assert names.rewrite_module_tmp == hparams["rewrite_module_tmp"]
     assert names.layer_module_tmp == hparams["layer_module_tmp"]
-    config = alphaedit_config_from_reference(hparams, golden.context_templates("alphaedit"))
+    config = reference_config(
+        AlphaEditConfig, hparams, context_templates=golden.context_templates("alphaedit")
+    )
     reference = golden.result("alphaedit")
     modules = {layer: names.rewrite_module_tmp.format(layer) for layer in config.layers}
     assert golden.delta_params("alphaedit") == sorted(f"{m}.weight" for m in modules.values())

@@ -11,35 +11,17 @@ the test runs on one thread.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import pytest
 import torch
 
 from seqedit.methods.arch import module_names_for, rewrite_weight
 from seqedit.methods.memit import MemitConfig, memit_context_templates, memit_deltas
-from tests.golden import max_rel_error, require_golden, torch_threads
+from tests.golden import max_rel_error, reference_config, require_golden, torch_threads
 
 log = logging.getLogger(__name__)
 
 REL_TOL = 1e-3
-
-
-def memit_config_from_reference(hparams: dict[str, Any], templates: Any) -> MemitConfig:
-    """Our MemitConfig from the reference `MEMITHyperParams` JSON plus pinned templates."""
-    return MemitConfig(
-        layers=hparams["layers"],
-        fact_token=hparams["fact_token"],
-        v_num_grad_steps=hparams["v_num_grad_steps"],
-        v_lr=hparams["v_lr"],
-        v_loss_layer=hparams["v_loss_layer"],
-        v_weight_decay=hparams["v_weight_decay"],
-        clamp_norm_factor=hparams["clamp_norm_factor"],
-        kl_factor=hparams["kl_factor"],
-        mom2_adjustment=hparams["mom2_adjustment"],
-        mom2_update_weight=hparams["mom2_update_weight"],
-        context_templates=templates,
-    )
 
 
 @pytest.mark.slow
@@ -51,7 +33,9 @@ def test_memit_matches_reference_batch() -> None:
     names = module_names_for(model)
     assert names.rewrite_module_tmp == hparams["rewrite_module_tmp"]
     assert names.layer_module_tmp == hparams["layer_module_tmp"]
-    config = memit_config_from_reference(hparams, golden.context_templates("memit"))
+    config = reference_config(
+        MemitConfig, hparams, context_templates=golden.context_templates("memit")
+    )
     reference = golden.result("memit")
     modules = {layer: names.rewrite_module_tmp.format(layer) for layer in config.layers}
     assert golden.delta_params("memit") == sorted(f"{m}.weight" for m in modules.values())

@@ -16,7 +16,6 @@ run on one thread (fast, and immune to OpenMP spinning on a busy machine).
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import pytest
 import torch
@@ -24,27 +23,11 @@ import torch
 from seqedit.methods.arch import module_names_for, rewrite_weight
 from seqedit.methods.delta import apply_delta_
 from seqedit.methods.rome import RomeConfig, invert_second_moment, rome_edit
-from tests.golden import max_rel_error, require_golden, torch_threads
+from tests.golden import max_rel_error, reference_config, require_golden, torch_threads
 
 log = logging.getLogger(__name__)
 
 REL_TOL = 1e-3
-
-
-def rome_config_from_reference(hparams: dict[str, Any], layer: int) -> RomeConfig:
-    """Our RomeConfig from the reference `ROMEHyperParams` JSON (module names, stats ignored)."""
-    return RomeConfig(
-        layer=layer,
-        fact_token=hparams["fact_token"],
-        v_num_grad_steps=hparams["v_num_grad_steps"],
-        v_lr=hparams["v_lr"],
-        v_loss_layer=hparams.get("v_loss_layer"),
-        v_weight_decay=hparams["v_weight_decay"],
-        clamp_norm_factor=hparams["clamp_norm_factor"],
-        kl_factor=hparams["kl_factor"],
-        mom2_adjustment=hparams["mom2_adjustment"],
-        context_template_length_params=hparams["context_template_length_params"],
-    )
 
 
 @pytest.mark.slow
@@ -58,7 +41,7 @@ def test_rome_matches_reference_sequential_edits() -> None:
     assert names.mlp_module_tmp == hparams["mlp_module_tmp"]
     layers = list(hparams["layers"])
     assert len(layers) == 1, "ROME edits one layer; the golden set lists several"
-    config = rome_config_from_reference(hparams, layers[0])
+    config = reference_config(RomeConfig, hparams, layer=layers[0])
     module = names.rewrite_module_tmp.format(config.layer)
     param = f"{module}.weight"
     reference = golden.result("rome")
