@@ -16,7 +16,6 @@ from seqedit.pipeline.plots import plot_degradation
 from seqedit.pipeline.state import CampaignState
 from seqedit.pipeline.store import query
 from seqedit.schemas.campaign import load_spec
-from seqedit.schemas.loaders import load_requests
 from seqedit.workers.stats import StatsConfig, StatsMeta, compute_stats
 from seqedit.workers.stats_store import save_stats
 
@@ -72,19 +71,19 @@ def build_testbed_command(
     progress: bool,
 ) -> TestbedReport:
     """`seqedit testbed build`: facts from a dataset file or a synthetic world."""
-    from seqedit.testbed.build import build_testbed
-    from seqedit.testbed.world import synthetic_world
+    from seqedit.testbed.build import (
+        TestbedConfig,
+        build_dataset_testbed,
+        build_synthetic_testbed,
+    )
 
     if dataset is not None:
-        requests = load_requests(dataset, limit=limit).requests
-        source = str(dataset)
-    else:
-        if limit is not None:
-            raise ValueError("--limit goes with --dataset; --synthetic N already sets the size")
-        assert synthetic is not None
-        requests = synthetic_world(synthetic, seed)
-        source = f"synthetic:{synthetic}:{seed}"
-    return build_testbed(out, requests, seed=seed, source=source, progress=progress)
+        config = TestbedConfig(seed=seed)
+        return build_dataset_testbed(out, dataset, limit=limit, config=config, progress=progress)
+    if limit is not None:
+        raise ValueError("--limit goes with --dataset; --synthetic N already sets the size")
+    assert synthetic is not None
+    return build_synthetic_testbed(out, synthetic, seed, progress=progress)
 
 
 def build_stats_command(

@@ -17,7 +17,7 @@ import ray
 import yaml
 from safetensors.torch import save_file
 
-from seqedit.pipeline.atomic import write_atomic, write_text_atomic
+from seqedit.files import write_atomic, write_text_atomic
 from seqedit.pipeline.state import CampaignState, ShardState, now
 from seqedit.pipeline.store import clear_attempt, write_part
 from seqedit.schemas.campaign import CampaignSpec

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from safetensors.torch import save_file
 
-from seqedit.pipeline.atomic import write_atomic
+from seqedit.files import write_atomic
 from seqedit.schemas.loaders import load_requests
 from seqedit.schemas.tables import EditRow
 from seqedit.workers.editor import SequentialEditor

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from seqedit.pipeline.atomic import write_text_atomic
+from seqedit.files import write_text_atomic
 
 ShardStatus = Literal["pending", "running", "done", "failed"]
 STATE_FILE = "state.json"

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
-from seqedit.pipeline.atomic import write_atomic
+from seqedit.files import write_atomic
 from seqedit.pipeline.state import CampaignState
 from seqedit.schemas.tables import TABLES, arrow_schema
 

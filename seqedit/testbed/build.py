@@ -23,7 +23,6 @@ it reaches `target_recall`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -34,6 +33,7 @@ from typing import ClassVar, Final
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from seqedit.files import file_sha256
 from seqedit.schemas.requests import EditRequest
 from seqedit.testbed.train import (
     PackedRows,
@@ -213,15 +213,6 @@ def build_synthetic_testbed(
     return build_testbed(
         out_dir, synthetic_world(n, seed), config, source=f"synthetic:{n}:{seed}", progress=progress
     )
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def build_dataset_testbed(

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from seqedit import __version__
+from seqedit.files import file_sha256
 from seqedit.methods.covariance import (
     GPT2_REWRITE_MODULE_TMP,
     SecondMomentAccumulator,
@@ -167,15 +168,6 @@ def iter_documents(paths: list[Path]) -> Iterator[str]:
                         yield obj["text"]
             except UnicodeDecodeError as exc:
                 raise CorpusError(f"{path}: not UTF-8 text: {exc}") from exc
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def corpus_fingerprint(paths: list[Path]) -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ from pydantic import ValidationError
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from seqedit.files import file_sha256, write_atomic, write_text_atomic
 from seqedit.methods.covariance import GPT2_REWRITE_MODULE_TMP, SecondMomentAccumulator
 from seqedit.workers.model_io import model_fingerprint
 from seqedit.workers.stats import (
@@ -36,7 +36,6 @@ from seqedit.workers.stats import (
     StatsMeta,
     StatsResult,
     StatsStoreError,
-    file_sha256,
 )
 
 log = logging.getLogger(__name__)
@@ -52,12 +51,6 @@ def _tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _replace_atomically(tmp: Path, final: Path) -> None:
-    with tmp.open("rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, final)
-
-
 def save_stats(out_dir: str | Path, result: StatsResult) -> Path:
     """Write ``stats.safetensors`` then ``stats.json`` into ``out_dir``; returns the dir."""
     out = Path(out_dir)
@@ -70,21 +63,14 @@ def save_stats(out_dir: str | Path, result: StatsResult) -> Path:
             raise ValueError(f"layer {layer}: empty accumulator, nothing to save")
         tensors[f"{name}.mom2_sum"] = acc.sum.detach().cpu().contiguous()
         tensors[f"{name}.count"] = torch.tensor(acc.count, dtype=torch.int64)
-    tmp = out / f".{STATS_FILE}.tmp-{os.getpid()}"
-    save_file(
-        tensors,
-        str(tmp),
-        metadata={
-            "seqedit_stats": meta.model_dump_json(),
-            "tensors_sha256": _tensors_sha256(tensors),
-            "count": str(meta.token_count),
-        },
-    )
-    _replace_atomically(tmp, out / STATS_FILE)
+    metadata = {
+        "seqedit_stats": meta.model_dump_json(),
+        "tensors_sha256": _tensors_sha256(tensors),
+        "count": str(meta.token_count),
+    }
+    write_atomic(out / STATS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     sidecar = meta.model_copy(update={"sha256": file_sha256(out / STATS_FILE)})
-    tmp_json = out / f".{META_FILE}.tmp-{os.getpid()}"
-    tmp_json.write_text(sidecar.model_dump_json(indent=1) + "\n", encoding="utf-8")
-    _replace_atomically(tmp_json, out / META_FILE)
+    write_text_atomic(out / META_FILE, sidecar.model_dump_json(indent=1) + "\n")
     log.info("saved stats of layers %s to %s", sorted(result.accumulators), out)
     return out
 

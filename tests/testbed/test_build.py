@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from seqedit.files import file_sha256
 from seqedit.testbed.build import (
     CORPUS_FILE,
     REPORT_FILE,
@@ -21,7 +22,6 @@ from seqedit.testbed.build import (
     build_dataset_testbed,
     build_synthetic_testbed,
     build_testbed,
-    file_sha256,
     first_token_hits,
     load_testbed,
 )
