@@ -8,8 +8,7 @@ import math
 import pytest
 import torch
 from pydantic import ValidationError
-from tokenizers import ByteLevelBPETokenizer
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from seqedit.methods.arch import module_names_for, rewrite_weight
 from seqedit.methods.delta import apply_delta_
@@ -26,12 +25,8 @@ from seqedit.methods.ft import (
 )
 from seqedit.methods.scoring import score_targets
 from seqedit.schemas.requests import EditRequest, spaced
+from tests.methods.tiny import tiny_gpt2, tiny_tokenizer
 
-CORPUS = [
-    "The city lies in the north. Fenna Underhill was born in Corvale.",
-    "Helka Tillman works for Kyrosoft. Kelvin Everly plays the harp.",
-    "By profession, Dovana Ravensworth is a lawyer. In the evenings, people read.",
-]
 REQUEST = EditRequest(
     case_id=0,
     prompt="{} was born in",
@@ -49,32 +44,12 @@ def _one_thread() -> None:
 
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
-    bpe = ByteLevelBPETokenizer(add_prefix_space=False)
-    bpe.train_from_iterator(
-        CORPUS * 4, vocab_size=320, min_frequency=1, special_tokens=["<|endoftext|>"]
-    )
-    eos = "<|endoftext|>"
-    return PreTrainedTokenizerFast(
-        tokenizer_object=bpe._tokenizer, bos_token=eos, eos_token=eos, pad_token=eos
-    )
+    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def model(tokenizer: PreTrainedTokenizerFast) -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = GPT2Config(
-        n_layer=2,
-        n_embd=32,
-        n_head=2,
-        n_positions=64,
-        vocab_size=len(tokenizer),
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    net = GPT2LMHeadModel(config).eval()
-    for param in net.parameters():
-        param.requires_grad_(False)
-    return net
+    return tiny_gpt2(len(tokenizer))
 
 
 def _ids(tokenizer: PreTrainedTokenizerFast) -> tuple[list[int], list[int]]:

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tokenizers import ByteLevelBPETokenizer
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from seqedit.methods.alphaedit import (
     ALPHAEDIT,
@@ -25,12 +24,8 @@ from seqedit.methods.alphaedit import (
 from seqedit.methods.arch import module_names_for, rewrite_weight
 from seqedit.methods.memit import MEMIT, MemitConfig, memit_deltas, memit_right_factor
 from seqedit.schemas.requests import EditRequest
+from tests.methods.tiny import tiny_gpt2, tiny_tokenizer
 
-CORPUS = [
-    "The city lies in the north. Fenna Underhill was born in Corvale.",
-    "Helka Tillman works for Kyrosoft. Kelvin Everly plays the harp.",
-    "By profession, Dovana Ravensworth is a lawyer. In the evenings, people read.",
-]
 GROUPS = [["{}"], ["The city lies in the north. {}", "In the evenings. {}"]]
 REQUESTS = [
     EditRequest(
@@ -45,24 +40,12 @@ THRESHOLD = 0.5
 
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
-    bpe = ByteLevelBPETokenizer(add_prefix_space=False)
-    bpe.train_from_iterator(
-        CORPUS * 4, vocab_size=320, min_frequency=1, special_tokens=["<|endoftext|>"]
-    )
-    eos = "<|endoftext|>"
-    return PreTrainedTokenizerFast(
-        tokenizer_object=bpe._tokenizer, bos_token=eos, eos_token=eos, pad_token=eos
-    )
+    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def model(tokenizer: PreTrainedTokenizerFast) -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=3, n_embd=32, n_head=2, n_positions=64, vocab_size=len(tokenizer))
-    net = GPT2LMHeadModel(config).eval()
-    for param in net.parameters():
-        param.requires_grad_(False)
-    return net
+    return tiny_gpt2(len(tokenizer), n_layer=3)
 
 
 def _spectrum_moment(seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tokenizers import ByteLevelBPETokenizer
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from seqedit.methods.arch import get_module, module_names_for, rewrite_weight
 from seqedit.methods.context import generate_context_templates, normalize_templates
@@ -15,12 +14,8 @@ from seqedit.methods.keys_values import module_io_at_subjects
 from seqedit.methods.rome import RomeConfig, rome_edit, rome_update_from_kv
 from seqedit.methods.tokens import batch_subject_positions, encode_batch, subject_index
 from seqedit.schemas.requests import EditRequest
+from tests.methods.tiny import tiny_gpt2, tiny_tokenizer
 
-CORPUS = [
-    "The city lies in the north. Fenna Underhill was born in Corvale.",
-    "Helka Tillman works for Kyrosoft. Kelvin Everly plays the harp.",
-    "By profession, Dovana Ravensworth is a lawyer. In the evenings, people read.",
-]
 TEMPLATES = ["{}", "The city lies in the north. {}", "In the evenings. {}"]
 REQUEST = EditRequest(
     case_id=0,
@@ -34,32 +29,12 @@ LAYER = 1
 
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
-    bpe = ByteLevelBPETokenizer(add_prefix_space=False)
-    bpe.train_from_iterator(
-        CORPUS * 4, vocab_size=320, min_frequency=1, special_tokens=["<|endoftext|>"]
-    )
-    eos = "<|endoftext|>"
-    return PreTrainedTokenizerFast(
-        tokenizer_object=bpe._tokenizer, bos_token=eos, eos_token=eos, pad_token=eos
-    )
+    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def model(tokenizer: PreTrainedTokenizerFast) -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = GPT2Config(
-        n_layer=2,
-        n_embd=32,
-        n_head=2,
-        n_positions=64,
-        vocab_size=len(tokenizer),
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    net = GPT2LMHeadModel(config).eval()
-    for param in net.parameters():
-        param.requires_grad_(False)
-    return net
+    return tiny_gpt2(len(tokenizer))
 
 
 @pytest.fixture(scope="module")
