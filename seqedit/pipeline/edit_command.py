@@ -9,28 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import yaml
 from safetensors.torch import save_file
 
 from seqedit.files import write_atomic
 from seqedit.schemas.loaders import load_requests
 from seqedit.schemas.tables import EditRow
+from seqedit.schemas.yaml_file import read_yaml_mapping
 from seqedit.workers.editor import SequentialEditor
-
-
-def load_hparams(path: Path) -> dict[str, Any]:
-    """A method's hyperparameters from a YAML or JSON mapping, naming the file on error."""
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ValueError(f"{path}: no such hparams file") from exc
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML/JSON: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: hparams must be a mapping of field: value")
-    return raw
 
 
 def edit_model(
@@ -45,7 +31,7 @@ def edit_model(
     on_edit: Callable[[EditRow], None] | None = None,
 ) -> list[EditRow]:
     """Apply every request of `requests_file` in order; write the deltas (and the model)."""
-    hparams = load_hparams(hparams_file)
+    hparams = read_yaml_mapping(hparams_file, "hparams file")
     requests = load_requests(requests_file).requests
     editor = SequentialEditor(
         str(model), method, hparams, stats_dir=str(stats) if stats else None, campaign="edit"

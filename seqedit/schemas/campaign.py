@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from seqedit.schemas.yaml_file import read_yaml_mapping
 
 
 class DatasetSpec(BaseModel):
@@ -87,14 +88,7 @@ class SpecError(ValueError):
 def load_spec(path: str | Path) -> CampaignSpec:
     """Read and validate a campaign YAML; errors name the file and each bad field."""
     file = Path(path)
-    try:
-        raw = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise SpecError(f"{file}: no such campaign spec") from exc
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{file}: not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise SpecError(f"{file}: a campaign spec is a mapping, got {type(raw).__name__}")
+    raw = read_yaml_mapping(file, "campaign spec", SpecError)
     try:
         spec = CampaignSpec.model_validate(raw)
     except ValidationError as exc:
