@@ -58,7 +58,7 @@ _NAMES: dict[str, ModuleNames] = {
     ),
     "gptj": _decoder("transformer.h", "fc_out", "attn", "transformer.ln_f"),
     "gpt_neox": _decoder(
-        "gpt_neox.layers", "dense_4h_to_h", "attention", "gpt_neox.final_layer_norm", "embed_out"
+        "gpt_neox.layers", "dense_4h_to_h", "attention", "gpt_neox.final_layer_norm"
     ),
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
@@ -82,7 +82,11 @@ def module_names_for_type(model_type: str | None) -> ModuleNames:
     if model_type not in _NAMES:
         raise ValueError(
             f"no module names for model_type={model_type!r}; supported: "
-            f"{', '.join(supported_model_types())} (add an entry to seqedit/methods/arch.py)"
+            f"{', '.join(supported_model_types())}. For another architecture, give the module "
+            "names by hand in the method's hparams: `module_names: {rewrite_module_tmp: "
+            "'model.layers.{}.mlp.down_proj', layer_module_tmp: ..., mlp_module_tmp: ..., "
+            "attn_module_tmp: ..., ln_f_module: ..., lm_head_module: ..., "
+            "rewrite_weight_transposed: false}` (or add an entry to seqedit/methods/arch.py)"
         )
     return _NAMES[model_type]
 

@@ -28,10 +28,11 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from seqedit.methods.arch import ModuleNames, module_names_for, rewrite_weight
+from seqedit.methods.arch import ModuleNames, rewrite_weight
+from seqedit.methods.config import MethodConfig, names_for
 from seqedit.methods.delta import EditResult, LowRankDelta
 from seqedit.methods.keys_values import frozen_parameters, model_device
 from seqedit.methods.method import EditMethod
@@ -42,10 +43,8 @@ log = logging.getLogger(__name__)
 FtObjective = Literal["prompt_last", "target_new"]
 
 
-class FtConfig(BaseModel):
+class FtConfig(MethodConfig):
     """Fine-tuning hyperparameters (EasyEdit field names; its gpt2-xl values as defaults)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     layer: int = Field(
         ge=0,
@@ -192,7 +191,7 @@ def ft_edit(
     """
     if model.training:
         log.warning("ft_edit on a model in training mode: dropout makes the loss noisy")
-    names = names or module_names_for(model)
+    names = names or names_for(model, config)
     module = names.rewrite_module_tmp.format(config.layer)
     weight = rewrite_weight(model, names, config.layer)
     batch = _Batch(tokenizer, request, config.objective, model_device(model))

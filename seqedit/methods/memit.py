@@ -21,10 +21,11 @@ from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from seqedit.methods.arch import ModuleNames, module_names_for, rewrite_dims, rewrite_weight
+from seqedit.methods.arch import ModuleNames, rewrite_dims, rewrite_weight
+from seqedit.methods.config import MethodConfig, names_for
 from seqedit.methods.context import BARE_TEMPLATE, context_templates_for
 from seqedit.methods.delta import EditResult, LowRankDelta, apply_delta_
 from seqedit.methods.keys_values import (
@@ -45,10 +46,8 @@ TemplateGroups = list[list[str]]
 """Context templates in groups (reference layout): [["{}"], ["<text>. {}", ...], ...]."""
 
 
-class LayeredEditConfig(BaseModel):
+class LayeredEditConfig(MethodConfig):
     """Fields shared by MEMIT and AlphaEdit (reference names, gpt2-xl values as defaults)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     layers: list[int] = Field(
         min_length=1, description="Blocks whose MLP output projection is edited, ascending."
@@ -313,7 +312,7 @@ def memit_deltas(
         raise ValueError(f"MEMIT needs the second moment of layers {missing}")
     if model.training:
         log.warning("memit_deltas on a model in training mode: dropout makes keys noisy")
-    names = names or module_names_for(model)
+    names = names or names_for(model, config)
     values = compute_targets(model, tokenizer, requests, config, context_templates, names)
     zs = torch.stack([v.target for v in values])  # (n, d_model)
 

@@ -18,10 +18,11 @@ import logging
 from typing import NamedTuple
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from seqedit.methods.arch import ModuleNames, module_names_for, rewrite_dims
+from seqedit.methods.arch import ModuleNames, rewrite_dims
+from seqedit.methods.config import MethodConfig, names_for
 from seqedit.methods.context import BARE_TEMPLATE, context_templates_for
 from seqedit.methods.delta import EditResult, LowRankDelta
 from seqedit.methods.keys_values import KL_PROMPTS, module_io_at_subjects, optimize_value
@@ -32,10 +33,8 @@ from seqedit.schemas.requests import EditRequest
 log = logging.getLogger(__name__)
 
 
-class RomeConfig(BaseModel):
+class RomeConfig(MethodConfig):
     """ROME hyperparameters (reference field names; gpt2-xl reference values as defaults)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     layer: int = Field(
         ge=0, description="Index of the block whose MLP output projection is edited."
@@ -196,7 +195,7 @@ def rome_edit(
         )
     if model.training:
         log.warning("rome_edit on a model in training mode: dropout makes keys and values noisy")
-    names = names or module_names_for(model)
+    names = names or names_for(model, config)
     module = names.rewrite_module_tmp.format(config.layer)
     c_inv: torch.Tensor | None = None
     if config.mom2_adjustment:

@@ -18,6 +18,8 @@ import yaml
 from safetensors.torch import save_file
 
 from seqedit.files import write_atomic, write_text_atomic
+from seqedit.methods.config import validate_config
+from seqedit.methods.registry import get_method
 from seqedit.pipeline.state import CampaignState, ShardState, now
 from seqedit.pipeline.store import clear_attempt, write_part
 from seqedit.schemas.campaign import CampaignSpec
@@ -107,6 +109,8 @@ def run_campaign(
 ) -> CampaignState:
     """Run every unfinished shard of the campaign in order on one editor actor."""
     root = Path(campaign_dir)
+    method = get_method(spec.method)  # unknown names fail here, before anything is written
+    validate_config(method.config_cls, spec.hparams, where=f"campaign {spec.name!r} hparams")
     state = prepare_dir(spec, root)
     requests = select_requests(spec, root)
     _ensure_ray()

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from seqedit.methods.arch import module_names_for, rewrite_weight
+from seqedit.methods.arch import rewrite_weight
+from seqedit.methods.config import names_for, validate_config
 from seqedit.methods.delta import LowRankDelta, apply_delta_
 from seqedit.methods.registry import get_method
 from seqedit.methods.scoring import score_targets
@@ -82,9 +83,11 @@ class SequentialEditor:
         torch.manual_seed(seed)
         self.campaign = campaign
         self.method = get_method(method)
-        self.config = self.method.config_cls.model_validate(hparams)
+        self.config = validate_config(
+            self.method.config_cls, hparams, where=f"{self.method.name} hparams"
+        )
         self.model, self.tokenizer = load_model(model_dir, device=device)
-        self.names = module_names_for(self.model)
+        self.names = names_for(self.model, self.config)
         self.layers: list[int] = self.method.layers(self.config)
         self.module_names = {
             layer: self.names.rewrite_module_tmp.format(layer) for layer in self.layers

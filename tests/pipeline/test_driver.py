@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from seqedit.pipeline.driver import plan_shards, select_requests
+from seqedit.methods.config import HparamsError
+from seqedit.pipeline.driver import plan_shards, run_campaign, select_requests
 from seqedit.schemas.campaign import CampaignSpec, DatasetSpec
 from seqedit.schemas.loaders import DatasetError
 
@@ -68,3 +69,12 @@ def test_strict_mode_names_file_record_and_field(tmp_path: Path) -> None:
 def test_too_few_valid_records_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="n_edits is 3 but only 2 valid records"):
         select_requests(_spec(_dataset(tmp_path), quarantine=True, n_edits=3), tmp_path)
+
+
+def test_misspelled_hparam_fails_before_anything_is_written(tmp_path: Path) -> None:
+    spec = _spec(_dataset(tmp_path), quarantine=True).model_copy(
+        update={"method": "rome", "hparams": {"layer": 1, "v_num_grad_step": 5}}
+    )
+    with pytest.raises(HparamsError, match="did you mean 'v_num_grad_steps'"):
+        run_campaign(spec, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
