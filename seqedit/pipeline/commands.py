@@ -69,6 +69,7 @@ def build_testbed_command(
     synthetic: int | None,
     seed: int,
     progress: bool,
+    architecture: str = "gpt2",
 ) -> TestbedReport:
     """`seqedit testbed build`: facts from a dataset file or a synthetic world."""
     from seqedit.testbed.build import (
@@ -77,13 +78,13 @@ def build_testbed_command(
         build_synthetic_testbed,
     )
 
+    config = TestbedConfig.model_validate({"seed": seed, "architecture": architecture})
     if dataset is not None:
-        config = TestbedConfig(seed=seed)
         return build_dataset_testbed(out, dataset, limit=limit, config=config, progress=progress)
     if limit is not None:
         raise ValueError("--limit goes with --dataset; --synthetic N already sets the size")
     assert synthetic is not None
-    return build_synthetic_testbed(out, synthetic, seed, progress=progress)
+    return build_synthetic_testbed(out, synthetic, seed, config, progress=progress)
 
 
 def build_stats_command(

@@ -10,14 +10,25 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from typing import ClassVar, Final
+from typing import ClassVar, Final, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPTJConfig,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
 from transformers.utils import logging as hf_logging
 
 from seqedit.schemas.requests import spaced
@@ -28,12 +39,18 @@ EOS: Final = "<|endoftext|>"
 _TARGET_REPEATS: Final = 4  # copies of each target in the tokenizer training text
 
 
+TestbedArchitecture = Literal["gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2"]
+
+
 class TestbedConfig(BaseModel):
     """Model size and training schedule of a testbed (defaults: CounterFact/synthetic-300)."""
 
     __test__: ClassVar[bool] = False  # not a pytest test class, despite the name
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    architecture: TestbedArchitecture = Field(
+        default="gpt2", description="Model family (`model_type`) of the testbed model."
+    )
     n_layer: int = Field(default=4, ge=3, description="Transformer blocks (ROME edits 1-2).")
     n_embd: int = Field(default=128, ge=8, description="Model width.")
     n_head: int = Field(default=4, ge=1)
@@ -299,18 +316,69 @@ class TrainRun(BaseModel):
     history: list[RecallPoint]
 
 
-def init_model(config: TestbedConfig, vocab_size: int, eos_id: int) -> GPT2LMHeadModel:
-    """A randomly initialised GPT-2 (no dropout), seeded without touching the caller's RNG."""
+def _hf_config(config: TestbedConfig, vocab_size: int, eos_id: int) -> PretrainedConfig:
+    """The Hugging Face config of `config.architecture` at the testbed's shape, no dropout."""
+    special = {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id}
+    width, layers, heads = config.n_embd, config.n_layer, config.n_head
+    if config.architecture == "gpt2":
+        return GPT2Config(
+            vocab_size=vocab_size,
+            n_positions=config.n_positions,
+            n_embd=width,
+            n_layer=layers,
+            n_head=heads,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **special,
+        )
+    if config.architecture == "gptj":
+        return GPTJConfig(
+            vocab_size=vocab_size,
+            n_positions=config.n_positions,
+            n_embd=width,
+            n_layer=layers,
+            n_head=heads,
+            rotary_dim=width // heads,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            tie_word_embeddings=False,
+            **special,
+        )
+    if config.architecture == "gpt_neox":
+        return GPTNeoXConfig(
+            vocab_size=vocab_size,
+            max_position_embeddings=config.n_positions,
+            hidden_size=width,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=4 * width,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            **special,
+        )
+    llama_like = {
+        "vocab_size": vocab_size, "max_position_embeddings": config.n_positions,
+        "hidden_size": width, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": max(1, heads // 2), "intermediate_size": 4 * width,
+        "tie_word_embeddings": config.architecture == "llama", **special,
+    }  # fmt: skip
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
+    return cls[config.architecture](**llama_like)
+
+
+def init_model(config: TestbedConfig, vocab_size: int, eos_id: int) -> PreTrainedModel:
+    """A randomly initialised causal LM of `config.architecture`, seeded without touching
+    the caller's RNG. Llama ties its embeddings (as small Llamas do); the others do not,
+    except GPT-2, whose LM head is always tied."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        shape = config.model_dump(include={"n_positions", "n_embd", "n_layer", "n_head"})
-        no_dropout = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
-        special = {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id}
-        return GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, **shape, **no_dropout, **special))
+        return AutoModelForCausalLM.from_config(_hf_config(config, vocab_size, eos_id))
 
 
 def train_model(
-    model: GPT2LMHeadModel,
+    model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerFast,
     rows: PackedRows,
     rewrite: tuple[list[str], list[str]],
