@@ -36,6 +36,7 @@ def cmd_testbed_build(args: argparse.Namespace) -> None:
         synthetic=args.synthetic,
         seed=args.seed,
         progress=not args.quiet,
+        architecture=args.architecture,
     )
     print(
         f"testbed: {report.n_facts} facts, top-1 recall {report.recall:.1%}, "
@@ -92,6 +93,22 @@ def cmd_edit(args: argparse.Namespace) -> None:
     print(f"{succeeded}/{len(rows)} edits succeeded; deltas -> {args.save_deltas}")
 
 
+def cmd_hparams_import(args: argparse.Namespace) -> None:
+    from seqedit.files import write_text_atomic
+    from seqedit.pipeline.hparams_import import import_hparams, render_yaml
+
+    imported = import_hparams(args.file, method=args.method)
+    text = render_yaml(imported, args.file)
+    if args.out is None:
+        print(text, end="")
+        return
+    write_text_atomic(args.out, text)
+    print(
+        f"hparams: {imported.method} from {imported.source_format} {args.file}, "
+        f"{len(imported.dropped)} dropped, {len(imported.renamed)} renamed -> {args.out}"
+    )
+
+
 def cmd_query(args: argparse.Namespace) -> None:
     from seqedit.pipeline.store import query
     from seqedit.pipeline.tables_format import format_table
@@ -125,13 +142,18 @@ def build_parser() -> argparse.ArgumentParser:
     testbed = sub.add_parser("testbed", help="the fact testbed model").add_subparsers(
         dest="action", required=True, metavar="ACTION"
     )
-    build = testbed.add_parser("build", help="train a tiny GPT-2 that knows a set of facts")
+    build = testbed.add_parser("build", help="train a tiny model that knows a set of facts")
     build.add_argument("--out", required=True, type=Path, help="model directory to write")
     source = build.add_mutually_exclusive_group(required=True)
     source.add_argument("--dataset", type=Path, help="CounterFact file whose TRUE facts to learn")
     source.add_argument("--synthetic", type=int, metavar="N", help="generate a world of N facts")
     build.add_argument("--limit", type=int, help="with --dataset: first N records")
     build.add_argument("--seed", type=int, default=0)
+    build.add_argument(
+        "--architecture",
+        default="gpt2",
+        help="model family: gpt2 (default), gptj, gpt_neox, llama, mistral or qwen2",
+    )
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     build.set_defaults(func=cmd_testbed_build)
 
@@ -158,7 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     edit = sub.add_parser("edit", help="edit a model once, in order, and save the deltas")
     edit.add_argument("--model", required=True, type=Path, help="HF model directory")
     edit.add_argument("--method", required=True, help="registered method, e.g. rome")
-    edit.add_argument("--hparams", required=True, type=Path, help="YAML/JSON of config fields")
+    edit.add_argument(
+        "--hparams",
+        required=True,
+        type=Path,
+        help="YAML/JSON of config fields (or hparams import's)",
+    )
     edit.add_argument("--requests", required=True, type=Path, help="requests file (any format)")
     edit.add_argument("--stats", type=Path, default=None, help="covariance stats directory")
     edit.add_argument("--sequential", action="store_true", help="one edit after another (default)")
@@ -166,6 +193,19 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--save-model", type=Path, default=None, help="write the edited model here")
     edit.add_argument("--quiet", action="store_true")
     edit.set_defaults(func=cmd_edit)
+
+    hparams = sub.add_parser("hparams", help="hyperparameter files").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    himport = hparams.add_parser(
+        "import", help="an EasyEdit YAML or reference JSON hparams file, as ours (docs/hparams.md)"
+    )
+    himport.add_argument("file", type=Path, help="EasyEdit .yaml or reference .json")
+    himport.add_argument(
+        "--method", default=None, help="our method; needed when the file or its path does not tell"
+    )
+    himport.add_argument("--out", type=Path, default=None, help="OUT.yaml (default: print)")
+    himport.set_defaults(func=cmd_hparams_import)
 
     q = sub.add_parser("query", help="read-only SQL over a campaign's tables (DuckDB)")
     q.add_argument("campaign_dir", type=Path)

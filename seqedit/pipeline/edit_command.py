@@ -13,9 +13,9 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from seqedit.files import write_atomic
+from seqedit.pipeline.hparams_import import read_hparams_file
 from seqedit.schemas.loaders import load_requests
 from seqedit.schemas.tables import EditRow
-from seqedit.schemas.yaml_file import read_yaml_mapping
 from seqedit.workers.editor import SequentialEditor
 
 
@@ -31,7 +31,7 @@ def edit_model(
     on_edit: Callable[[EditRow], None] | None = None,
 ) -> list[EditRow]:
     """Apply every request of `requests_file` in order; write the deltas (and the model)."""
-    hparams = read_yaml_mapping(hparams_file, "hparams file")
+    hparams = read_hparams_file(hparams_file, method)
     requests = load_requests(requests_file).requests
     editor = SequentialEditor(
         str(model), method, hparams, stats_dir=str(stats) if stats else None, campaign="edit"
