@@ -23,7 +23,8 @@ import torch
 from pydantic import Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from seqedit.methods.arch import ModuleNames, module_names_for, rewrite_dims
+from seqedit.methods.arch import ModuleNames, rewrite_dims
+from seqedit.methods.config import names_for
 from seqedit.methods.context import BARE_TEMPLATE
 from seqedit.methods.delta import EditResult
 from seqedit.methods.keys_values import grouped_keys
@@ -36,7 +37,7 @@ from seqedit.methods.memit import (
     memit_context_templates,
     restored_weights,
 )
-from seqedit.methods.method import EditMethod, one_at_a_time
+from seqedit.methods.method import EditMethod, SequentialState, one_at_a_time
 from seqedit.schemas.requests import EditRequest
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ def alphaedit_deltas(
     missing = [x for x in config.layers if x not in projectors or x not in cache_c]
     if missing:
         raise ValueError(f"AlphaEdit needs P and cache_c of layers {missing}")
-    names = names or module_names_for(model)
+    names = names or names_for(model, config)
     dtype = _DTYPES[config.solve_dtype]
     values = compute_targets(model, tokenizer, requests, config, context_templates, names)
     zs = torch.stack([v.target for v in values])  # (n, d_model)
@@ -175,7 +176,7 @@ def _prepare(
     if missing:
         raise ValueError(f"AlphaEdit needs the covariance of layers {missing}")
     assert second_moments is not None
-    names = module_names_for(model)
+    names = names_for(model, config)
     projectors = {
         layer: null_space_projector(second_moments[layer], config.nullspace_threshold)
         for layer in config.layers
@@ -207,6 +208,31 @@ def alphaedit_batch(
     return result
 
 
+_CACHE = "cache_c."
+
+
+def _state(context: AlphaEditContext) -> SequentialState:
+    """{"cache_c.<layer>": (d_in, d_in)} copies of the accumulated K K^T."""
+    return {f"{_CACHE}{layer}": c.clone() for layer, c in context.cache_c.items()}
+
+
+def _load_state(context: AlphaEditContext, state: SequentialState) -> None:
+    """Replace `context.cache_c` by a saved state of the same layers and shapes."""
+    expected = set(_state(context))
+    if set(state) != expected:
+        raise ValueError(f"AlphaEdit state needs {sorted(expected)}, got {sorted(state)}")
+    cache = {}
+    for layer, current in context.cache_c.items():
+        saved = state[f"{_CACHE}{layer}"]
+        if saved.shape != current.shape:
+            raise ValueError(
+                f"AlphaEdit cache_c of layer {layer}: shape {tuple(saved.shape)}, "
+                f"expected {tuple(current.shape)}"
+            )
+        cache[layer] = saved.to(current).clone()
+    context.cache_c = cache
+
+
 ALPHAEDIT = EditMethod(
     name="alphaedit",
     version="1",
@@ -215,4 +241,6 @@ ALPHAEDIT = EditMethod(
     uses_second_moment=lambda config: True,
     prepare=_prepare,
     edit=one_at_a_time(alphaedit_batch),
+    state=_state,
+    load_state=_load_state,
 )

@@ -32,6 +32,21 @@ BatchEdit = Callable[
 """(model, tokenizer, requests, config, context) -> the deltas of one batch of edits."""
 
 
+SequentialState = dict[str, torch.Tensor]
+"""What a method carries from one edit to the next, by name (e.g. AlphaEdit's "cache_c.5")."""
+
+
+def no_state(_context: Any) -> SequentialState:
+    """The sequential state of a method that carries none."""
+    return {}
+
+
+def load_no_state(_context: Any, state: SequentialState) -> None:
+    """Restore the (empty) state of a stateless method; anything else is a mistake."""
+    if state:
+        raise ValueError(f"this method carries no sequential state, got {sorted(state)}")
+
+
 def one_at_a_time(batch: BatchEdit) -> Edit:
     """The `Edit` of a batched method: a batch of one, with key and value of that request.
 
@@ -64,6 +79,8 @@ class EditMethod:
         uses_second_moment: whether a config needs covariance statistics.
         prepare: work done once per campaign (context templates, inverse covariances).
         edit: compute the deltas of one request.
+        state: the sequential state in a context (copies), for checkpoints.
+        load_state: put a saved sequential state back into a context.
     """
 
     name: str
@@ -73,3 +90,5 @@ class EditMethod:
     uses_second_moment: Callable[[Any], bool]
     prepare: Prepare
     edit: Edit
+    state: Callable[[Any], SequentialState] = no_state
+    load_state: Callable[[Any, SequentialState], None] = load_no_state

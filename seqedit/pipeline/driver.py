@@ -190,5 +190,6 @@ def _run_shard(
     except Exception as exc:
         shard.status, shard.error, shard.finished_at = "failed", repr(exc), now()
         raise
+    shard.weights_fingerprint = ray.get(editor.weights_fingerprint.remote())
     shard.status, shard.done_attempt, shard.finished_at = "done", shard.attempt, now()
     state.save(root)

@@ -37,6 +37,11 @@ class ShardState(BaseModel):
     error: str | None = None
     started_at: str | None = None
     finished_at: str | None = None
+    weights_fingerprint: str | None = Field(
+        default=None,
+        description="sha256 of the edited weights when the shard was done: replaying the edit "
+        "log of shards 0..k from the base model must reproduce it.",
+    )
 
 
 class CampaignState(BaseModel):

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import logging
 import math
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,6 +48,27 @@ def _jsonable(value: Any) -> Any:
     if value is None or isinstance(value, str | int | float | bool):
         return value
     return repr(value)
+
+
+_WEIGHT, _STATE = "weight.", "state."
+_LOG_KEY = re.compile(r"step(\d+)\.(.+)\.(left|right)")
+
+
+def parse_edit_log(tensors: dict[str, torch.Tensor]) -> dict[int, list[LowRankDelta]]:
+    """Step -> deltas, from "step<N>.<module>.left|right" tensors (`take_edit_log`)."""
+    factors: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _LOG_KEY.fullmatch(key)
+        if match is None:
+            raise ValueError(f"edit log key {key!r} is not step<N>.<module>.left|right")
+        step, module, side = int(match[1]), match[2], match[3]
+        factors.setdefault((step, module), {})[side] = tensor
+    steps: dict[int, list[LowRankDelta]] = {}
+    for (step, module), pair in sorted(factors.items()):
+        if set(pair) != {"left", "right"}:
+            raise ValueError(f"edit log step {step} module {module!r} lacks a factor: {pair}")
+        steps.setdefault(step, []).append(LowRankDelta(module, pair["left"], pair["right"]))
+    return steps
 
 
 class EditError(RuntimeError):
@@ -198,6 +220,58 @@ class SequentialEditor:
             digest.update(name.encode())
             digest.update(self._masters[name].contiguous().numpy().tobytes())
         return digest.hexdigest()
+
+    # --- sequential state: checkpoints and replay ------------------------------------------
+
+    def checkpoint(self) -> dict[str, torch.Tensor]:
+        """Everything the next edit depends on, as copies: the fp32 masters of the edited
+        modules ("weight.<module>"), the method's sequential state ("state.<name>", e.g.
+        AlphaEdit's accumulated K K^T) and the number of edits applied ("n_applied", (1,))."""
+        tensors = {f"{_WEIGHT}{name}": m.clone() for name, m in self._masters.items()}
+        for name, value in self.method.state(self.context).items():
+            tensors[f"{_STATE}{name}"] = value
+        tensors["n_applied"] = torch.tensor([self.n_applied], dtype=torch.int64)
+        return tensors
+
+    def restore(self, checkpoint: dict[str, torch.Tensor]) -> None:
+        """Put the editor back where `checkpoint()` was taken (same model and method)."""
+        weights = {k[len(_WEIGHT) :]: v for k, v in checkpoint.items() if k.startswith(_WEIGHT)}
+        if set(weights) != set(self._masters):
+            raise ValueError(
+                f"checkpoint holds modules {sorted(weights)}, this editor edits "
+                f"{sorted(self._masters)}"
+            )
+        state = {k[len(_STATE) :]: v for k, v in checkpoint.items() if k.startswith(_STATE)}
+        self.method.load_state(self.context, state)
+        for name, weight in weights.items():
+            self._masters[name] = weight.to(self._masters[name]).clone()
+            with torch.no_grad():
+                self._params[name].copy_(self._masters[name].to(self._params[name].dtype))
+        self.n_applied = int(checkpoint["n_applied"][0])
+        self.edit_log = []
+
+    def replay(self, edit_log: dict[str, torch.Tensor]) -> int:
+        """Apply logged deltas (`take_edit_log` tensors of one or more consecutive shards) in
+        step order, exactly as `edit` applied them: from the base model the fp32 masters come
+        out bit for bit the same on CPU. The log must continue where this editor stands (its
+        first step = `n_applied`, no gaps). Method state is not rebuilt (checkpoints hold it).
+        Returns the number of steps applied."""
+        steps = parse_edit_log(edit_log)
+        expected = list(range(self.n_applied, self.n_applied + len(steps)))
+        if sorted(steps) != expected:
+            found = sorted(steps)
+            raise ValueError(
+                f"edit log holds steps {found[:3]}...{found[-3:]}, but this editor has "
+                f"{self.n_applied} edits applied: replay needs steps {self.n_applied}.. "
+                "with no gaps"
+            )
+        for _step, deltas in sorted(steps.items()):
+            for delta in deltas:
+                if delta.module not in self._masters:
+                    raise ValueError(f"logged module {delta.module!r} is not edited here")
+                self._apply(delta)
+            self.n_applied += 1
+        return len(steps)
 
     def take_edit_log(self) -> dict[str, torch.Tensor]:
         """The factors of the edits applied since the last call, keyed for safetensors."""

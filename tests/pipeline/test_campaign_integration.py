@@ -8,12 +8,14 @@ from pathlib import Path
 import pytest
 import ray
 import yaml
+from safetensors.torch import load_file
 
 from seqedit.pipeline.commands import curve_sql
 from seqedit.pipeline.driver import CampaignDirError, run_campaign
 from seqedit.pipeline.state import CampaignState
 from seqedit.pipeline.store import query
 from seqedit.schemas.campaign import load_spec
+from seqedit.workers.editor import SequentialEditor
 from tests.conftest import TINY_LAYER
 
 N_EDITS = 20
@@ -76,7 +78,13 @@ def test_twenty_edit_campaign_through_ray_into_duckdb(
     curve = query(tmp_path / "c", curve_sql()).to_pylist()
     assert [row["n_edits_applied"] for row in curve] == [10, 20]
     assert all(0.0 <= row["ns"] <= 1.0 for row in curve)
-    assert (tmp_path / "c" / "editlog" / "shard=1.safetensors").is_file()
+    state = CampaignState.load(tmp_path / "c")
+    replayed = SequentialEditor(
+        str(tiny_testbed), "rome", spec.hparams, stats_dir=str(tiny_stats), campaign="replay"
+    )
+    for shard in state.shards:  # base model + edit log of shards 0..k = weights after shard k
+        replayed.replay(load_file(tmp_path / "c" / "editlog" / f"shard={shard.index}.safetensors"))
+        assert replayed.weights_fingerprint() == shard.weights_fingerprint
     method = json.loads((tmp_path / "c" / "method.json").read_text())
     templates = method["context"]["templates"]
     assert method["method"] == "rome" and templates[0] == "{}" and len(templates) == 3
