@@ -37,7 +37,7 @@ from seqedit.methods.memit import (
     memit_context_templates,
     restored_weights,
 )
-from seqedit.methods.method import EditMethod, SequentialState, one_at_a_time
+from seqedit.methods.method import Derived, EditMethod, SequentialState, one_at_a_time
 from seqedit.schemas.requests import EditRequest
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,32 @@ def null_space_projector(second_moment: torch.Tensor, threshold: float) -> torch
     u, s, _ = torch.linalg.svd(second_moment, full_matrices=False)
     null = u[:, s < threshold]  # (d_in, r0)
     return null @ null.T
+
+
+NULL_BASIS, RANGE_BASIS = "null_basis", "range_basis"
+
+
+def null_space_basis(second_moment: torch.Tensor, threshold: float) -> dict[str, torch.Tensor]:
+    """The smaller of the two orthonormal bases that define P, for caching.
+
+    With U0 (d_in, r0) the eigenvectors of C below `threshold` and U1 (d_in, d_in - r0) the
+    rest: {"null_basis": U0} when r0 <= d_in / 2, else {"range_basis": U1} (P = I - U1 U1^T).
+    Same SVD as `null_space_projector`.
+    """
+    u, s, _ = torch.linalg.svd(second_moment, full_matrices=False)
+    null = s < threshold
+    if int(null.sum()) * 2 <= len(s):
+        return {NULL_BASIS: u[:, null].contiguous()}
+    return {RANGE_BASIS: u[:, ~null].contiguous()}
+
+
+def projector_from_basis(basis: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(d_in, d_in) P from `null_space_basis`: U0 U0^T, or I - U1 U1^T."""
+    if NULL_BASIS in basis:
+        null = basis[NULL_BASIS]
+        return null @ null.T
+    span = basis[RANGE_BASIS]
+    return torch.eye(span.shape[0], dtype=span.dtype, device=span.device) - span @ span.T
 
 
 def alphaedit_right_factor(
@@ -171,14 +197,20 @@ def _prepare(
     tokenizer: PreTrainedTokenizerBase,
     config: AlphaEditConfig,
     second_moments: dict[int, torch.Tensor] | None,
+    derived: Derived | None = None,
+    /,
 ) -> AlphaEditContext:
-    missing = [x for x in config.layers if x not in (second_moments or {})]
+    """P per layer from the (cached) basis, else from C; cache_c starts at zero."""
+    derived = derived or {}
+    moments = second_moments or {}
+    missing = [x for x in config.layers if x not in derived and x not in moments]
     if missing:
         raise ValueError(f"AlphaEdit needs the covariance of layers {missing}")
-    assert second_moments is not None
     names = names_for(model, config)
     projectors = {
-        layer: null_space_projector(second_moments[layer], config.nullspace_threshold)
+        layer: projector_from_basis(
+            derived[layer] if layer in derived else _derive(config, moments[layer])
+        )
         for layer in config.layers
     }
     cache = {}
@@ -209,6 +241,10 @@ def alphaedit_batch(
 
 
 _CACHE = "cache_c."
+
+
+def _derive(config: AlphaEditConfig, second_moment: torch.Tensor) -> dict[str, torch.Tensor]:
+    return null_space_basis(second_moment, config.nullspace_threshold)
 
 
 def _state(context: AlphaEditContext) -> SequentialState:
@@ -243,4 +279,6 @@ ALPHAEDIT = EditMethod(
     edit=one_at_a_time(alphaedit_batch),
     state=_state,
     load_state=_load_state,
+    derive=_derive,
+    derive_key=lambda config: {"nullspace_threshold": config.nullspace_threshold},
 )

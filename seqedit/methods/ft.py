@@ -35,7 +35,7 @@ from seqedit.methods.arch import ModuleNames, rewrite_weight
 from seqedit.methods.config import MethodConfig, names_for
 from seqedit.methods.delta import EditResult, LowRankDelta
 from seqedit.methods.keys_values import frozen_parameters, model_device
-from seqedit.methods.method import EditMethod
+from seqedit.methods.method import Derived, EditMethod
 from seqedit.schemas.requests import EditRequest, spaced
 
 log = logging.getLogger(__name__)
@@ -257,6 +257,8 @@ def _prepare(
     tokenizer: PreTrainedTokenizerBase,
     config: FtConfig,
     second_moments: dict[int, torch.Tensor] | None,
+    _derived: Derived | None = None,
+    /,
 ) -> None:
     return None
 

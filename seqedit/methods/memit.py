@@ -36,7 +36,7 @@ from seqedit.methods.keys_values import (
     optimize_value,
     restored_tensors,
 )
-from seqedit.methods.method import EditMethod, one_at_a_time
+from seqedit.methods.method import Derived, EditMethod, one_at_a_time
 from seqedit.methods.tokens import FactToken
 from seqedit.schemas.requests import EditRequest
 
@@ -347,6 +347,8 @@ def _prepare(
     tokenizer: PreTrainedTokenizerBase,
     config: MemitConfig,
     second_moments: dict[int, torch.Tensor] | None,
+    _derived: Derived | None = None,
+    /,
 ) -> MemitContext:
     missing = [layer for layer in config.layers if layer not in (second_moments or {})]
     if missing:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from pydantic import BaseModel
@@ -17,10 +17,28 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from seqedit.methods.delta import EditResult
 from seqedit.schemas.requests import EditRequest
 
-Prepare = Callable[
-    [PreTrainedModel, PreTrainedTokenizerBase, Any, dict[int, torch.Tensor] | None], Any
-]
-"""(model, tokenizer, config, second moments by layer or None) -> per-campaign context."""
+Derived = dict[int, dict[str, torch.Tensor]]
+"""layer -> named tensors computed from that layer's second moment alone (e.g. C^-1)."""
+
+
+class Prepare(Protocol):
+    """(model, tokenizer, config, second moments by layer or None, derived tensors or None)
+    -> the per-campaign context. `derived` (from `EditMethod.derive`, possibly loaded from a
+    cache) replaces recomputing them; without it `prepare` computes them itself."""
+
+    def __call__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        config: Any,
+        second_moments: dict[int, torch.Tensor] | None,
+        derived: Derived | None = None,
+        /,
+    ) -> Any: ...
+
+
+Derive = Callable[[Any, torch.Tensor], dict[str, torch.Tensor]]
+"""(config, one layer's second moment C (d_in, d_in)) -> tensors derived from C alone."""
 
 Edit = Callable[[PreTrainedModel, PreTrainedTokenizerBase, EditRequest, Any, Any], EditResult]
 """(model, tokenizer, request, config, context) -> the deltas of one edit (model untouched)."""
@@ -81,6 +99,10 @@ class EditMethod:
         edit: compute the deltas of one request.
         state: the sequential state in a context (copies), for checkpoints.
         load_state: put a saved sequential state back into a context.
+        derive: expensive per-layer tensors that depend only on C and the config fields
+            named by `derive_key` (inverse covariance, null-space basis); the editor caches
+            them next to the stats and hands them to `prepare`. None: nothing to cache.
+        derive_key: the config fields `derive` reads (part of the cache key).
     """
 
     name: str
@@ -92,3 +114,5 @@ class EditMethod:
     edit: Edit
     state: Callable[[Any], SequentialState] = no_state
     load_state: Callable[[Any, SequentialState], None] = load_no_state
+    derive: Derive | None = None
+    derive_key: Callable[[Any], dict[str, Any]] = lambda _config: {}

@@ -26,7 +26,7 @@ from seqedit.methods.config import MethodConfig, names_for
 from seqedit.methods.context import BARE_TEMPLATE, context_templates_for
 from seqedit.methods.delta import EditResult, LowRankDelta
 from seqedit.methods.keys_values import KL_PROMPTS, module_io_at_subjects, optimize_value
-from seqedit.methods.method import EditMethod
+from seqedit.methods.method import Derived, EditMethod
 from seqedit.methods.tokens import FactToken, fill
 from seqedit.schemas.requests import EditRequest
 
@@ -285,15 +285,28 @@ def _prepare(
     tokenizer: PreTrainedTokenizerBase,
     config: RomeConfig,
     second_moments: dict[int, torch.Tensor] | None,
+    derived: Derived | None = None,
+    /,
 ) -> RomeContext:
     inverse = None
     if config.mom2_adjustment:
-        if not second_moments or config.layer not in second_moments:
+        if derived and config.layer in derived:
+            inverse = derived[config.layer][_INVERSE]
+        elif second_moments and config.layer in second_moments:
+            inverse = _derive(config, second_moments[config.layer])[_INVERSE]
+        else:
             raise ValueError(
                 f"ROME with mom2_adjustment needs the covariance of layer {config.layer}"
             )
-        inverse = invert_second_moment(second_moments[config.layer])
     return RomeContext(rome_context_templates(model, tokenizer, config), inverse)
+
+
+_INVERSE = "inverse"
+
+
+def _derive(config: RomeConfig, second_moment: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{"inverse": C^-1 (d_in, d_in)}, as `invert_second_moment` computes it."""
+    return {_INVERSE: invert_second_moment(second_moment)}
 
 
 def _edit(
@@ -322,4 +335,5 @@ ROME = EditMethod(
     uses_second_moment=lambda config: config.mom2_adjustment,
     prepare=_prepare,
     edit=_edit,
+    derive=_derive,
 )

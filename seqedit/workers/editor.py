@@ -22,10 +22,12 @@ import torch
 from seqedit.methods.arch import rewrite_weight
 from seqedit.methods.config import names_for, validate_config
 from seqedit.methods.delta import LowRankDelta, apply_delta_
+from seqedit.methods.method import Derived
 from seqedit.methods.registry import get_method
 from seqedit.methods.scoring import score_targets
 from seqedit.schemas.requests import EditRequest
 from seqedit.schemas.tables import EditRow, EvalRow, Protocol
+from seqedit.workers.derived_store import derived_tensors
 from seqedit.workers.evaluator import evaluate_records
 from seqedit.workers.model_io import load_model
 from seqedit.workers.stats_store import load_stats
@@ -133,8 +135,14 @@ class SequentialEditor:
                 module_tmp=self.names.rewrite_module_tmp,
                 dtype=torch.float32,
             )
+        derived: Derived | None = None
+        self.derived_counts = {"loaded": 0, "computed": 0}  # layers, from the cache or fresh
+        if self.second_moments is not None and stats_dir is not None:
+            derived, self.derived_counts = derived_tensors(
+                self.method, self.config, self.second_moments, stats_dir=Path(stats_dir)
+            )
         self.context = self.method.prepare(
-            self.model, self.tokenizer, self.config, self.second_moments
+            self.model, self.tokenizer, self.config, self.second_moments, derived
         )
         self.edit_log: list[tuple[int, list[LowRankDelta]]] = []
         self.n_applied = 0

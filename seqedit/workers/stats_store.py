@@ -41,7 +41,7 @@ from seqedit.workers.stats import (
 log = logging.getLogger(__name__)
 
 
-def _tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     """sha256 over the names, dtypes, shapes and bytes of ``tensors`` (sorted by name)."""
     digest = hashlib.sha256()
     for name in sorted(tensors):
@@ -65,7 +65,7 @@ def save_stats(out_dir: str | Path, result: StatsResult) -> Path:
         tensors[f"{name}.count"] = torch.tensor(acc.count, dtype=torch.int64)
     metadata = {
         "seqedit_stats": meta.model_dump_json(),
-        "tensors_sha256": _tensors_sha256(tensors),
+        "tensors_sha256": tensors_sha256(tensors),
         "count": str(meta.token_count),
     }
     write_atomic(out / STATS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
@@ -92,7 +92,7 @@ def load_accumulators(stats_dir: str | Path, *, verify_hash: bool = True) -> Sta
         raise StatsStoreError(f"{path}: corrupt or truncated safetensors file: {exc}") from exc
     if embedded.format_version != FORMAT_VERSION:
         raise StatsStoreError(f"{path}: format_version {embedded.format_version} unsupported")
-    if verify_hash and metadata.get("tensors_sha256") != _tensors_sha256(raw):
+    if verify_hash and metadata.get("tensors_sha256") != tensors_sha256(raw):
         raise StatsStoreError(f"{path}: tensors_sha256: tensor data corrupt or altered")
     if sidecar_path.is_file():
         try:

@@ -1,0 +1,113 @@
+"""Cache of tensors a method derives from one layer's covariance (C^-1, null-space bases).
+
+They cost an SVD or an inverse of a (d_in, d_in) matrix per layer, at every campaign start
+(minutes for a 7B model). They depend only on the covariance C itself (keyed by the sha256
+of its bytes, so a new stats file never meets an old basis), the layer, the method (and
+its version) and the config fields the method names in `derive_key`, so they are cached
+next to the stats they come from:
+
+    <stats_dir>/derived/<method>-layer<L>-<key hash>.safetensors
+
+Safetensors metadata `derived_key` holds the key (JSON) and `tensors_sha256` the checksum.
+A file whose key or checksum does not match is refused, naming the file and the field,
+never silently reused. A read-only stats directory just means no caching.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from seqedit.files import write_atomic
+from seqedit.methods.method import Derived, EditMethod
+from seqedit.workers.stats import StatsStoreError
+from seqedit.workers.stats_store import tensors_sha256
+
+log = logging.getLogger(__name__)
+
+DERIVED_DIR = "derived"
+
+
+def derived_key(
+    method: EditMethod, config: Any, layer: int, second_moment: torch.Tensor
+) -> dict[str, Any]:
+    """Everything a derived tensor of `layer` depends on, C by the sha256 of its bytes."""
+    return {
+        "method": method.name,
+        "method_version": method.version,
+        "layer": layer,
+        "covariance_sha256": tensors_sha256({"C": second_moment}),
+        "config": method.derive_key(config),
+    }
+
+
+def derived_path(stats_dir: Path, key: dict[str, Any]) -> Path:
+    """Where the tensors of `key` are cached."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return stats_dir / DERIVED_DIR / f"{key['method']}-layer{key['layer']}-{digest}.safetensors"
+
+
+def _load(path: Path, key: dict[str, Any]) -> dict[str, torch.Tensor]:
+    fix = f"delete {path} to recompute it"
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise StatsStoreError(f"{path}: unreadable derived-tensor cache ({exc}); {fix}") from exc
+    stored = json.loads(metadata.get("derived_key", "null"))
+    if stored != key:
+        raise StatsStoreError(f"{path}: field derived_key is {stored}, expected {key}; {fix}")
+    if metadata.get("tensors_sha256") != tensors_sha256(tensors):
+        raise StatsStoreError(f"{path}: field tensors_sha256 does not match the tensors; {fix}")
+    return tensors
+
+
+def _save(path: Path, key: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    metadata = {"derived_key": json.dumps(key, sort_keys=True), "tensors_sha256": ""}
+    contiguous = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    metadata["tensors_sha256"] = tensors_sha256(contiguous)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, lambda tmp: save_file(contiguous, str(tmp), metadata=metadata))
+    except OSError as exc:
+        log.warning("not caching derived tensors at %s: %s", path, exc)
+
+
+def derived_tensors(
+    method: EditMethod,
+    config: Any,
+    second_moments: dict[int, torch.Tensor],
+    *,
+    stats_dir: Path,
+) -> tuple[Derived, dict[str, int]]:
+    """Layer -> the method's derived tensors, loaded from the cache or computed and cached.
+
+    Returns (derived, counts) with counts {"loaded": n, "computed": m} (layers). Tensors
+    come back on the device and in the dtype of each layer's C.
+    """
+    if method.derive is None:
+        return {}, {"loaded": 0, "computed": 0}
+    derived: Derived = {}
+    counts = {"loaded": 0, "computed": 0}
+    for layer, moment in sorted(second_moments.items()):
+        key = derived_key(method, config, layer, moment)
+        path = derived_path(stats_dir, key)
+        if path.is_file():
+            tensors = _load(path, key)
+            derived[layer] = {
+                name: t.to(device=moment.device, dtype=moment.dtype) for name, t in tensors.items()
+            }
+            counts["loaded"] += 1
+            continue
+        derived[layer] = method.derive(config, moment)
+        _save(path, key, derived[layer])
+        counts["computed"] += 1
+    return derived, counts
