@@ -277,6 +277,7 @@ ALPHAEDIT = EditMethod(
     uses_second_moment=lambda config: True,
     prepare=_prepare,
     edit=one_at_a_time(alphaedit_batch),
+    edit_batch=alphaedit_batch,
     state=_state,
     load_state=_load_state,
     derive=_derive,

@@ -384,4 +384,5 @@ MEMIT = EditMethod(
     uses_second_moment=lambda config: True,
     prepare=_prepare,
     edit=one_at_a_time(memit_batch),
+    edit_batch=memit_batch,
 )

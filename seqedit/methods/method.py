@@ -97,6 +97,7 @@ class EditMethod:
         uses_second_moment: whether a config needs covariance statistics.
         prepare: work done once per campaign (context templates, inverse covariances).
         edit: compute the deltas of one request.
+        edit_batch: compute the deltas of several requests as one step (None: one at a time).
         state: the sequential state in a context (copies), for checkpoints.
         load_state: put a saved sequential state back into a context.
         derive: expensive per-layer tensors that depend only on C and the config fields
@@ -112,6 +113,7 @@ class EditMethod:
     uses_second_moment: Callable[[Any], bool]
     prepare: Prepare
     edit: Edit
+    edit_batch: BatchEdit | None = None
     state: Callable[[Any], SequentialState] = no_state
     load_state: Callable[[Any, SequentialState], None] = load_no_state
     derive: Derive | None = None

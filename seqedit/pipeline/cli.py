@@ -87,6 +87,7 @@ def cmd_edit(args: argparse.Namespace) -> None:
         stats=args.stats,
         save_deltas=args.save_deltas,
         save_model=args.save_model,
+        batch=args.batch,
         on_edit=show,
     )
     succeeded = sum(r.success for r in rows)
@@ -188,7 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     edit.add_argument("--requests", required=True, type=Path, help="requests file (any format)")
     edit.add_argument("--stats", type=Path, default=None, help="covariance stats directory")
-    edit.add_argument("--sequential", action="store_true", help="one edit after another (default)")
+    order = edit.add_mutually_exclusive_group()
+    order.add_argument("--sequential", action="store_true", help="one edit after another (default)")
+    order.add_argument(
+        "--batch", action="store_true", help="all requests as one batched edit (memit, alphaedit)"
+    )
     edit.add_argument("--save-deltas", required=True, type=Path, help="OUT.safetensors")
     edit.add_argument("--save-model", type=Path, default=None, help="write the edited model here")
     edit.add_argument("--quiet", action="store_true")

@@ -28,21 +28,31 @@ def edit_model(
     stats: Path | None,
     save_deltas: Path,
     save_model: Path | None = None,
+    batch: bool = False,
     on_edit: Callable[[EditRow], None] | None = None,
 ) -> list[EditRow]:
-    """Apply every request of `requests_file` in order; write the deltas (and the model)."""
+    """Apply every request of `requests_file` in order (or, with `batch`, all of them as one
+    batched step); write the deltas (and the model)."""
     hparams = read_hparams_file(hparams_file, method)
     requests = load_requests(requests_file).requests
     editor = SequentialEditor(
         str(model), method, hparams, stats_dir=str(stats) if stats else None, campaign="edit"
     )
+    steps = [requests] if batch else [[request] for request in requests]
     rows = []
-    for step, request in enumerate(requests):
-        rows.append(editor.edit(request, step))
-        if on_edit is not None:
-            on_edit(rows[-1])
+    for step, chunk in enumerate(steps):
+        new = editor.edit_batch(chunk, step) if batch else [editor.edit(chunk[0], step)]
+        for row in new:
+            rows.append(row)
+            if on_edit is not None:
+                on_edit(row)
     tensors = editor.take_edit_log()
-    metadata = {"method": method, "model": str(model), "n_edits": str(len(rows))}
+    metadata = {
+        "method": method,
+        "model": str(model),
+        "n_edits": str(len(rows)),
+        "n_steps": str(editor.n_steps),
+    }
     write_atomic(save_deltas, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     if save_model is not None:
         editor.model.save_pretrained(save_model)

@@ -13,7 +13,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import torch
 
 from seqedit.methods.arch import rewrite_weight
 from seqedit.methods.config import names_for, validate_config
-from seqedit.methods.delta import LowRankDelta, apply_delta_
+from seqedit.methods.delta import EditResult, LowRankDelta, apply_delta_
 from seqedit.methods.method import Derived
 from seqedit.methods.registry import get_method
 from seqedit.methods.scoring import score_targets
@@ -145,7 +145,8 @@ class SequentialEditor:
             self.model, self.tokenizer, self.config, self.second_moments, derived
         )
         self.edit_log: list[tuple[int, list[LowRankDelta]]] = []
-        self.n_applied = 0
+        self.n_applied = 0  # edits (requests) applied
+        self.n_steps = 0  # edit steps applied (a batch is one step)
 
     # --- editing -------------------------------------------------------------------------
 
@@ -159,13 +160,40 @@ class SequentialEditor:
 
     def edit(self, request: EditRequest, step: int) -> EditRow:
         """Compute and apply one edit; return its row (probabilities before and after)."""
+
+        def compute() -> EditResult:
+            return self.method.edit(self.model, self.tokenizer, request, self.config, self.context)
+
+        return self._edit_step([request], step, compute)[0]
+
+    def edit_batch(self, requests: Sequence[EditRequest], step: int) -> list[EditRow]:
+        """Compute and apply one batched edit of all `requests` as step `step` (MEMIT,
+        AlphaEdit); one row per request, sharing the step, the loss and the update norm."""
+        batch_edit = self.method.edit_batch
+        if batch_edit is None:
+            raise ValueError(
+                f"method {self.method.name!r} edits one request at a time; apply the requests "
+                "sequentially (methods with batches: memit, alphaedit)"
+            )
+        if not requests:
+            raise ValueError("edit_batch needs at least one request")
+
+        def compute() -> EditResult:
+            return batch_edit(self.model, self.tokenizer, list(requests), self.config, self.context)
+
+        return self._edit_step(requests, step, compute)
+
+    def _edit_step(
+        self, requests: Sequence[EditRequest], step: int, compute: Callable[[], EditResult]
+    ) -> list[EditRow]:
         start = time.perf_counter()
-        p_new_before, p_true_before = self._rewrite_probs(request)
-        result = self.method.edit(self.model, self.tokenizer, request, self.config, self.context)
+        before = [self._rewrite_probs(request) for request in requests]
+        result = compute()
         for delta in result.deltas:
             if not (torch.isfinite(delta.left).all() and torch.isfinite(delta.right).all()):
+                cases = ", ".join(str(r.case_id) for r in requests)
                 raise EditError(
-                    f"step {step} (case_id {request.case_id}): the {delta.module} update "
+                    f"step {step} (case_id {cases}): the {delta.module} update "
                     "contains NaN/Inf; the model was left unchanged"
                 )
         update_norm = 0.0
@@ -173,27 +201,34 @@ class SequentialEditor:
             self._apply(delta)
             update_norm = math.hypot(update_norm, float(delta.norm()))
         self.edit_log.append((step, result.deltas))
-        self.n_applied += 1
-        p_new_after, p_true_after = self._rewrite_probs(request)
-        return EditRow(
-            campaign=self.campaign,
-            step=step,
-            case_id=request.case_id,
-            method=self.method.name,
-            method_version=self.method.version,
-            layers=",".join(str(layer) for layer in self.layers),
-            p_new_before=p_new_before,
-            p_true_before=p_true_before,
-            p_new_after=p_new_after,
-            p_true_after=p_true_after,
-            success=p_true_after is None or p_new_after > p_true_after,
-            loss_initial=result.initial_loss,
-            loss=result.loss,
-            opt_steps=result.steps,
-            update_norm=update_norm,
-            weight_drift=self.weight_drift(),
-            seconds=time.perf_counter() - start,
-        )
+        self.n_applied += len(requests)
+        self.n_steps += 1
+        after = [self._rewrite_probs(request) for request in requests]
+        drift, seconds = self.weight_drift(), time.perf_counter() - start
+        return [
+            EditRow(
+                campaign=self.campaign,
+                step=step,
+                case_id=request.case_id,
+                method=self.method.name,
+                method_version=self.method.version,
+                layers=",".join(str(layer) for layer in self.layers),
+                p_new_before=p_new_before,
+                p_true_before=p_true_before,
+                p_new_after=p_new_after,
+                p_true_after=p_true_after,
+                success=p_true_after is None or p_new_after > p_true_after,
+                loss_initial=result.initial_loss,
+                loss=result.loss,
+                opt_steps=result.steps,
+                update_norm=update_norm,
+                weight_drift=drift,
+                seconds=seconds / len(requests),
+            )
+            for request, (p_new_before, p_true_before), (p_new_after, p_true_after) in zip(
+                requests, before, after, strict=True
+            )
+        ]
 
     def _apply(self, delta: LowRankDelta) -> None:
         master = self._masters[delta.module]
@@ -234,11 +269,13 @@ class SequentialEditor:
     def checkpoint(self) -> dict[str, torch.Tensor]:
         """Everything the next edit depends on, as copies: the fp32 masters of the edited
         modules ("weight.<module>"), the method's sequential state ("state.<name>", e.g.
-        AlphaEdit's accumulated K K^T) and the number of edits applied ("n_applied", (1,))."""
+        AlphaEdit's accumulated K K^T) and the counts of edits and steps applied ("n_applied",
+        "n_steps", (1,) each)."""
         tensors = {f"{_WEIGHT}{name}": m.clone() for name, m in self._masters.items()}
         for name, value in self.method.state(self.context).items():
             tensors[f"{_STATE}{name}"] = value
         tensors["n_applied"] = torch.tensor([self.n_applied], dtype=torch.int64)
+        tensors["n_steps"] = torch.tensor([self.n_steps], dtype=torch.int64)
         return tensors
 
     def restore(self, checkpoint: dict[str, torch.Tensor]) -> None:
@@ -256,21 +293,22 @@ class SequentialEditor:
             with torch.no_grad():
                 self._params[name].copy_(self._masters[name].to(self._params[name].dtype))
         self.n_applied = int(checkpoint["n_applied"][0])
+        self.n_steps = int(checkpoint["n_steps"][0])
         self.edit_log = []
 
     def replay(self, edit_log: dict[str, torch.Tensor]) -> int:
         """Apply logged deltas (`take_edit_log` tensors of one or more consecutive shards) in
         step order, exactly as `edit` applied them: from the base model the fp32 masters come
         out bit for bit the same on CPU. The log must continue where this editor stands (its
-        first step = `n_applied`, no gaps). Method state is not rebuilt (checkpoints hold it).
+        first step = `n_steps`, no gaps). Method state is not rebuilt (checkpoints hold it).
         Returns the number of steps applied."""
         steps = parse_edit_log(edit_log)
-        expected = list(range(self.n_applied, self.n_applied + len(steps)))
+        expected = list(range(self.n_steps, self.n_steps + len(steps)))
         if sorted(steps) != expected:
             found = sorted(steps)
             raise ValueError(
                 f"edit log holds steps {found[:3]}...{found[-3:]}, but this editor has "
-                f"{self.n_applied} edits applied: replay needs steps {self.n_applied}.. "
+                f"{self.n_steps} steps applied: replay needs steps {self.n_steps}.. "
                 "with no gaps"
             )
         for _step, deltas in sorted(steps.items()):
@@ -278,7 +316,8 @@ class SequentialEditor:
                 if delta.module not in self._masters:
                     raise ValueError(f"logged module {delta.module!r} is not edited here")
                 self._apply(delta)
-            self.n_applied += 1
+            self.n_steps += 1
+        self.n_applied += len(steps)  # the log does not say how many requests a step had
         return len(steps)
 
     def take_edit_log(self) -> dict[str, torch.Tensor]:

@@ -53,3 +53,51 @@ def test_unknown_hparam_is_named(tiny_testbed: Path, tmp_path: Path, capsys) -> 
     )  # fmt: skip
     assert code == 2
     assert "v_lrr" in capsys.readouterr().err
+
+
+def _memit_files(tiny_testbed: Path, tmp_path: Path, n: int) -> tuple[Path, Path]:
+    requests = tmp_path / "some.jsonl"
+    lines = (tiny_testbed / "requests.jsonl").read_text().splitlines()[:n]
+    requests.write_text("\n".join(lines) + "\n")
+    hparams = tmp_path / "memit.yaml"
+    memit = {"layers": [TINY_LAYER], "v_loss_layer": 3, "context_templates": [["{}"]],
+             "mom2_update_weight": 100.0}  # fmt: skip
+    hparams.write_text(yaml.safe_dump({"method": "memit", "hparams": memit}))
+    return requests, hparams
+
+
+def test_batch_applies_all_requests_as_one_step(
+    tiny_testbed: Path, tiny_stats: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    requests, hparams = _memit_files(tiny_testbed, tmp_path, 3)
+    code = main(
+        [
+            "edit", "--model", str(tiny_testbed), "--method", "memit", "--hparams", str(hparams),
+            "--requests", str(requests), "--stats", str(tiny_stats), "--batch",
+            "--save-deltas", str(tmp_path / "d.safetensors"),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert out.count("step 0 case") == 3
+    with safe_open(str(tmp_path / "d.safetensors"), framework="pt") as handle:
+        assert handle.metadata()["n_steps"] == "1" and handle.metadata()["n_edits"] == "3"
+        right = handle.get_tensor(f"step0.transformer.h.{TINY_LAYER}.mlp.c_proj.right")
+    assert right.shape[1] == 3  # one rank per request in the batch
+
+
+def test_batch_with_a_one_at_a_time_method_is_refused(
+    tiny_testbed: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hparams = tmp_path / "ft.yaml"
+    hparams.write_text(f"layer: {TINY_LAYER}\n")
+    code = main(
+        [
+            "edit", "--model", str(tiny_testbed), "--method", "ft-m", "--hparams", str(hparams),
+            "--requests", str(tiny_testbed / "requests.jsonl"), "--batch",
+            "--save-deltas", str(tmp_path / "d.safetensors"),
+        ]
+    )  # fmt: skip
+    assert code == 2
+    assert "edits one request at a time" in capsys.readouterr().err
+    assert not (tmp_path / "d.safetensors").exists()
