@@ -30,11 +30,11 @@ demo: $(STAMP)
 	$(VENV)/bin/seqedit demo --out $(DEMO_DIR)
 
 test: $(STAMP)
-	$(PY) -m ruff check seqedit tests
+	$(PY) -m ruff check seqedit tests bench
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(PY) -m ruff check seqedit tests
+	$(PY) -m ruff check seqedit tests bench
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

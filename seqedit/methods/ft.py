@@ -55,9 +55,15 @@ class FtConfig(MethodConfig):
         description="'prompt_last' (FT-L: all target tokens scored at the last prompt token) or "
         "'target_new' (FT-M: teacher-forced cross-entropy on the target span).",
     )
-    num_steps: int = Field(default=25, ge=1, description="Budget of Adam steps.")
-    lr: float = Field(default=5e-4, gt=0, description="Adam learning rate.")
-    weight_decay: float = Field(default=0.0, ge=0, description="Adam weight decay.")
+    num_steps: int = Field(default=25, ge=1, description="Budget of optimiser steps.")
+    lr: float = Field(default=5e-4, gt=0, description="Learning rate.")
+    weight_decay: float = Field(default=0.0, ge=0, description="Optimiser weight decay.")
+    optimizer: Literal["adam", "sgd"] = Field(
+        default="adam",
+        description="'adam' (EasyEdit) moves every weight entry by about lr per step, a dense "
+        "change; 'sgd' follows the gradient, whose rank is the number of target tokens, so "
+        "sequential edits disturb each other far less (needs a much larger lr).",
+    )
     norm_constraint: float | None = Field(
         default=None,
         gt=0,
@@ -173,6 +179,12 @@ class _Batch:
         return ft_m_loss(logits, self.input_ids, self.target_mask)
 
 
+_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "sgd": torch.optim.SGD,
+}
+
+
 def ft_edit(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -202,7 +214,9 @@ def ft_edit(
     try:
         with frozen_parameters(model):
             weight.requires_grad_(True)
-            optimizer = torch.optim.Adam([weight], lr=config.lr, weight_decay=config.weight_decay)
+            optimizer = _OPTIMIZERS[config.optimizer](
+                [weight], lr=config.lr, weight_decay=config.weight_decay
+            )
             for _ in range(config.num_steps):
                 optimizer.zero_grad(set_to_none=True)
                 loss = batch.loss(model)

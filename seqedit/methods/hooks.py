@@ -14,7 +14,8 @@ that only need early layers skip the rest of the network.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from types import TracebackType
 from typing import Any
 
@@ -146,3 +147,32 @@ class ModuleTrace:
     ) -> bool:
         self.close()
         return exc_type is not None and issubclass(exc_type, _StopForward)
+
+
+@contextmanager
+def reused_outputs(model: nn.Module, names: Sequence[str]) -> Iterator[None]:
+    """Inside the block, each named module runs once and then returns that same output.
+
+    For repeated forward passes over the SAME inputs where these modules cannot change
+    (e.g. the blocks below an edited layer during value optimisation): later passes skip
+    their computation. Forward hooks on the modules still run. Bit-identical to
+    recomputing, on a deterministic device. The original `forward`s come back on exit.
+    """
+    modules = [get_module(model, name) for name in dict.fromkeys(names)]
+    saved: dict[int, Any] = {}
+    for index, module in enumerate(modules):
+        original = module.forward
+
+        def forward(
+            *args: Any, _index: int = index, _original: Callable[..., Any] = original, **kw: Any
+        ) -> Any:
+            if _index not in saved:
+                saved[_index] = _original(*args, **kw)
+            return saved[_index]
+
+        module.forward = forward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.__dict__.pop("forward", None)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from seqedit.methods.arch import get_module
-from seqedit.methods.hooks import ModuleTrace
+from seqedit.methods.hooks import ModuleTrace, reused_outputs
 from seqedit.methods.tokens import (
     FactToken,
     batch_subject_positions,
@@ -148,10 +148,12 @@ def optimize_value(
     clamp_norm_factor: float,
     kl_factor: float,
     early_stop_loss: float,
+    early_stop_top1: bool = False,
     kl_prompts: Sequence[str] = KL_PROMPTS,
     loss_module: str | None = None,
     ln_f_module: str | None = None,
     lm_head_module: str | None = None,
+    reuse_outputs_of: Sequence[str] = (),
 ) -> ValueResult:
     """Find delta (dim,) such that adding it to `edit_module`'s output at the subject token
     makes the model predict `request.target_new` after every context template.
@@ -162,9 +164,10 @@ def optimize_value(
         TOKEN of each KL prompt ("{} is a"), `kl_div(init, cur, log_target=True, "batchmean")`
       + weight_decay * ||delta|| / ||init||^2   (the reference's norm is NOT squared).
     Adam(lr) for at most `num_steps` forward passes and `num_steps - 1` steps; stops as soon
-    as the loss is below `early_stop_loss`; after each step delta is projected into the
-    ball of radius clamp_norm_factor * ||init||. The delta is added at the subject token of
-    every prompt, KL prompts included.
+    as the loss is below `early_stop_loss` or, with `early_stop_top1`, as soon as every
+    target token is the argmax at its position in every rewriting prompt; after each step
+    delta is projected into the ball of radius clamp_norm_factor * ||init||. The delta is
+    added at the subject token of every prompt, KL prompts included.
 
     Args:
         context_templates: templates whose `{}` takes the request prompt; the FIRST one
@@ -172,6 +175,8 @@ def optimize_value(
         edit_module: module whose primary output gets the delta, shape (B, T, dim).
         loss_module: when given, the target NLL is read from
             lm_head(ln_f(output of this module)) (MEMIT's v_loss_layer); else from the logits.
+        reuse_outputs_of: modules whose output the delta cannot change (the blocks below the
+            edit): computed in the first pass only (`reused_outputs`), same result, faster.
     """
     if not context_templates:
         raise ValueError("need at least one context template")
@@ -221,7 +226,11 @@ def optimize_value(
     steps = 0
     loss_value = initial_loss = float("nan")
     prob = initial_prob = float("nan")
-    with frozen_parameters(model), torch.enable_grad():
+    with (
+        frozen_parameters(model),
+        torch.enable_grad(),
+        reused_outputs(model, reuse_outputs_of),
+    ):
         for it in range(num_steps):
             optimizer.zero_grad()
             with ModuleTrace(
@@ -231,7 +240,7 @@ def optimize_value(
                 detach=False,
                 edit_output=add_delta,
             ) as trace:
-                logits = model(**inputs).logits  # (B, L, V)
+                logits = model(**inputs, use_cache=False).logits  # (B, L, V)
             assert init is not None
             kl_logits = logits[rows[n_rw:], lookup[n_rw:]].float()  # (n_kl, V)
             kl_log_probs = torch.log_softmax(kl_logits, dim=-1)
@@ -266,7 +275,8 @@ def optimize_value(
                 decay.item(),
                 prob,
             )
-            if loss_value < early_stop_loss or it == num_steps - 1:
+            top1 = early_stop_top1 and bool((log_probs.argmax(-1) == target_t).all())
+            if loss_value < early_stop_loss or top1 or it == num_steps - 1:
                 break
             loss.backward()
             optimizer.step()

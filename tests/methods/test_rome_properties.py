@@ -258,3 +258,24 @@ def test_apply_delta_respects_storage_layout() -> None:
     torch.testing.assert_close(conv, 2.0 * delta.dense().T)
     with pytest.raises(ValueError, match="storage shape"):
         apply_delta_(torch.zeros(3, 5), delta, transposed=True)
+
+
+@pytest.mark.parametrize("early_stop_top1", [False, True])
+def test_reusing_lower_layers_changes_nothing(
+    model: GPT2LMHeadModel,
+    tokenizer: PreTrainedTokenizerFast,
+    second_moment: torch.Tensor,
+    early_stop_top1: bool,
+) -> None:
+    def edit(reuse: bool) -> LowRankDelta:
+        config = _config(reuse_lower_layers=reuse, early_stop_top1=early_stop_top1)
+        result = rome_edit(
+            model, tokenizer, REQUEST, config, second_moment=second_moment,
+            context_templates=TEMPLATES,
+        )  # fmt: skip
+        return result.deltas[0]
+
+    reused, recomputed = edit(True), edit(False)
+    assert torch.equal(reused.left, recomputed.left)
+    assert torch.equal(reused.right, recomputed.right)
+    assert "forward" not in get_module(model, "transformer.h.0").__dict__  # restored

@@ -96,3 +96,19 @@ def test_nan_update_is_refused_and_the_model_left_unchanged(
 def test_missing_stats_is_a_clear_error(tiny_testbed: Path) -> None:
     with pytest.raises(ValueError, match="needs covariance stats"):
         SequentialEditor(str(tiny_testbed), "rome", HPARAMS, stats_dir=None, campaign="t")
+
+
+def test_early_stop_top1_stops_sooner_with_the_target_on_top(
+    tiny_testbed: Path, tiny_stats: Path
+) -> None:
+    _, requests = load_testbed(tiny_testbed)
+    steps = {}
+    for top1 in (False, True):
+        hparams = {**HPARAMS, "early_stop_top1": top1, "early_stop_loss": 0.0}
+        editor = SequentialEditor(
+            str(tiny_testbed), "rome", hparams, stats_dir=str(tiny_stats), campaign="t"
+        )
+        rows = [editor.edit(request, step) for step, request in enumerate(requests[:4])]
+        steps[top1] = [row.opt_steps for row in rows]
+    assert steps[False] == [19] * 4  # the full budget without any early stop
+    assert all(s < 19 for s in steps[True]), steps

@@ -1,0 +1,113 @@
+"""100 sequential edits per method on the synthetic fact testbed: ES/PS/NS after all of them.
+
+    .venv/bin/python bench/sequential_efficacy.py [--edits 100] [--methods rome,memit,...]
+        [--set memit.mom2_update_weight=50] [--out runs/bench-efficacy]
+
+Builds (or reuses) the synthetic-300 testbed of `make demo` and the covariance of its
+layers 0-3, then for each method applies the first N requests in order with one
+`SequentialEditor` and scores all N records once after the last edit (protocol "final":
+the hard, honest one). Prints one table; `--set` overrides one hparam for a tuning run.
+The hparams below are the ones docs/methods.md reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from seqedit.pipeline.tables_format import format_table
+from seqedit.testbed.build import CORPUS_FILE, build_synthetic_testbed, load_testbed
+from seqedit.workers.editor import SequentialEditor
+from seqedit.workers.stats import StatsConfig, compute_stats
+from seqedit.workers.stats_store import load_accumulators, save_stats
+
+N_FACTS, SEED, STATS_LAYERS = 300, 0, [0, 1, 2, 3]
+MULTI = {"layers": [1, 2], "v_loss_layer": 3, "context_templates": [["{}"]]}
+HPARAMS: dict[str, dict[str, Any]] = {
+    "rome": {"layer": 1, "context_template_length_params": [[5, 2], [10, 2]]},
+    "memit": {**MULTI, "mom2_update_weight": 20000.0},
+    "alphaedit": {**MULTI},
+    "ft-l": {"layer": 1, "lr": 1e-2, "num_steps": 10},
+    "ft-m": {"layer": 1, "lr": 1e-2, "num_steps": 10},
+}
+
+
+def _testbed(out: Path) -> tuple[Path, Path]:
+    model = out / "testbed"
+    if not (model / "testbed.json").is_file():
+        build_synthetic_testbed(model, N_FACTS, SEED, progress=True)
+    stats = out / "stats"
+    try:
+        ready = set(STATS_LAYERS) <= set(load_accumulators(stats).meta.layers)
+    except (FileNotFoundError, ValueError):
+        ready = False
+    if not ready:
+        config = StatsConfig(layers=STATS_LAYERS, corpus=[model / CORPUS_FILE])
+        save_stats(stats, compute_stats(model, config, progress=True))
+    return model, stats
+
+
+def _override(hparams: dict[str, dict[str, Any]], assignment: str) -> None:
+    key, _, value = assignment.partition("=")
+    method, _, field = key.partition(".")
+    if not field or method not in hparams:
+        raise SystemExit(f"--set wants METHOD.FIELD=VALUE with METHOD in {sorted(hparams)}")
+    hparams[method][field] = yaml.safe_load(value)
+
+
+def run_method(model: Path, stats: Path, method: str, hparams: dict[str, Any], n: int) -> dict:
+    """Apply the first `n` testbed requests in order; score them all after the last edit."""
+    _, requests = load_testbed(model)
+    editor = SequentialEditor(str(model), method, hparams, stats_dir=str(stats), campaign=method)
+    started = time.perf_counter()
+    rows = [editor.edit(request, step) for step, request in enumerate(requests[:n])]
+    edit_seconds = time.perf_counter() - started
+    evals = editor.evaluate(requests[:n], list(range(n)), protocol="final")
+
+    def mean(field: str) -> float:
+        values = [getattr(e, field) for e in evals if getattr(e, field) is not None]
+        return round(statistics.fmean(values), 3)
+
+    return {
+        "method": method,
+        "edits": n,
+        "es": mean("es"),
+        "ps": mean("ps"),
+        "ns": mean("ns"),
+        "immediate_es": round(statistics.fmean(r.success for r in rows), 3),
+        "s_per_edit": round(edit_seconds / n, 3),
+        "drift": round(rows[-1].weight_drift, 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--edits", type=int, default=100)
+    parser.add_argument("--methods", default=",".join(HPARAMS))
+    parser.add_argument("--set", action="append", default=[], metavar="METHOD.FIELD=VALUE")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-efficacy"))
+    args = parser.parse_args()
+    hparams = {name: dict(fields) for name, fields in HPARAMS.items()}
+    for assignment in args.set:
+        _override(hparams, assignment)
+    model, stats = _testbed(args.out)
+    results = []
+    for method in args.methods.split(","):
+        results.append(run_method(model, stats, method, hparams[method], args.edits))
+        print(json.dumps({**results[-1], "hparams": hparams[method]}), flush=True)
+    import pyarrow as pa
+
+    print(format_table(pa.Table.from_pylist(results)))
+
+
+if __name__ == "__main__":
+    main()
