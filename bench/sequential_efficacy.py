@@ -31,13 +31,16 @@ from seqedit.workers.stats import StatsConfig, compute_stats
 from seqedit.workers.stats_store import load_accumulators, save_stats
 
 N_FACTS, SEED, STATS_LAYERS = 300, 0, [0, 1, 2, 3]
-MULTI = {"layers": [1, 2], "v_loss_layer": 3, "context_templates": [["{}"]]}
+# Tuned on this testbed (docs/methods.md, "Tuning on a small model"): MEMIT/AlphaEdit put
+# z at block 1 so two attention layers carry it; lambda and L2 scaled to this model's keys.
+MULTI = {"layers": [0, 1], "v_loss_layer": 3, "context_templates": [["{}"]]}
+FT_SGD = {"layer": 3, "optimizer": "sgd", "lr": 5.0, "num_steps": 100, "early_stop_loss": 0.5}
 HPARAMS: dict[str, dict[str, Any]] = {
-    "rome": {"layer": 1, "context_template_length_params": [[5, 2], [10, 2]]},
-    "memit": {**MULTI, "mom2_update_weight": 20000.0},
-    "alphaedit": {**MULTI},
-    "ft-l": {"layer": 1, "lr": 1e-2, "num_steps": 10},
-    "ft-m": {"layer": 1, "lr": 1e-2, "num_steps": 10},
+    "rome": {"layer": 0, "context_templates": ["{}"]},
+    "memit": {**MULTI, "mom2_update_weight": 1000.0},
+    "alphaedit": {**MULTI, "L2": 0.5},
+    "ft-l": dict(FT_SGD),
+    "ft-m": dict(FT_SGD),
 }
 
 

@@ -27,6 +27,23 @@ class MethodConfig(BaseModel):
     )
 
 
+class ValueSearchOptions(MethodConfig):
+    """seqedit's options of the value (v / z) optimisation shared by ROME, MEMIT, AlphaEdit."""
+
+    early_stop_top1: bool = Field(
+        default=False,
+        description="Also stop the value optimisation once target_new is the top-1 token at "
+        "every target position of every rewriting prompt (seqedit's speed option, off in the "
+        "reference): the edit already succeeds there, with fewer steps and a smaller shift.",
+    )
+    reuse_lower_layers: bool = Field(
+        default=True,
+        description="Run the blocks below the edit once per edit instead of at every "
+        "optimisation step (their output cannot change); same result, faster. False runs "
+        "them every step, as the reference does.",
+    )
+
+
 def names_for(model: nn.Module, config: MethodConfig) -> ModuleNames:
     """The module names a config edits in `model`: its own, else by `model_type`."""
     return config.module_names or module_names_for(model)

@@ -61,8 +61,8 @@ class FtConfig(MethodConfig):
     optimizer: Literal["adam", "sgd"] = Field(
         default="adam",
         description="'adam' (EasyEdit) moves every weight entry by about lr per step, a dense "
-        "change; 'sgd' follows the gradient, whose rank is the number of target tokens, so "
-        "sequential edits disturb each other far less (needs a much larger lr).",
+        "change; 'sgd' follows the gradient, a sum of one outer product per input token, so "
+        "sequential edits disturb each other less (needs a much larger lr).",
     )
     norm_constraint: float | None = Field(
         default=None,

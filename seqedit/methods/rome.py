@@ -22,7 +22,7 @@ from pydantic import Field, model_validator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from seqedit.methods.arch import ModuleNames, rewrite_dims
-from seqedit.methods.config import MethodConfig, names_for
+from seqedit.methods.config import ValueSearchOptions, names_for
 from seqedit.methods.context import BARE_TEMPLATE, context_templates_for
 from seqedit.methods.delta import EditResult, LowRankDelta
 from seqedit.methods.keys_values import KL_PROMPTS, module_io_at_subjects, optimize_value
@@ -33,7 +33,7 @@ from seqedit.schemas.requests import EditRequest
 log = logging.getLogger(__name__)
 
 
-class RomeConfig(MethodConfig):
+class RomeConfig(ValueSearchOptions):
     """ROME hyperparameters (reference field names; gpt2-xl reference values as defaults)."""
 
     layer: int = Field(
@@ -77,18 +77,6 @@ class RomeConfig(MethodConfig):
     context_seed: int = Field(default=0, description="Seed for sampling context templates.")
     early_stop_loss: float = Field(
         default=5e-2, ge=0, description="Value optimisation stops once the loss is below this."
-    )
-    early_stop_top1: bool = Field(
-        default=False,
-        description="Also stop the value optimisation once target_new is the top-1 token at "
-        "every target position of every rewriting prompt (seqedit's speed option, off in the "
-        "reference): the edit already succeeds there, with fewer steps and a smaller shift.",
-    )
-    reuse_lower_layers: bool = Field(
-        default=True,
-        description="Run the blocks below the edit once per edit instead of at every "
-        "optimisation step (their output cannot change); same result, faster. False runs "
-        "them every step, as the reference does.",
     )
     kl_prompts: list[str] = Field(
         default_factory=lambda: list(KL_PROMPTS),

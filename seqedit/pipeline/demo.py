@@ -23,17 +23,18 @@ from seqedit.testbed.build import CORPUS_FILE, TestbedReport, build_synthetic_te
 from seqedit.workers.stats import StatsConfig, compute_stats
 from seqedit.workers.stats_store import load_accumulators, save_stats
 
-DEMO_LAYER = 1
+DEMO_LAYER = 0
+# Tuned on this testbed (docs/methods.md): layer 0, and the bare prompt as the only context
+# template (prefixes sampled from so small a model hurt: ES after 100 edits 0.81 -> 0.98).
 DEMO_HPARAMS = {
     "layer": DEMO_LAYER,
-    "v_loss_layer": 3,
     "v_num_grad_steps": 20,
     "v_lr": 0.5,
     "v_weight_decay": 0.5,
     "clamp_norm_factor": 4.0,
     "kl_factor": 0.0625,
     "mom2_adjustment": True,
-    "context_template_length_params": [[5, 2], [10, 2]],
+    "context_templates": ["{}"],
 }
 
 

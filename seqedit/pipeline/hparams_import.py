@@ -13,7 +13,6 @@ spec takes, and what `seqedit edit --hparams` reads (see `read_hparams_file`).
 from __future__ import annotations
 
 import difflib
-import json
 import re
 import textwrap
 from pathlib import Path
@@ -143,17 +142,7 @@ def _family_key(method: str) -> str:
 
 
 def _read_source(path: Path) -> dict[str, Any]:
-    if path.suffix.lower() != ".json":
-        return read_yaml_mapping(path, "hparams file", HparamsError)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise HparamsError(f"{path}: no such hparams file") from exc
-    except json.JSONDecodeError as exc:
-        raise HparamsError(f"{path}: not valid JSON: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise HparamsError(f"{path}: an hparams file is a mapping, got {type(raw).__name__}")
-    return raw
+    return read_yaml_mapping(path, "hparams file", HparamsError)
 
 
 def _method_from_path(path: Path) -> str | None:

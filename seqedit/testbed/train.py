@@ -320,32 +320,15 @@ def _hf_config(config: TestbedConfig, vocab_size: int, eos_id: int) -> Pretraine
     """The Hugging Face config of `config.architecture` at the testbed's shape, no dropout."""
     special = {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id}
     width, layers, heads = config.n_embd, config.n_layer, config.n_head
+    gpt_like = {
+        "vocab_size": vocab_size, "n_positions": config.n_positions, "n_embd": width,
+        "n_layer": layers, "n_head": heads, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0, **special,
+    }  # fmt: skip
     if config.architecture == "gpt2":
-        return GPT2Config(
-            vocab_size=vocab_size,
-            n_positions=config.n_positions,
-            n_embd=width,
-            n_layer=layers,
-            n_head=heads,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            **special,
-        )
+        return GPT2Config(**gpt_like)
     if config.architecture == "gptj":
-        return GPTJConfig(
-            vocab_size=vocab_size,
-            n_positions=config.n_positions,
-            n_embd=width,
-            n_layer=layers,
-            n_head=heads,
-            rotary_dim=width // heads,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            tie_word_embeddings=False,
-            **special,
-        )
+        return GPTJConfig(**gpt_like, rotary_dim=width // heads, tie_word_embeddings=False)
     if config.architecture == "gpt_neox":
         return GPTNeoXConfig(
             vocab_size=vocab_size,

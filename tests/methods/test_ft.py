@@ -206,3 +206,24 @@ def test_configs_fix_the_objective_per_method() -> None:
     for method in (FT_L, FT_M):
         config = method.config_cls(layer=3)
         assert method.layers(config) == [3] and method.uses_second_moment(config) is False
+
+
+@pytest.mark.parametrize(
+    ("config_cls", "objective"), [(FtLConfig, "prompt_last"), (FtMConfig, "target_new")]
+)
+def test_one_sgd_step_is_a_low_rank_update(
+    model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast, config_cls: type, objective: str
+) -> None:
+    """SGD moves W along its gradient: a sum of one outer product per input position (the
+    loss sees every position through attention); Adam's per-entry scaling makes it dense."""
+    config = config_cls(layer=0, optimizer="sgd", lr=1.0, num_steps=1, early_stop_loss=None)
+    (delta,) = ft_edit(model, tokenizer, REQUEST, config).deltas
+    dense = delta.left @ delta.right.T
+    prompt, target = _ids(tokenizer)
+    positions = len(prompt) + (len(target) - 1 if objective == "target_new" else 0)
+    assert 0 < int(torch.linalg.matrix_rank(dense.double(), rtol=1e-6)) <= positions
+    adam = config.model_copy(update={"optimizer": "adam", "lr": 1e-3})
+    (dense_adam,) = ft_edit(model, tokenizer, REQUEST, adam).deltas
+    assert (
+        int(torch.linalg.matrix_rank((dense_adam.left @ dense_adam.right.T).double())) > positions
+    )

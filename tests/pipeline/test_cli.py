@@ -65,3 +65,16 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.startswith("seqedit ")
+
+
+def test_testbed_of_an_unknown_architecture_lists_the_known_ones(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "tb"
+    code = main(
+        ["testbed", "build", "--out", str(out), "--synthetic", "5", "--architecture", "falcon"]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "architecture" in err and "'llama'" in err and "'qwen2'" in err
+    assert not out.exists()

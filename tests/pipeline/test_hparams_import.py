@@ -12,6 +12,7 @@ from seqedit.methods.config import HparamsError
 from seqedit.methods.registry import get_method
 from seqedit.pipeline.cli import main
 from seqedit.pipeline.hparams_import import (
+    TEMPLATE_FIELDS,
     ImportedHparams,
     import_hparams,
     read_hparams_file,
@@ -25,14 +26,7 @@ EASY_FT_M = FIXTURES / "easyedit" / "FT" / "mistral-7b.yaml"
 EASY_ALPHA = FIXTURES / "easyedit" / "AlphaEdit" / "llama3-8b.yaml"
 REF_MEMIT = FIXTURES / "reference" / "MEMIT" / "EleutherAI_gpt-j-6B.json"
 REF_ROME = FIXTURES / "reference" / "ROME" / "gpt2-xl.json"
-MODULE_FIELDS = [
-    "rewrite_module_tmp",
-    "layer_module_tmp",
-    "mlp_module_tmp",
-    "attn_module_tmp",
-    "ln_f_module",
-    "lm_head_module",
-]
+MODULE_FIELDS = list(TEMPLATE_FIELDS)
 
 
 def _validates(imported: ImportedHparams) -> None:

@@ -50,7 +50,9 @@ def _alphaedit(model: Path, stats: Path, **extra: object) -> SequentialEditor:
 
 @pytest.fixture()
 def stats_copy(tiny_stats: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(tiny_stats, tmp_path / "stats"))
+    """The session's stats without the cache other tests' editors wrote into it."""
+    ignore = shutil.ignore_patterns(DERIVED_DIR)
+    return Path(shutil.copytree(tiny_stats, tmp_path / "stats", ignore=ignore))
 
 
 def test_second_campaign_loads_the_basis_and_gets_the_same_projector(
