@@ -180,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     edit = sub.add_parser("edit", help="edit a model once, in order, and save the deltas")
     edit.add_argument("--model", required=True, type=Path, help="HF model directory")
-    edit.add_argument("--method", required=True, help="registered method, e.g. rome")
+    edit.add_argument(
+        "--method", help="registered method, e.g. rome (default: the hparams file's `method`)"
+    )
     edit.add_argument(
         "--hparams",
         required=True,

@@ -21,7 +21,7 @@ from seqedit.workers.editor import SequentialEditor
 
 def edit_model(
     model: Path,
-    method: str,
+    method: str | None,
     hparams_file: Path,
     requests_file: Path,
     *,
@@ -33,7 +33,7 @@ def edit_model(
 ) -> list[EditRow]:
     """Apply every request of `requests_file` in order (or, with `batch`, all of them as one
     batched step); write the deltas (and the model)."""
-    hparams = read_hparams_file(hparams_file, method)
+    method, hparams = read_hparams_file(hparams_file, method)
     requests = load_requests(requests_file).requests
     editor = SequentialEditor(
         str(model), method, hparams, stats_dir=str(stats) if stats else None, campaign="edit"

@@ -429,19 +429,30 @@ def render_yaml(imported: ImportedHparams, source: Path) -> str:
     return "\n".join(lines) + "\n" + body
 
 
-def read_hparams_file(path: Path, method: str) -> dict[str, Any]:
-    """The hparams mapping of a `seqedit edit --hparams` file, for `method`.
+def read_hparams_file(path: Path, method: str | None) -> tuple[str, dict[str, Any]]:
+    """(method, hparams mapping) of a `seqedit edit --hparams` file.
 
-    The file is either a flat mapping of config fields, or our `{method, hparams}` mapping
-    (what `seqedit hparams import` writes), whose method must then be `method`.
+    The file is either a flat mapping of config fields (then `method` must be given), or
+    our `{method, hparams}` mapping (what `seqedit hparams import` writes), whose method
+    must agree with `method` when both are given.
     """
     raw = read_yaml_mapping(path, "hparams file")
     if "hparams" not in raw or not set(raw) <= {"method", "hparams"}:
-        return raw
+        if method is None:
+            raise HparamsError(
+                f"{path}: a flat hparams file does not name its method; pass --method "
+                "(or write {method: ..., hparams: {...}}, as `seqedit hparams import` does)"
+            )
+        return get_method(method).name, raw
     if not isinstance(raw["hparams"], dict):
         raise HparamsError(f"{path}: field 'hparams': a mapping of config fields")
-    if "method" in raw and get_method(str(raw["method"])).name != get_method(method).name:
-        raise HparamsError(
-            f"{path}: field 'method': the file is for {raw['method']!r}, not {method!r}"
-        )
-    return raw["hparams"]
+    named = raw.get("method")
+    if named is None and method is None:
+        raise HparamsError(f"{path}: field 'method' is missing; add it or pass --method")
+    if (
+        named is not None
+        and method is not None
+        and (get_method(str(named)).name != get_method(method).name)
+    ):
+        raise HparamsError(f"{path}: field 'method': the file is for {named!r}, not {method!r}")
+    return get_method(str(method or named)).name, raw["hparams"]

@@ -72,7 +72,7 @@ def test_batch_applies_all_requests_as_one_step(
     requests, hparams = _memit_files(tiny_testbed, tmp_path, 3)
     code = main(
         [
-            "edit", "--model", str(tiny_testbed), "--method", "memit", "--hparams", str(hparams),
+            "edit", "--model", str(tiny_testbed), "--hparams", str(hparams),
             "--requests", str(requests), "--stats", str(tiny_stats), "--batch",
             "--save-deltas", str(tmp_path / "d.safetensors"),
         ]

@@ -192,11 +192,15 @@ def test_cli_writes_a_file_edit_reads(tmp_path: Path, capsys: pytest.CaptureFixt
     out = tmp_path / "ours" / "rome.yaml"
     assert main(["hparams", "import", str(REF_ROME), "--out", str(out)]) == 0
     assert "rome" in capsys.readouterr().out
-    assert read_hparams_file(out, "rome") == import_hparams(REF_ROME).hparams
+    hparams = import_hparams(REF_ROME).hparams
+    assert read_hparams_file(out, "rome") == ("rome", hparams)
+    assert read_hparams_file(out, None) == ("rome", hparams)  # the file names its method
     with pytest.raises(HparamsError, match="field 'method'"):
         read_hparams_file(out, "memit")
     flat = _write(tmp_path / "flat.yaml", {"layer": 3})
-    assert read_hparams_file(flat, "rome") == {"layer": 3}
+    assert read_hparams_file(flat, "ROME") == ("rome", {"layer": 3})
+    with pytest.raises(HparamsError, match="pass --method"):
+        read_hparams_file(flat, None)
 
 
 def test_cli_error_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
