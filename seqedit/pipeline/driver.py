@@ -129,6 +129,7 @@ def run_campaign(
     )
     description = ray.get(editor.describe.remote())
     write_text_atomic(root / "method.json", json.dumps(description, indent=2))
+    _resume(root, state, editor)
     state.status = "running"
     state.save(root)
     try:
@@ -144,6 +145,29 @@ def run_campaign(
         state.save(root)
         ray.kill(editor)
     return state
+
+
+def checkpoint_path(campaign_dir: Path, shard: int) -> Path:
+    """Where the editor's state after shard `shard` is kept."""
+    return campaign_dir / "checkpoints" / f"shard={shard}.safetensors"
+
+
+def _resume(root: Path, state: CampaignState, editor: ray.actor.ActorHandle) -> None:
+    """Put a fresh editor where the campaign stands: after the last done shard.
+
+    Shards run in order, so the first unfinished shard k resumes from the checkpoint that
+    shard k-1 wrote when it was done (its weights fingerprint is checked against state.json).
+    """
+    pending = [s.index for s in state.shards if s.status != "done"]
+    if not pending or pending[0] == 0:
+        return
+    before = state.shards[pending[0] - 1]
+    ray.get(
+        editor.load_checkpoint.remote(
+            str(checkpoint_path(root, before.index)), before.weights_fingerprint
+        )
+    )
+    log.info("resuming after shard %d from its checkpoint", before.index)
 
 
 def _run_shard(
@@ -187,9 +211,11 @@ def _run_shard(
             root / "editlog" / f"shard={shard.index}.safetensors",
             lambda tmp: save_file(tensors, str(tmp), metadata={"campaign": spec.name}),
         )
+        shard.weights_fingerprint = ray.get(
+            editor.save_checkpoint.remote(str(checkpoint_path(root, shard.index)))
+        )
     except Exception as exc:
         shard.status, shard.error, shard.finished_at = "failed", repr(exc), now()
         raise
-    shard.weights_fingerprint = ray.get(editor.weights_fingerprint.remote())
     shard.status, shard.done_attempt, shard.finished_at = "done", shard.attempt, now()
     state.save(root)

@@ -27,6 +27,7 @@ from seqedit.methods.registry import get_method
 from seqedit.methods.scoring import score_targets
 from seqedit.schemas.requests import EditRequest
 from seqedit.schemas.tables import EditRow, EvalRow, Protocol
+from seqedit.workers.checkpoints import load_checkpoint, save_checkpoint
 from seqedit.workers.derived_store import derived_tensors
 from seqedit.workers.evaluator import evaluate_records
 from seqedit.workers.model_io import load_model
@@ -295,6 +296,14 @@ class SequentialEditor:
         self.n_applied = int(checkpoint["n_applied"][0])
         self.n_steps = int(checkpoint["n_steps"][0])
         self.edit_log = []
+
+    def save_checkpoint(self, path: str | Path) -> str:
+        """`checkpoint()` to a file (atomically); returns the weights fingerprint."""
+        return save_checkpoint(self, Path(path))
+
+    def load_checkpoint(self, path: str | Path, expected_fingerprint: str | None = None) -> None:
+        """Restore from a `save_checkpoint` file, verifying its weights fingerprint."""
+        load_checkpoint(self, Path(path), expected_fingerprint=expected_fingerprint)
 
     def replay(self, edit_log: dict[str, torch.Tensor]) -> int:
         """Apply logged deltas (`take_edit_log` tensors of one or more consecutive shards) in

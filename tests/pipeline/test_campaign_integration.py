@@ -99,3 +99,46 @@ def test_campaign_dir_holding_another_spec_is_refused(
     second = load_spec(_spec(tmp_path, tiny_testbed, tiny_stats, n_edits=3, shard_size=None))
     with pytest.raises(CampaignDirError, match="use another --out directory"):
         run_campaign(second, tmp_path / "c")
+
+
+@pytest.mark.slow
+def test_rerun_after_a_crash_resumes_from_the_checkpoint_identically(
+    ray_local: None, tiny_testbed: Path, tiny_stats: Path, tmp_path: Path
+) -> None:
+    """A driver that died in shard 1 leaves it 'running'; running the campaign again starts
+    a fresh editor, restores it from shard 0's checkpoint and redoes shard 1 as attempt 1:
+    the same weights and metric values as the uninterrupted run, and no duplicate rows."""
+    spec = load_spec(
+        _spec(tmp_path, tiny_testbed, tiny_stats, method="alphaedit",
+              hparams={"layers": [TINY_LAYER], "v_loss_layer": 3,
+                       "context_templates": [["{}"]]})
+    )  # fmt: skip
+    done = run_campaign(spec, tmp_path / "c")
+    before = query(tmp_path / "c", "SELECT step, p_new_after FROM edits ORDER BY step").to_pylist()
+
+    crashed = CampaignState.load(tmp_path / "c")
+    crashed.shards[1].status, crashed.shards[1].done_attempt = "running", None
+    crashed.status = "running"
+    crashed.save(tmp_path / "c")
+    resumed = run_campaign(spec, tmp_path / "c")
+
+    assert resumed.shards[1].attempt == 1 and resumed.shards[1].done_attempt == 1
+    assert resumed.shards[1].weights_fingerprint == done.shards[1].weights_fingerprint
+    after = query(tmp_path / "c", "SELECT step, p_new_after FROM edits ORDER BY step").to_pylist()
+    assert after == before  # same values, 20 rows: attempt 0 of shard 1 is not visible
+    evals = query(tmp_path / "c", "SELECT count(*) AS n FROM evals").to_pylist()
+    assert evals == [{"n": 10 + 20}]
+
+
+@pytest.mark.slow
+def test_missing_checkpoint_is_a_clear_error(
+    ray_local: None, tiny_testbed: Path, tiny_stats: Path, tmp_path: Path
+) -> None:
+    spec = load_spec(_spec(tmp_path, tiny_testbed, tiny_stats))
+    run_campaign(spec, tmp_path / "c")
+    crashed = CampaignState.load(tmp_path / "c")
+    crashed.shards[1].status = "failed"
+    crashed.save(tmp_path / "c")
+    (tmp_path / "c" / "checkpoints" / "shard=0.safetensors").unlink()
+    with pytest.raises(Exception, match=r"shard=0\.safetensors: unreadable checkpoint"):
+        run_campaign(spec, tmp_path / "c")

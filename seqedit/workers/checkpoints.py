@@ -1,0 +1,70 @@
+"""Editor checkpoints on disk: everything the next edit depends on, in one safetensors file.
+
+A checkpoint holds `SequentialEditor.checkpoint()` (fp32 masters of the edited modules, the
+method's sequential state, the edit and step counts); its metadata names the method and
+the sha256 fingerprint of the masters. Loading restores the editor and then checks that
+its weights hash to that fingerprint, so a damaged or foreign file cannot pass silently.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from seqedit.files import write_atomic
+
+if TYPE_CHECKING:  # the editor imports this module
+    from seqedit.workers.editor import SequentialEditor
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used, naming the file and the field."""
+
+
+def save_checkpoint(editor: SequentialEditor, path: Path) -> str:
+    """Write the editor's checkpoint to `path` atomically; returns its weights fingerprint."""
+    fingerprint = editor.weights_fingerprint()
+    metadata = {
+        "method": editor.method.name,
+        "method_version": editor.method.version,
+        "weights_fingerprint": fingerprint,
+        "n_applied": str(editor.n_applied),
+    }
+    tensors = {name: t.contiguous() for name, t in editor.checkpoint().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    return fingerprint
+
+
+def load_checkpoint(
+    editor: SequentialEditor, path: Path, *, expected_fingerprint: str | None = None
+) -> None:
+    """Restore `editor` from `path`, refusing another method or weights that do not hash to
+    the recorded (and, if given, the expected) fingerprint."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({exc})") from exc
+    method = (metadata.get("method"), metadata.get("method_version"))
+    if method != (editor.method.name, editor.method.version):
+        raise CheckpointError(
+            f"{path}: field method is {method}, this editor runs "
+            f"{(editor.method.name, editor.method.version)}"
+        )
+    recorded = metadata.get("weights_fingerprint")
+    if expected_fingerprint is not None and recorded != expected_fingerprint:
+        raise CheckpointError(
+            f"{path}: field weights_fingerprint is {recorded}, the campaign state expects "
+            f"{expected_fingerprint}"
+        )
+    try:
+        editor.restore(tensors)
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"{path}: does not fit this editor: {exc}") from exc
+    if editor.weights_fingerprint() != recorded:
+        raise CheckpointError(f"{path}: field weights_fingerprint does not match its tensors")
