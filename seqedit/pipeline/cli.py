@@ -67,6 +67,39 @@ def cmd_run(args: argparse.Namespace) -> None:
     print(f"campaign {state.campaign}: {state.status} -> {args.out}")
 
 
+def cmd_validate(args: argparse.Namespace) -> None:
+    from seqedit.pipeline.campaign_ops import validate_spec
+
+    spec = validate_spec(args.spec, schema_only=args.schema_only)
+    checked = "schema and hparams" if args.schema_only else "schema, hparams, model, data, stats"
+    print(
+        f"{args.spec}: ok ({checked}): {spec.name}, {spec.method}, {spec.n_edits} edits "
+        f"in shards of {spec.shard_size or spec.n_edits}"
+    )
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    from seqedit.pipeline.campaign_ops import status_table
+    from seqedit.pipeline.tables_format import format_table
+
+    state, table = status_table(args.campaign_dir)
+    done = sum(s.steps_done if s.status != "done" else s.stop - s.start for s in state.shards)
+    total = state.shards[-1].stop if state.shards else 0
+    print(f"campaign {state.campaign}: {state.status}, {done}/{total} steps, "
+          f"updated {state.updated_at}")  # fmt: skip
+    print(format_table(table))
+
+
+def cmd_rerun(args: argparse.Namespace) -> None:
+    from seqedit.pipeline.campaign_ops import frozen_spec, rerun_campaign
+    from seqedit.pipeline.commands import progress_bar
+
+    spec = frozen_spec(args.campaign_dir)
+    with progress_bar(spec.n_edits, spec.name, not args.quiet) as update:
+        state = rerun_campaign(args.campaign_dir, progress=update)
+    print(f"campaign {state.campaign}: {state.status} -> {args.campaign_dir}")
+
+
 def cmd_edit(args: argparse.Namespace) -> None:
     from seqedit.pipeline.edit_command import edit_model
     from seqedit.schemas.tables import EditRow
@@ -213,6 +246,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     himport.add_argument("--out", type=Path, default=None, help="OUT.yaml (default: print)")
     himport.set_defaults(func=cmd_hparams_import)
+
+    validate = sub.add_parser("validate", help="check a campaign spec without running it")
+    validate.add_argument("spec", type=Path)
+    validate.add_argument(
+        "--schema-only", action="store_true", help="skip the checks of model, data and stats"
+    )
+    validate.set_defaults(func=cmd_validate)
+
+    status = sub.add_parser("status", help="per-shard state of a campaign (also while it runs)")
+    status.add_argument("campaign_dir", type=Path)
+    status.set_defaults(func=cmd_status)
+
+    rerun = sub.add_parser("rerun", help="run a campaign's unfinished shards again")
+    rerun.add_argument("campaign_dir", type=Path)
+    rerun.add_argument("--quiet", action="store_true", help="no progress bar")
+    rerun.set_defaults(func=cmd_rerun)
 
     q = sub.add_parser("query", help="read-only SQL over a campaign's tables (DuckDB)")
     q.add_argument("campaign_dir", type=Path)

@@ -183,11 +183,14 @@ def _run_shard(
         shard.attempt += 1
     clear_attempt(root, shard.index, shard.attempt)
     shard.status, shard.started_at, shard.error = "running", now(), None
+    shard.steps_done = 0
     state.save(root)
     edit_rows, eval_rows, part = [], [], 0
     try:
         for step in range(shard.start, shard.stop):
             edit_rows.append(ray.get(editor.edit.remote(requests[step], step)))
+            shard.steps_done = step + 1 - shard.start
+            state.save(root)  # atomic; `seqedit status` reads it while we run
             if progress is not None:
                 progress(step + 1, spec.n_edits)
             applied = step + 1

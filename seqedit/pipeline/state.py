@@ -34,6 +34,7 @@ class ShardState(BaseModel):
     status: ShardStatus = "pending"
     attempt: int = Field(default=0, description="Number of the latest attempt (0-based).")
     done_attempt: int | None = Field(default=None, description="Attempt whose rows count.")
+    steps_done: int = Field(default=0, ge=0, description="Steps of the latest attempt done.")
     error: str | None = None
     started_at: str | None = None
     finished_at: str | None = None

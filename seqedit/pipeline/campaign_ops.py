@@ -1,0 +1,89 @@
+"""`seqedit validate`, `seqedit status` and `seqedit rerun`: a campaign before, during, after.
+
+`validate` checks a spec without running it: the schema, the method and every hparam
+(did-you-mean for unknown ones), and, unless `schema_only`, that the model, the dataset
+(enough valid records) and the stats it names exist. `status` reads `state.json`, which
+the driver rewrites atomically after every edit, so it can run while the campaign does.
+`rerun` runs a campaign directory again from its frozen `spec.yaml`: unfinished shards
+resume from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import yaml
+
+from seqedit.methods.config import validate_config
+from seqedit.methods.registry import get_method
+from seqedit.pipeline.driver import ProgressCallback, run_campaign
+from seqedit.pipeline.state import CampaignState
+from seqedit.schemas.campaign import CampaignSpec, SpecError, load_spec
+from seqedit.schemas.loaders import load_requests
+
+SPEC_FILE = "spec.yaml"
+
+
+def validate_spec(spec_file: Path, *, schema_only: bool = False) -> CampaignSpec:
+    """The spec of `spec_file`, or an error naming the file and every problem found."""
+    spec = load_spec(spec_file)
+    method = get_method(spec.method)
+    config = validate_config(method.config_cls, spec.hparams, where=f"{spec_file}: hparams")
+    if schema_only:
+        return spec
+    if not Path(spec.model).is_dir():
+        raise SpecError(f"{spec_file}: field 'model': no model directory at {spec.model}")
+    if method.uses_second_moment(config) and spec.stats is None:
+        raise SpecError(f"{spec_file}: field 'stats': method {method.name} needs covariance stats")
+    if spec.stats is not None and not Path(spec.stats).is_dir():
+        raise SpecError(f"{spec_file}: field 'stats': no stats directory at {spec.stats}")
+    # strict unless the spec quarantines: a bad record then fails here, named
+    loaded = load_requests(
+        spec.dataset.path, spec.dataset.format, quarantine=spec.dataset.quarantine
+    )
+    usable = len(loaded.requests) - spec.dataset.offset
+    if usable < spec.n_edits:
+        raise SpecError(
+            f"{spec_file}: field 'n_edits' is {spec.n_edits}, but {spec.dataset.path} has "
+            f"{usable} valid records after offset {spec.dataset.offset}"
+        )
+    return spec
+
+
+def frozen_spec(campaign_dir: Path) -> CampaignSpec:
+    """The spec a campaign directory was created with (`spec.yaml`, hash checked)."""
+    path = campaign_dir / SPEC_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no frozen spec here (is this a campaign dir?)")
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    recorded = raw.pop("spec_hash", None)
+    spec = CampaignSpec.model_validate(raw)
+    if recorded != spec.spec_hash():
+        raise SpecError(f"{path}: field spec_hash does not match the spec (file edited?)")
+    return spec
+
+
+def status_table(campaign_dir: Path) -> tuple[CampaignState, pa.Table]:
+    """The campaign state and one row per shard: range, status, attempt, progress, error."""
+    state = CampaignState.load(campaign_dir)
+    rows = [
+        {
+            "shard": s.index,
+            "steps": f"{s.start}-{s.stop - 1}",
+            "status": s.status,
+            "attempt": s.attempt,
+            "done": f"{s.steps_done}/{s.stop - s.start}",
+            "finished_at": s.finished_at or "",
+            "error": (s.error or "")[:60],
+        }
+        for s in state.shards
+    ]
+    return state, pa.Table.from_pylist(rows)
+
+
+def rerun_campaign(
+    campaign_dir: Path, *, progress: ProgressCallback | None = None
+) -> CampaignState:
+    """Run the unfinished shards of `campaign_dir` again, from its frozen spec."""
+    return run_campaign(frozen_spec(campaign_dir), campaign_dir, progress=progress)

@@ -1,0 +1,107 @@
+"""`seqedit validate` (and every shipped example spec), `seqedit status` and `seqedit rerun`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+
+from seqedit.methods.config import HparamsError
+from seqedit.pipeline.campaign_ops import frozen_spec, validate_spec
+from seqedit.pipeline.cli import main
+from seqedit.schemas.campaign import SpecError
+from tests.conftest import TINY_LAYER
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ray_down_after() -> Iterator[None]:
+    """`seqedit run` starts an embedded Ray; leave none behind for other modules."""
+    yield
+    ray.shutdown()
+
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
+
+
+def test_there_are_examples() -> None:
+    assert len(EXAMPLES) >= 4
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_spec_validates(example: Path) -> None:
+    spec = validate_spec(example, schema_only=True)
+    assert spec.name == example.stem
+
+
+def _spec(tmp_path: Path, testbed: Path, stats: Path | None, **overrides: object) -> Path:
+    spec = {
+        "name": "ops",
+        "model": str(testbed),
+        "dataset": {"path": str(testbed / "requests.jsonl")},
+        "method": "rome",
+        "hparams": {"layer": TINY_LAYER, "context_templates": ["{}"]},
+        "stats": str(stats) if stats else None,
+        "n_edits": 6,
+        "shard_size": 3,
+        "resources": {"torch_threads": 1},
+        **overrides,
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_validate_checks_model_data_and_stats(
+    tiny_testbed: Path, tiny_stats: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = _spec(tmp_path, tiny_testbed, tiny_stats)
+    assert main(["validate", str(good)]) == 0
+    assert "ok (schema, hparams, model, data, stats)" in capsys.readouterr().out
+    with pytest.raises(SpecError, match="field 'n_edits' is 1000"):
+        validate_spec(_spec(tmp_path, tiny_testbed, tiny_stats, n_edits=1000, shard_size=None))
+    with pytest.raises(SpecError, match="field 'model': no model directory"):
+        validate_spec(_spec(tmp_path, tmp_path / "nowhere", tiny_stats))
+    with pytest.raises(SpecError, match="field 'stats': method rome needs"):
+        validate_spec(_spec(tmp_path, tiny_testbed, None))
+    with pytest.raises(HparamsError, match="did you mean 'layer'"):
+        validate_spec(_spec(tmp_path, tiny_testbed, tiny_stats, hparams={"layr": 0}))
+    assert main(["validate", str(_spec(tmp_path, tiny_testbed, tiny_stats, method="romee"))]) == 2
+    assert "did you mean 'rome'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_status_and_rerun_of_a_failed_shard(
+    tiny_testbed: Path, tiny_stats: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    campaign = tmp_path / "c"
+    assert main(["run", str(_spec(tmp_path, tiny_testbed, tiny_stats)), "--out", str(campaign),
+                 "--quiet"]) == 0  # fmt: skip
+    assert frozen_spec(campaign).n_edits == 6
+    capsys.readouterr()
+
+    state_file = campaign / "state.json"
+    state = json.loads(state_file.read_text())
+    state["shards"][1].update(status="failed", error="RuntimeError('editor died')",
+                              steps_done=1, done_attempt=None)  # fmt: skip
+    state["status"] = "failed"
+    state_file.write_text(json.dumps(state))
+    shutil.rmtree(campaign / "tables" / "edits" / "shard=1")
+
+    assert main(["status", str(campaign)]) == 0
+    out = capsys.readouterr().out
+    assert "campaign ops: failed, 4/6 steps" in out
+    assert "failed" in out and "editor died" in out and "1/3" in out
+
+    assert main(["rerun", str(campaign), "--quiet"]) == 0
+    assert "campaign ops: done" in capsys.readouterr().out
+    assert main(["status", str(campaign)]) == 0
+    out = capsys.readouterr().out
+    assert "done, 6/6 steps" in out and "failed" not in out
+    assert main(["query", str(campaign), "SELECT count(*) AS n, max(attempt) AS a FROM edits",
+                 "--format", "json"]) == 0  # fmt: skip
+    assert '"n": 6' in capsys.readouterr().out
