@@ -102,12 +102,17 @@ def derived_tensors(
         path = derived_path(stats_dir, key)
         if path.is_file():
             tensors = _load(path, key)
+            # a fresh allocation, as a computed tensor has: BLAS kernels may round differently
+            # on the differently aligned buffers safetensors returns (not bit-identical)
             derived[layer] = {
-                name: t.to(device=moment.device, dtype=moment.dtype) for name, t in tensors.items()
+                name: t.to(device=moment.device, dtype=moment.dtype, copy=True)
+                for name, t in tensors.items()
             }
             counts["loaded"] += 1
             continue
-        derived[layer] = method.derive(config, moment)
+        # contiguous, as a loaded file is: LAPACK returns column-major results, and a
+        # matmul with another memory layout can round differently (not bit-identical)
+        derived[layer] = {n: t.contiguous() for n, t in method.derive(config, moment).items()}
         _save(path, key, derived[layer])
         counts["computed"] += 1
     return derived, counts

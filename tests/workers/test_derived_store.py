@@ -17,6 +17,7 @@ from seqedit.methods.alphaedit import (
     null_space_projector,
     projector_from_basis,
 )
+from seqedit.testbed.build import load_testbed
 from seqedit.workers.derived_store import DERIVED_DIR
 from seqedit.workers.editor import SequentialEditor
 from seqedit.workers.stats import StatsStoreError
@@ -101,3 +102,22 @@ def test_rome_caches_its_inverse(tiny_testbed: Path, stats_copy: Path) -> None:
         {"loaded": 1, "computed": 0},
     )
     assert torch.equal(first.context.inv_second_moment, second.context.inv_second_moment)
+
+
+def test_edits_are_bit_identical_whether_the_cache_was_hit_or_missed(
+    tiny_testbed: Path, stats_copy: Path
+) -> None:
+    """A loaded buffer is aligned differently from a computed one, and BLAS may round
+    differently on it: the store hands out fresh allocations either way."""
+    _, requests = load_testbed(tiny_testbed)
+    hparams = {**QUICK_HPARAMS["rome"], "mom2_adjustment": True}
+    fingerprints = []
+    for expected in ({"loaded": 0, "computed": 1}, {"loaded": 1, "computed": 0}):
+        editor = SequentialEditor(
+            str(tiny_testbed), "rome", hparams, stats_dir=str(stats_copy), campaign="t"
+        )
+        assert editor.derived_counts == expected
+        for step, request in enumerate(requests[:3]):
+            editor.edit(request, step)
+        fingerprints.append(editor.weights_fingerprint())
+    assert fingerprints[0] == fingerprints[1]
