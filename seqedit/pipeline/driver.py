@@ -114,6 +114,43 @@ def run_campaign(
     state = prepare_dir(spec, root)
     requests = select_requests(spec, root)
     _ensure_ray()
+    editor = _start_editor(spec, root, state)
+    state.status = "running"
+    state.save(root)
+    try:
+        for shard in state.shards:
+            if shard.status == "done":
+                continue
+            while True:
+                try:
+                    _run_shard(spec, root, state, shard, editor, requests, progress)
+                    break
+                except EDITOR_DIED as exc:
+                    if shard.attempt + 1 >= spec.max_attempts:
+                        raise
+                    log.warning("shard %d: editor died (%s); retrying", shard.index, exc)
+                    ray.kill(editor)
+                    editor = _start_editor(spec, root, state)
+        state.status = "done"
+    except BaseException:
+        state.status = "failed"
+        raise
+    finally:
+        state.save(root)
+        ray.kill(editor)
+    return state
+
+
+EDITOR_DIED = (
+    ray.exceptions.RayActorError,
+    ray.exceptions.WorkerCrashedError,
+    ray.exceptions.ObjectLostError,
+)
+"""Errors of a lost editor process (killed, out of memory, node gone): worth a retry."""
+
+
+def _start_editor(spec: CampaignSpec, root: Path, state: CampaignState) -> ray.actor.ActorHandle:
+    """A new editor actor, placed where the campaign stands (see `_resume`)."""
     actor_cls = ray.remote(SequentialEditor).options(
         num_cpus=spec.resources.num_cpus, num_gpus=spec.resources.num_gpus, max_restarts=0
     )
@@ -130,21 +167,7 @@ def run_campaign(
     description = ray.get(editor.describe.remote())
     write_text_atomic(root / "method.json", json.dumps(description, indent=2))
     _resume(root, state, editor)
-    state.status = "running"
-    state.save(root)
-    try:
-        for shard in state.shards:
-            if shard.status == "done":
-                continue
-            _run_shard(spec, root, state, shard, editor, requests, progress)
-        state.status = "done"
-    except BaseException:
-        state.status = "failed"
-        raise
-    finally:
-        state.save(root)
-        ray.kill(editor)
-    return state
+    return editor
 
 
 def checkpoint_path(campaign_dir: Path, shard: int) -> Path:
@@ -184,6 +207,7 @@ def _run_shard(
     clear_attempt(root, shard.index, shard.attempt)
     shard.status, shard.started_at, shard.error = "running", now(), None
     shard.steps_done = 0
+    shard.worker_pid = ray.get(editor.pid.remote())
     state.save(root)
     edit_rows, eval_rows, part = [], [], 0
     try:

@@ -35,6 +35,7 @@ class ShardState(BaseModel):
     attempt: int = Field(default=0, description="Number of the latest attempt (0-based).")
     done_attempt: int | None = Field(default=None, description="Attempt whose rows count.")
     steps_done: int = Field(default=0, ge=0, description="Steps of the latest attempt done.")
+    worker_pid: int | None = Field(default=None, description="Process of the latest attempt.")
     error: str | None = None
     started_at: str | None = None
     finished_at: str | None = None

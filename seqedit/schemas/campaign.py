@@ -54,6 +54,12 @@ class CampaignSpec(BaseModel):
     eval_batch_size: int = Field(default=64, gt=0)
     seed: int = 0
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    max_attempts: int = Field(
+        default=3,
+        ge=1,
+        description="Attempts per shard when its editor process dies; each retry starts a "
+        "new editor from the last checkpoint. Other errors stop the campaign at once.",
+    )
 
     @model_validator(mode="after")
     def _shard_fits(self) -> CampaignSpec:

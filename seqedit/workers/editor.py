@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import logging
 import math
+import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -70,7 +71,9 @@ def parse_edit_log(tensors: dict[str, torch.Tensor]) -> dict[int, list[LowRankDe
     for (step, module), pair in sorted(factors.items()):
         if set(pair) != {"left", "right"}:
             raise ValueError(f"edit log step {step} module {module!r} lacks a factor: {pair}")
-        steps.setdefault(step, []).append(LowRankDelta(module, pair["left"], pair["right"]))
+        # fresh allocations: BLAS may round differently on the buffers safetensors returns
+        left, right = pair["left"].clone(), pair["right"].clone()
+        steps.setdefault(step, []).append(LowRankDelta(module, left, right))
     return steps
 
 
@@ -238,6 +241,10 @@ class SequentialEditor:
             self._params[delta.module].copy_(master.to(self._params[delta.module].dtype))
 
     # --- inspection ----------------------------------------------------------------------
+
+    def pid(self) -> int:
+        """The operating-system process this editor runs in."""
+        return os.getpid()
 
     def describe(self) -> dict[str, Any]:
         """What the campaign records about its method: name, version, validated config,

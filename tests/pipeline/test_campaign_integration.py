@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -142,3 +146,51 @@ def test_missing_checkpoint_is_a_clear_error(
     (tmp_path / "c" / "checkpoints" / "shard=0.safetensors").unlink()
     with pytest.raises(Exception, match=r"shard=0\.safetensors: unreadable checkpoint"):
         run_campaign(spec, tmp_path / "c")
+
+
+def _kill_editor_in_shard(campaign: Path, shard: int, after_steps: int) -> int:
+    """Wait until `shard` has done `after_steps` steps, then SIGKILL its editor process."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            current = CampaignState.load(campaign).shards[shard]
+        except (FileNotFoundError, ValueError):
+            current = None
+        if current is not None and current.steps_done >= after_steps and current.worker_pid:
+            os.kill(current.worker_pid, signal.SIGKILL)
+            return current.worker_pid
+        time.sleep(0.005)
+    raise TimeoutError(f"shard {shard} never reached step {after_steps}")
+
+
+@pytest.mark.slow
+def test_killed_editor_is_retried_from_the_checkpoint_with_identical_results(
+    ray_local: None, tiny_testbed: Path, tiny_stats: Path, tmp_path: Path
+) -> None:
+    spec = load_spec(_spec(tmp_path, tiny_testbed, tiny_stats))
+    reference = run_campaign(spec, tmp_path / "reference")
+
+    outcome: dict[str, object] = {}
+    runner = threading.Thread(
+        target=lambda: outcome.update(state=run_campaign(spec, tmp_path / "killed"))
+    )
+    runner.start()
+    killed_pid = _kill_editor_in_shard(tmp_path / "killed", shard=1, after_steps=3)
+    runner.join(timeout=300)
+    state = outcome["state"]
+    assert isinstance(state, CampaignState) and state.status == "done"
+    assert state.shards[0].attempt == 0 and state.shards[1].attempt == 1
+    assert state.shards[1].worker_pid != killed_pid
+    assert [s.weights_fingerprint for s in state.shards] == [
+        s.weights_fingerprint for s in reference.shards
+    ]
+    sql = "SELECT step, case_id, p_new_after, p_true_after FROM edits ORDER BY step"
+    assert (
+        query(tmp_path / "killed", sql).to_pylist()
+        == query(tmp_path / "reference", sql).to_pylist()
+    )
+    sql = "SELECT n_edits_applied, case_id, es, ps, ns FROM evals ORDER BY 1, 2"
+    assert (
+        query(tmp_path / "killed", sql).to_pylist()
+        == query(tmp_path / "reference", sql).to_pylist()
+    )
