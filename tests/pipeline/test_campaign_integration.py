@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -14,9 +16,10 @@ import ray
 import yaml
 from safetensors.torch import load_file
 
+from seqedit.pipeline.cli import main
 from seqedit.pipeline.commands import curve_sql
 from seqedit.pipeline.driver import CampaignDirError, run_campaign
-from seqedit.pipeline.state import CampaignState
+from seqedit.pipeline.state import CampaignState, ShardState
 from seqedit.pipeline.store import query
 from seqedit.schemas.campaign import load_spec
 from seqedit.workers.editor import SequentialEditor
@@ -148,19 +151,30 @@ def test_missing_checkpoint_is_a_clear_error(
         run_campaign(spec, tmp_path / "c")
 
 
-def _kill_editor_in_shard(campaign: Path, shard: int, after_steps: int) -> int:
-    """Wait until `shard` has done `after_steps` steps, then SIGKILL its editor process."""
-    deadline = time.monotonic() + 120
+def _wait_for_step(
+    campaign: Path, shard: int, after_steps: int, alive: subprocess.Popen | None = None
+) -> ShardState:
+    """Poll state.json until `shard` has done `after_steps` steps; its state then."""
+    deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
+        if alive is not None and alive.poll() is not None:
+            raise RuntimeError(f"the campaign process exited early ({alive.returncode})")
         try:
             current = CampaignState.load(campaign).shards[shard]
         except (FileNotFoundError, ValueError):
             current = None
         if current is not None and current.steps_done >= after_steps and current.worker_pid:
-            os.kill(current.worker_pid, signal.SIGKILL)
-            return current.worker_pid
+            return current
         time.sleep(0.005)
     raise TimeoutError(f"shard {shard} never reached step {after_steps}")
+
+
+def _kill_editor_in_shard(campaign: Path, shard: int, after_steps: int) -> int:
+    """Wait until `shard` has done `after_steps` steps, then SIGKILL its editor process."""
+    pid = _wait_for_step(campaign, shard, after_steps).worker_pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    return pid
 
 
 @pytest.mark.slow
@@ -194,3 +208,34 @@ def test_killed_editor_is_retried_from_the_checkpoint_with_identical_results(
         query(tmp_path / "killed", sql).to_pylist()
         == query(tmp_path / "reference", sql).to_pylist()
     )
+
+
+@pytest.mark.slow
+def test_killed_driver_process_then_rerun_gives_the_uninterrupted_result(
+    ray_local: None, tiny_testbed: Path, tiny_stats: Path, tmp_path: Path
+) -> None:
+    """`seqedit run` in its own process group (driver plus its embedded Ray) is killed
+    mid-shard, as a crashed machine would be; `seqedit rerun` then finishes the campaign."""
+    spec_file = _spec(tmp_path, tiny_testbed, tiny_stats)
+    reference = run_campaign(load_spec(spec_file), tmp_path / "reference")
+    campaign = tmp_path / "killed"
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "seqedit.pipeline.cli", "run", str(spec_file),
+         "--out", str(campaign), "--quiet"],
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        _wait_for_step(campaign, shard=1, after_steps=3, alive=driver)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=60)
+    assert CampaignState.load(campaign).shards[1].status == "running"  # died mid-shard
+
+    assert main(["rerun", str(campaign), "--quiet"]) == 0
+    state = CampaignState.load(campaign)
+    assert state.status == "done" and state.shards[1].attempt == 1
+    assert [s.weights_fingerprint for s in state.shards] == [
+        s.weights_fingerprint for s in reference.shards
+    ]
+    sql = "SELECT step, case_id, p_new_after, p_true_after FROM edits ORDER BY step"
+    assert query(campaign, sql).to_pylist() == query(tmp_path / "reference", sql).to_pylist()
