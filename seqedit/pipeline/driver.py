@@ -25,7 +25,10 @@ from seqedit.pipeline.store import clear_attempt, write_part
 from seqedit.schemas.campaign import CampaignSpec
 from seqedit.schemas.loaders import load_requests, write_quarantine
 from seqedit.schemas.requests import EditRequest
+from seqedit.schemas.tables import EditRow, EvalRow, HealthRow
 from seqedit.workers.editor import SequentialEditor
+from seqedit.workers.health import HealthMonitor
+from seqedit.workers.health import action as health_action
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +118,7 @@ def run_campaign(
     requests = select_requests(spec, root)
     _ensure_ray()
     editor = _start_editor(spec, root, state)
+    monitor = HealthMonitor(spec.health, spec.name)
     state.status = "running"
     state.save(root)
     try:
@@ -123,7 +127,7 @@ def run_campaign(
                 continue
             while True:
                 try:
-                    _run_shard(spec, root, state, shard, editor, requests, progress)
+                    _run_shard(spec, root, state, shard, editor, requests, progress, monitor)
                     break
                 except EDITOR_DIED as exc:
                     if shard.attempt + 1 >= spec.max_attempts:
@@ -131,7 +135,10 @@ def run_campaign(
                     log.warning("shard %d: editor died (%s); retrying", shard.index, exc)
                     ray.kill(editor)
                     editor = _start_editor(spec, root, state)
-        state.status = "done"
+                    monitor = HealthMonitor(spec.health, spec.name)
+            if shard.status == "stopped":
+                break
+        state.status = "stopped" if any(s.status == "stopped" for s in state.shards) else "done"
     except BaseException:
         state.status = "failed"
         raise
@@ -163,7 +170,9 @@ def _start_editor(spec: CampaignSpec, root: Path, state: CampaignState) -> ray.a
         seed=spec.seed,
         torch_threads=spec.resources.torch_threads,
         device="cuda" if spec.resources.num_gpus > 0 else "cpu",
-    )
+        keep_undo=ROLLBACK & {spec.health.on_unverified, spec.health.on_update_norm,
+                              spec.health.on_trend} != set(),
+    )  # fmt: skip
     description = ray.get(editor.describe.remote())
     write_text_atomic(root / "method.json", json.dumps(description, indent=2))
     _resume(root, state, editor)
@@ -173,6 +182,10 @@ def _start_editor(spec: CampaignSpec, root: Path, state: CampaignState) -> ray.a
 def checkpoint_path(campaign_dir: Path, shard: int) -> Path:
     """Where the editor's state after shard `shard` is kept."""
     return campaign_dir / "checkpoints" / f"shard={shard}.safetensors"
+
+
+ROLLBACK = {"skip", "stop"}
+"""Health policies that roll the failing edit back (stop: to the last healthy state)."""
 
 
 def _resume(root: Path, state: CampaignState, editor: ray.actor.ActorHandle) -> None:
@@ -201,25 +214,36 @@ def _run_shard(
     editor: ray.actor.ActorHandle,
     requests: list[EditRequest],
     progress: ProgressCallback | None,
+    monitor: HealthMonitor,
 ) -> None:
-    if shard.status in ("running", "failed"):
+    if shard.status in ("running", "failed", "stopped"):
         shard.attempt += 1
     clear_attempt(root, shard.index, shard.attempt)
     shard.status, shard.started_at, shard.error = "running", now(), None
     shard.steps_done = 0
     shard.worker_pid = ray.get(editor.pid.remote())
     state.save(root)
-    edit_rows, eval_rows, part = [], [], 0
+    edit_rows: list[EditRow] = []
+    eval_rows: list[EvalRow] = []
+    health_rows: list[HealthRow] = []
+    stopped: str | None = None
     try:
         for step in range(shard.start, shard.stop):
-            edit_rows.append(ray.get(editor.edit.remote(requests[step], step)))
+            row, checks = _checked_edit(editor, requests[step], step, monitor)
+            edit_rows.append(row)
+            health_rows.extend(checks)
             shard.steps_done = step + 1 - shard.start
             state.save(root)  # atomic; `seqedit status` reads it while we run
             if progress is not None:
                 progress(step + 1, spec.n_edits)
             applied = step + 1
             last = applied == spec.n_edits
-            if last or (spec.eval_every and applied % spec.eval_every == 0):
+            if any(c.action == "stop" for c in checks):
+                failed = [c for c in checks if c.action == "stop"]
+                stopped = f"health stop after step {step}: " + "; ".join(
+                    f"{c.check_name} {c.value:.4g} (limit {c.threshold})" for c in failed
+                )
+            if last or stopped or (spec.eval_every and applied % spec.eval_every == 0):
                 eval_rows.extend(
                     ray.get(
                         editor.evaluate.remote(
@@ -230,9 +254,11 @@ def _run_shard(
                         )
                     )
                 )
-        write_part(root, "edits", shard.index, shard.attempt, part, edit_rows)
-        if eval_rows:
-            write_part(root, "evals", shard.index, shard.attempt, part, eval_rows)
+            if stopped:
+                break
+        for table, rows in (("edits", edit_rows), ("evals", eval_rows), ("health", health_rows)):
+            if rows:
+                write_part(root, table, shard.index, shard.attempt, 0, rows)
         tensors = ray.get(editor.take_edit_log.remote())
         write_atomic(
             root / "editlog" / f"shard={shard.index}.safetensors",
@@ -244,5 +270,20 @@ def _run_shard(
     except Exception as exc:
         shard.status, shard.error, shard.finished_at = "failed", repr(exc), now()
         raise
-    shard.status, shard.done_attempt, shard.finished_at = "done", shard.attempt, now()
+    shard.status = "stopped" if stopped else "done"
+    shard.error, shard.done_attempt, shard.finished_at = stopped, shard.attempt, now()
     state.save(root)
+
+
+def _checked_edit(
+    editor: ray.actor.ActorHandle, request: EditRequest, step: int, monitor: HealthMonitor
+) -> tuple[EditRow, list[HealthRow]]:
+    """Apply one edit, run the health checks; roll it back when a policy says skip/stop."""
+    row: EditRow = ray.get(editor.edit.remote(request, step))
+    checks = monitor.observe(row)
+    if health_action(checks) in ROLLBACK:
+        ray.get(editor.undo_last.remote())
+        row = row.model_copy(update={"rolled_back": True})
+    else:
+        monitor.keep(row)
+    return row, checks

@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from seqedit.files import write_text_atomic
 
-ShardStatus = Literal["pending", "running", "done", "failed"]
+ShardStatus = Literal["pending", "running", "done", "failed", "stopped"]
+"""stopped: a health check with policy `stop` ended the shard; its rows up to then count."""
 STATE_FILE = "state.json"
 
 
@@ -54,7 +55,7 @@ class CampaignState(BaseModel):
     campaign: str
     spec_hash: str
     shards: list[ShardState]
-    status: Literal["pending", "running", "done", "failed"] = "pending"
+    status: Literal["pending", "running", "done", "failed", "stopped"] = "pending"
     updated_at: str = Field(default_factory=now)
 
     def save(self, campaign_dir: str | Path) -> None:
@@ -78,5 +79,5 @@ class CampaignState(BaseModel):
         return [
             (s.index, s.done_attempt)
             for s in self.shards
-            if s.status == "done" and s.done_attempt is not None
+            if s.status in ("done", "stopped") and s.done_attempt is not None
         ]

@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from seqedit.schemas.tables import HealthAction
 from seqedit.schemas.yaml_file import read_yaml_mapping
 
 
@@ -35,6 +36,32 @@ class ResourcesSpec(BaseModel):
     torch_threads: int | None = Field(default=None, ge=1, description="None: Ray's default.")
 
 
+class HealthSpec(BaseModel):
+    """Health checks after every edit and what a failure does (`record`, `skip`: roll the
+    edit back, `stop`: stop the campaign at the last healthy state)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    window: int = Field(default=50, ge=1, description="Edits in the rolling trend window.")
+    min_success_rate: float | None = Field(
+        default=0.5, ge=0, le=1, description="Trend: share of verified edits in the window."
+    )
+    min_target_prob: float | None = Field(
+        default=1e-3,
+        ge=0,
+        description="Trend: median P(new) right after the edit over the window (a value "
+        "stuck near 1e-5 is the ROME collapse).",
+    )
+    max_update_norm: float | None = Field(
+        default=None, gt=0, description="Per edit: Frobenius norm of the update."
+    )
+    on_unverified: HealthAction = Field(
+        default="record", description="An edit that leaves P(new) <= P(true)."
+    )
+    on_update_norm: HealthAction = Field(default="skip", description="An update above the norm.")
+    on_trend: HealthAction = Field(default="stop", description="A trend below its threshold.")
+
+
 class CampaignSpec(BaseModel):
     """A sequential editing campaign. Relative paths are resolved against the spec's folder."""
 
@@ -54,6 +81,7 @@ class CampaignSpec(BaseModel):
     eval_batch_size: int = Field(default=64, gt=0)
     seed: int = 0
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    health: HealthSpec = Field(default_factory=HealthSpec)
     max_attempts: int = Field(
         default=3,
         ge=1,

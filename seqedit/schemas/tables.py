@@ -44,6 +44,9 @@ class EditRow(BaseModel):
     update_norm: float = Field(description="Frobenius norm of this edit's weight update.")
     weight_drift: float = Field(description="max over layers of ||W_t - W_0||_F / ||W_0||_F.")
     seconds: float = Field(description="Wall time of the edit (optimisation + update).")
+    rolled_back: bool = Field(
+        default=False, description="A health policy undid this edit (it is not in the model)."
+    )
 
 
 class EvalRow(BaseModel):
@@ -100,5 +103,24 @@ def arrow_schema(row_model: type[BaseModel]) -> pa.Schema:
     return pa.schema(fields)
 
 
-TABLES: dict[str, type[BaseModel]] = {"edits": EditRow, "evals": EvalRow}
+HealthAction = Literal["record", "skip", "stop"]
+"""What a failed health check does: keep a row only, roll the edit back, or stop the run."""
+
+
+class HealthRow(BaseModel):
+    """One health-check result after one edit (every check of every edit is a row)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    campaign: str
+    step: int = Field(description="The edit after which the check ran.")
+    case_id: int
+    check_name: str = Field(description="verified | update_norm | success_rate | target_prob.")
+    value: float = Field(description="What was measured (NaN while a window fills).")
+    threshold: float | None = Field(description="The limit it was held to.")
+    passed: bool
+    action: str = Field(description="none, or the policy applied on failure: record/skip/stop.")
+
+
+TABLES: dict[str, type[BaseModel]] = {"edits": EditRow, "evals": EvalRow, "health": HealthRow}
 """Every table of a campaign, by name: the DuckDB view of the same name reads it."""

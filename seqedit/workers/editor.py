@@ -56,18 +56,24 @@ def _jsonable(value: Any) -> Any:
 
 _WEIGHT, _STATE = "weight.", "state."
 _LOG_KEY = re.compile(r"step(\d+)\.(.+)\.(left|right)")
+_SKIPPED_KEY = re.compile(r"step(\d+)\.rolled_back")
 
 
 def parse_edit_log(tensors: dict[str, torch.Tensor]) -> dict[int, list[LowRankDelta]]:
-    """Step -> deltas, from "step<N>.<module>.left|right" tensors (`take_edit_log`)."""
+    """Step -> deltas, from "step<N>.<module>.left|right" tensors (`take_edit_log`); a
+    rolled-back step ("step<N>.rolled_back") has no deltas."""
     factors: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    steps: dict[int, list[LowRankDelta]] = {}
     for key, tensor in tensors.items():
+        skipped = _SKIPPED_KEY.fullmatch(key)
+        if skipped is not None:
+            steps[int(skipped[1])] = []
+            continue
         match = _LOG_KEY.fullmatch(key)
         if match is None:
             raise ValueError(f"edit log key {key!r} is not step<N>.<module>.left|right")
         step, module, side = int(match[1]), match[2], match[3]
         factors.setdefault((step, module), {})[side] = tensor
-    steps: dict[int, list[LowRankDelta]] = {}
     for (step, module), pair in sorted(factors.items()):
         if set(pair) != {"left", "right"}:
             raise ValueError(f"edit log step {step} module {module!r} lacks a factor: {pair}")
@@ -92,6 +98,8 @@ class SequentialEditor:
         campaign: campaign name, written into every row.
         seed: torch seed set once at start, so a campaign is deterministic on CPU.
         torch_threads: intra-op threads for this worker (None keeps the current setting).
+        keep_undo: snapshot the edited weights and method state before every edit, so that
+            `undo_last` can roll the edit back exactly (costs a copy of the edited weights).
     """
 
     def __init__(
@@ -105,6 +113,7 @@ class SequentialEditor:
         seed: int = 0,
         torch_threads: int | None = None,
         device: str = "cpu",
+        keep_undo: bool = False,
     ) -> None:
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)
@@ -151,6 +160,8 @@ class SequentialEditor:
         self.edit_log: list[tuple[int, list[LowRankDelta]]] = []
         self.n_applied = 0  # edits (requests) applied
         self.n_steps = 0  # edit steps applied (a batch is one step)
+        self.keep_undo = keep_undo
+        self._undo: dict[str, torch.Tensor] | None = None
 
     # --- editing -------------------------------------------------------------------------
 
@@ -192,6 +203,7 @@ class SequentialEditor:
     ) -> list[EditRow]:
         start = time.perf_counter()
         before = [self._rewrite_probs(request) for request in requests]
+        self._undo = self.checkpoint() if self.keep_undo else None
         result = compute()
         for delta in result.deltas:
             if not (torch.isfinite(delta.left).all() and torch.isfinite(delta.right).all()):
@@ -304,6 +316,17 @@ class SequentialEditor:
         self.n_steps = int(checkpoint["n_steps"][0])
         self.edit_log = []
 
+    def undo_last(self) -> None:
+        """Roll the last edit step back exactly (needs `keep_undo`). The step stays in the
+        edit log as rolled back, so replay still sees every step."""
+        if self._undo is None:
+            raise ValueError("nothing to undo: keep_undo is off, or the step was undone already")
+        step, _ = self.edit_log[-1]
+        log = [*self.edit_log[:-1], (step, [])]
+        self.restore(self._undo)
+        self.edit_log, self._undo = log, None
+        self.n_steps += 1  # the step was taken; it just changed nothing
+
     def save_checkpoint(self, path: str | Path) -> str:
         """`checkpoint()` to a file (atomically); returns the weights fingerprint."""
         return save_checkpoint(self, Path(path))
@@ -333,13 +356,15 @@ class SequentialEditor:
                     raise ValueError(f"logged module {delta.module!r} is not edited here")
                 self._apply(delta)
             self.n_steps += 1
-        self.n_applied += len(steps)  # the log does not say how many requests a step had
+            self.n_applied += bool(deltas)  # the log does not say how many requests a step had
         return len(steps)
 
     def take_edit_log(self) -> dict[str, torch.Tensor]:
         """The factors of the edits applied since the last call, keyed for safetensors."""
         tensors: dict[str, torch.Tensor] = {}
         for step, deltas in self.edit_log:
+            if not deltas:  # rolled back by a health policy: the step happened, changed nothing
+                tensors[f"step{step}.rolled_back"] = torch.zeros(0)
             for delta in deltas:
                 tensors[f"step{step}.{delta.module}.left"] = delta.left.contiguous()
                 tensors[f"step{step}.{delta.module}.right"] = delta.right.contiguous()

@@ -239,3 +239,59 @@ def test_killed_driver_process_then_rerun_gives_the_uninterrupted_result(
     ]
     sql = "SELECT step, case_id, p_new_after, p_true_after FROM edits ORDER BY step"
     assert query(campaign, sql).to_pylist() == query(tmp_path / "reference", sql).to_pylist()
+
+
+COLLAPSE = {"layer": TINY_LAYER, "context_templates": ["{}"], "clamp_norm_factor": 1000,
+            "v_weight_decay": 0, "v_lr": 100, "kl_factor": 0, "early_stop_loss": 0}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_collapsing_campaign_is_stopped_at_the_last_healthy_state(
+    ray_local: None, tiny_testbed: Path, tiny_stats: Path, tmp_path: Path
+) -> None:
+    """ROME with a wild learning rate and no clamp drives P(new) after each edit towards
+    zero (the reported ROME collapse); the target_prob trend stops the campaign."""
+    health = {"window": 4, "min_target_prob": 1e-3, "min_success_rate": None}
+    spec = load_spec(_spec(tmp_path, tiny_testbed, tiny_stats, hparams=COLLAPSE, health=health))
+    state = run_campaign(spec, tmp_path / "c")
+    assert state.status == "stopped"
+    stopped = next(s for s in state.shards if s.status == "stopped")
+    assert stopped.error and "target_prob" in stopped.error
+    assert all(s.status == "pending" for s in state.shards[stopped.index + 1 :])
+
+    why_sql = (
+        "SELECT step, value, threshold, action FROM health "
+        "WHERE check_name = 'target_prob' AND NOT passed ORDER BY step"
+    )
+    why = query(tmp_path / "c", why_sql).to_pylist()
+    assert why and why[0]["action"] == "stop" and why[0]["value"] < 1e-3
+    last = query(tmp_path / "c", "SELECT step, rolled_back FROM edits ORDER BY step DESC "
+                 "LIMIT 1").to_pylist()[0]  # fmt: skip
+    assert last == {"step": why[0]["step"], "rolled_back": True}
+    evals = query(tmp_path / "c", "SELECT max(n_edits_applied) AS n FROM evals").to_pylist()
+    assert evals == [{"n": why[0]["step"]}]  # scored at the stop, without the rolled-back edit
+
+    # the checkpoint is the last healthy state: replaying the log (rolled-back step marked)
+    replayed = SequentialEditor(str(tiny_testbed), "rome", COLLAPSE,
+                                stats_dir=str(tiny_stats), campaign="r")  # fmt: skip
+    for shard in state.shards[: stopped.index + 1]:
+        replayed.replay(load_file(tmp_path / "c" / "editlog" / f"shard={shard.index}.safetensors"))
+    assert replayed.weights_fingerprint() == stopped.weights_fingerprint
+
+
+@pytest.mark.slow
+def test_skip_policy_rolls_every_oversized_edit_back(
+    ray_local: None, tiny_testbed: Path, tiny_stats: Path, tmp_path: Path
+) -> None:
+    health = {"max_update_norm": 1e-9, "on_update_norm": "skip"}
+    spec = load_spec(_spec(tmp_path, tiny_testbed, tiny_stats, n_edits=4, shard_size=None,
+                           eval_every=None, health=health))  # fmt: skip
+    state = run_campaign(spec, tmp_path / "c")
+    assert state.status == "done"
+    base = SequentialEditor(str(tiny_testbed), "rome", spec.hparams,
+                            stats_dir=str(tiny_stats), campaign="b")  # fmt: skip
+    assert state.shards[0].weights_fingerprint == base.weights_fingerprint()  # nothing kept
+    rows = query(tmp_path / "c", "SELECT count(*) AS n, bool_and(rolled_back) AS all_back, "
+                 "count(*) FILTER (WHERE check_name = 'update_norm' AND action = 'skip') AS skips "
+                 "FROM edits JOIN health USING (step)").to_pylist()  # fmt: skip
+    assert rows[0]["all_back"] and rows[0]["skips"] == 4

@@ -1,0 +1,105 @@
+"""Health checks after every edit: is the edit verified, is the update sane, is the run
+trending towards collapse? Pure bookkeeping over `EditRow`s, no model access.
+
+Per edit: `verified` (P(new) > P(true) right after the edit) and, when configured,
+`update_norm`. Over a rolling window of the last `window` edits that stayed in the model:
+`success_rate` (share verified) and `target_prob` (median P(new) after the edit; the ROME
+collapse shows as a value stuck near 1e-5). A trend check fails only once its window is
+full. Each result is a `HealthRow`; a failed check carries its policy as `action`.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+
+from seqedit.schemas.campaign import HealthSpec
+from seqedit.schemas.tables import EditRow, HealthAction, HealthRow
+
+_SEVERITY = {"none": 0, "record": 1, "skip": 2, "stop": 3}
+
+
+class HealthMonitor:
+    """Checks each new edit row against `spec`; remembers the window of kept edits."""
+
+    def __init__(self, spec: HealthSpec, campaign: str) -> None:
+        self.spec = spec
+        self.campaign = campaign
+        self.window: deque[EditRow] = deque(maxlen=spec.window)
+
+    def observe(self, row: EditRow) -> list[HealthRow]:
+        """The check rows of `row` (an edit just applied); see `action` for what to do."""
+        spec = self.spec
+        rows = [
+            self._row(row, "verified", float(row.success), 1.0, row.success, spec.on_unverified)
+        ]
+        if spec.max_update_norm is not None:
+            ok = math.isfinite(row.update_norm) and row.update_norm <= spec.max_update_norm
+            rows.append(
+                self._row(
+                    row,
+                    "update_norm",
+                    row.update_norm,
+                    spec.max_update_norm,
+                    ok,
+                    spec.on_update_norm,
+                )
+            )
+        window = [*self.window, row][-spec.window :]
+        full = len(window) >= spec.window
+        if spec.min_success_rate is not None:
+            rate = sum(r.success for r in window) / len(window)
+            rows.append(
+                self._row(
+                    row,
+                    "success_rate",
+                    rate,
+                    spec.min_success_rate,
+                    not full or rate >= spec.min_success_rate,
+                    spec.on_trend,
+                )
+            )
+        if spec.min_target_prob is not None:
+            median = statistics.median(r.p_new_after for r in window)
+            rows.append(
+                self._row(
+                    row,
+                    "target_prob",
+                    median,
+                    spec.min_target_prob,
+                    not full or median >= spec.min_target_prob,
+                    spec.on_trend,
+                )
+            )
+        return rows
+
+    def keep(self, row: EditRow) -> None:
+        """`row`'s edit stays in the model: it joins the trend window."""
+        self.window.append(row)
+
+    def _row(
+        self,
+        edit: EditRow,
+        check: str,
+        value: float,
+        threshold: float | None,
+        passed: bool,
+        policy: HealthAction,
+    ) -> HealthRow:
+        return HealthRow(
+            campaign=self.campaign,
+            step=edit.step,
+            case_id=edit.case_id,
+            check_name=check,
+            value=value,
+            threshold=threshold,
+            passed=passed,
+            action="none" if passed else policy,
+        )
+
+
+def action(rows: list[HealthRow]) -> HealthAction | None:
+    """The most severe action among `rows` (stop > skip > record), None when all passed."""
+    worst = max((r.action for r in rows), key=_SEVERITY.__getitem__, default="none")
+    return None if worst == "none" else worst  # type: ignore[return-value]

@@ -1,0 +1,81 @@
+"""Health checks: per-edit and trend checks, their policies, and exact roll-back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from seqedit.schemas.campaign import HealthSpec
+from seqedit.testbed.build import load_testbed
+from seqedit.workers.editor import SequentialEditor, parse_edit_log
+from seqedit.workers.health import HealthMonitor, action
+from tests.pipeline.rows import edit_row
+from tests.workers.test_every_method import QUICK_HPARAMS
+
+
+def _row(step: int, *, success: bool = True, p_new: float = 0.5, norm: float = 1.0):
+    return edit_row(step, step).model_copy(
+        update={"success": success, "p_new_after": p_new, "update_norm": norm}
+    )
+
+
+def test_failed_edit_is_recorded_and_a_big_update_skipped() -> None:
+    monitor = HealthMonitor(HealthSpec(max_update_norm=10.0, window=3), "c")
+    checks = monitor.observe(_row(0, success=False, norm=11.0))
+    by_check = {c.check_name: c for c in checks}
+    assert by_check["verified"].action == "record" and not by_check["verified"].passed
+    assert by_check["update_norm"].action == "skip" and by_check["update_norm"].value == 11.0
+    assert by_check["success_rate"].passed  # the window is not full yet
+    assert action(checks) == "skip"
+
+
+def test_trend_fires_once_the_window_is_full_of_collapse() -> None:
+    spec = HealthSpec(window=3, min_target_prob=1e-3, min_success_rate=None)
+    monitor = HealthMonitor(spec, "c")
+    actions = []
+    for step in range(4):
+        checks = monitor.observe(_row(step, p_new=1e-5))
+        actions.append(action(checks))
+        monitor.keep(_row(step, p_new=1e-5))
+    assert actions == [None, None, "stop", "stop"]
+    trend = next(c for c in checks if c.check_name == "target_prob")
+    assert trend.value == pytest.approx(1e-5) and trend.threshold == 1e-3
+
+
+def test_rolled_back_edits_leave_the_window_untouched() -> None:
+    monitor = HealthMonitor(HealthSpec(window=2, min_success_rate=0.5), "c")
+    monitor.observe(_row(0, success=False))  # not kept: rolled back by the caller
+    checks = monitor.observe(_row(1, success=False))
+    assert next(c for c in checks if c.check_name == "success_rate").passed  # window: 1 of 2
+
+
+def test_undo_last_restores_the_exact_state_and_the_log_replays(
+    tiny_testbed: Path, tiny_stats: Path
+) -> None:
+    _, requests = load_testbed(tiny_testbed)
+
+    def editor() -> SequentialEditor:
+        return SequentialEditor(
+            str(tiny_testbed), "alphaedit", QUICK_HPARAMS["alphaedit"],
+            stats_dir=str(tiny_stats), campaign="t", keep_undo=True,
+        )  # fmt: skip
+
+    edited = editor()
+    edited.edit(requests[0], 0)
+    before = edited.checkpoint()
+    edited.edit(requests[1], 1)
+    edited.undo_last()
+    after = edited.checkpoint()
+    assert before.keys() == after.keys()
+    assert all(before[k].equal(after[k]) for k in before if k != "n_steps")
+    assert int(after["n_steps"][0]) == 2 and int(after["n_applied"][0]) == 1
+    with pytest.raises(ValueError, match="nothing to undo"):
+        edited.undo_last()
+    edited.edit(requests[2], 2)
+    log = edited.take_edit_log()
+    assert "step1.rolled_back" in log and parse_edit_log(log)[1] == []
+
+    fresh = editor()
+    assert fresh.replay(log) == 3
+    assert fresh.weights_fingerprint() == edited.weights_fingerprint()
