@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import ray
-import yaml
 from safetensors.torch import load_file
 
 from seqedit.pipeline.cli import main
@@ -24,6 +23,7 @@ from seqedit.pipeline.store import query
 from seqedit.schemas.campaign import load_spec
 from seqedit.workers.editor import SequentialEditor
 from tests.conftest import TINY_LAYER
+from tests.pipeline.specs import write_spec
 
 N_EDITS = 20
 
@@ -36,22 +36,14 @@ def ray_local():
 
 
 def _spec(tmp_path: Path, testbed: Path, stats: Path, **overrides: object) -> Path:
-    spec = {
+    defaults = {
         "name": "it-rome",
-        "model": str(testbed),
-        "dataset": {"path": str(testbed / "requests.jsonl")},
-        "method": "rome",
         "hparams": {"layer": TINY_LAYER, "context_template_length_params": [[5, 2]]},
-        "stats": str(stats),
         "n_edits": N_EDITS,
         "shard_size": 10,
         "eval_every": 10,
-        "resources": {"torch_threads": 1},
-        **overrides,
     }
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
+    return write_spec(tmp_path, testbed, stats, **(defaults | overrides))
 
 
 @pytest.mark.slow

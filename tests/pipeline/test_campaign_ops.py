@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 import ray
-import yaml
 
 from seqedit.methods.config import HparamsError
 from seqedit.pipeline.campaign_ops import frozen_spec, validate_spec
 from seqedit.pipeline.cli import main
 from seqedit.schemas.campaign import SpecError
-from tests.conftest import TINY_LAYER
+from tests.pipeline.specs import write_spec
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -39,21 +38,8 @@ def test_every_example_spec_validates(example: Path) -> None:
 
 
 def _spec(tmp_path: Path, testbed: Path, stats: Path | None, **overrides: object) -> Path:
-    spec = {
-        "name": "ops",
-        "model": str(testbed),
-        "dataset": {"path": str(testbed / "requests.jsonl")},
-        "method": "rome",
-        "hparams": {"layer": TINY_LAYER, "context_templates": ["{}"]},
-        "stats": str(stats) if stats else None,
-        "n_edits": 6,
-        "shard_size": 3,
-        "resources": {"torch_threads": 1},
-        **overrides,
-    }
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
+    defaults = {"name": "ops", "n_edits": 6, "shard_size": 3}
+    return write_spec(tmp_path, testbed, stats, **(defaults | overrides))
 
 
 def test_validate_checks_model_data_and_stats(
