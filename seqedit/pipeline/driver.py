@@ -117,7 +117,7 @@ def run_campaign(
     state = prepare_dir(spec, root)
     requests = select_requests(spec, root)
     _ensure_ray()
-    editor = _start_editor(spec, root, state)
+    editor = _start_editor(spec, root, state, requests)
     monitor = HealthMonitor(spec.health, spec.name)
     state.status = "running"
     state.save(root)
@@ -134,7 +134,7 @@ def run_campaign(
                         raise
                     log.warning("shard %d: editor died (%s); retrying", shard.index, exc)
                     ray.kill(editor)
-                    editor = _start_editor(spec, root, state)
+                    editor = _start_editor(spec, root, state, requests)
                     monitor = HealthMonitor(spec.health, spec.name)
             if shard.status == "stopped":
                 break
@@ -156,7 +156,9 @@ EDITOR_DIED = (
 """Errors of a lost editor process (killed, out of memory, node gone): worth a retry."""
 
 
-def _start_editor(spec: CampaignSpec, root: Path, state: CampaignState) -> ray.actor.ActorHandle:
+def _start_editor(
+    spec: CampaignSpec, root: Path, state: CampaignState, requests: list[EditRequest]
+) -> ray.actor.ActorHandle:
     """A new editor actor, placed where the campaign stands (see `_resume`)."""
     actor_cls = ray.remote(SequentialEditor).options(
         num_cpus=spec.resources.num_cpus, num_gpus=spec.resources.num_gpus, max_restarts=0
@@ -175,8 +177,25 @@ def _start_editor(spec: CampaignSpec, root: Path, state: CampaignState) -> ray.a
     )  # fmt: skip
     description = ray.get(editor.describe.remote())
     write_text_atomic(root / "method.json", json.dumps(description, indent=2))
+    if spec.health.every:  # on the base model, before `_resume` moves it along
+        ray.get(editor.set_probes.remote(probe_prompts(requests, spec.health.n_probes)))
     _resume(root, state, editor)
     return editor
+
+
+def probe_prompts(requests: list[EditRequest], n: int) -> list[str]:
+    """The first `n` distinct neighbourhood prompts of `requests` (facts the edits must not
+    change), topped up with rewrite prompts when there are too few."""
+    prompts = [nb.prompt for r in requests for nb in r.neighborhood_prompts]
+    prompts += [r.filled_prompt for r in requests]
+    return list(dict.fromkeys(prompts))[:n]
+
+
+def retention_sample(applied: int, n: int) -> list[int]:
+    """Up to `n` evenly spaced indices of the first `applied` edits, first and last included."""
+    if applied <= n:
+        return list(range(applied))
+    return sorted({round(j * (applied - 1) / (n - 1)) for j in range(n)}) if n > 1 else [0]
 
 
 def checkpoint_path(campaign_dir: Path, shard: int) -> Path:
@@ -238,6 +257,12 @@ def _run_shard(
                 progress(step + 1, spec.n_edits)
             applied = step + 1
             last = applied == spec.n_edits
+            every = spec.health.every
+            if every and applied % every == 0 and not any(c.action == "stop" for c in checks):
+                sample = [requests[i] for i in retention_sample(applied, spec.health.n_retention)]
+                metrics = ray.get(editor.periodic_health.remote(sample))
+                checks = monitor.periodic(row, metrics)
+                health_rows.extend(checks)
             if any(c.action == "stop" for c in checks):
                 failed = [c for c in checks if c.action == "stop"]
                 stopped = f"health stop after step {step}: " + "; ".join(

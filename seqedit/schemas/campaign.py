@@ -60,6 +60,32 @@ class HealthSpec(BaseModel):
     )
     on_update_norm: HealthAction = Field(default="skip", description="An update above the norm.")
     on_trend: HealthAction = Field(default="stop", description="A trend below its threshold.")
+    every: int = Field(
+        default=100,
+        ge=0,
+        description="Periodic checks every this many edits (0: off): retention of a sample "
+        "of earlier edits, locality drift against the base model, per-layer weight drift.",
+    )
+    n_probes: int = Field(
+        default=32, ge=1, description="Probe prompts for locality: the first neighbourhood "
+        "prompts of the campaign's requests (their rewrite prompts if there are none)."
+    )  # fmt: skip
+    n_retention: int = Field(default=32, ge=1, description="Earlier edits re-checked.")
+    min_retention: float | None = Field(
+        default=None, ge=0, le=1, description="Share of the sampled earlier edits still held."
+    )
+    max_locality_kl: float | None = Field(
+        default=None, ge=0, description="Mean KL(base || edited) on the probes, nats."
+    )
+    min_locality_top1: float | None = Field(
+        default=None, ge=0, le=1, description="Share of probes whose top-1 token is unchanged."
+    )
+    max_weight_drift: float | None = Field(
+        default=None, gt=0, description="||W_t - W_0|| / ||W_0|| of any edited layer."
+    )
+    on_periodic: HealthAction = Field(
+        default="record", description="A periodic check over its limit ('skip' acts as 'record')."
+    )
 
 
 class CampaignSpec(BaseModel):

@@ -23,6 +23,7 @@ import torch
 from seqedit.methods.arch import rewrite_weight
 from seqedit.methods.config import names_for, validate_config
 from seqedit.methods.delta import EditResult, LowRankDelta, apply_delta_
+from seqedit.methods.locality import locality_drift, next_token_log_probs
 from seqedit.methods.method import Derived
 from seqedit.methods.registry import get_method
 from seqedit.methods.scoring import score_targets
@@ -162,6 +163,8 @@ class SequentialEditor:
         self.n_steps = 0  # edit steps applied (a batch is one step)
         self.keep_undo = keep_undo
         self._undo: dict[str, torch.Tensor] | None = None
+        self._probes: list[str] = []
+        self._probe_base = torch.empty(0)
 
     # --- editing -------------------------------------------------------------------------
 
@@ -253,6 +256,37 @@ class SequentialEditor:
             self._params[delta.module].copy_(master.to(self._params[delta.module].dtype))
 
     # --- inspection ----------------------------------------------------------------------
+
+    def set_probes(self, prompts: Sequence[str]) -> None:
+        """Fix the locality probe prompts and take the base model's next-token distributions
+        on them. Call before any edit (the driver does, right after construction)."""
+        if self.n_steps:
+            raise ValueError("probes must be set on the base model, before any edit")
+        self._probes = list(prompts)
+        self._probe_base = next_token_log_probs(self.model, self.tokenizer, self._probes)
+
+    def periodic_health(self, retention: Sequence[EditRequest]) -> dict[str, float]:
+        """Measurements for the periodic health checks, on the model as it is now:
+        `retention` (share of these earlier requests whose P(new) > P(true)), locality
+        drift on the probes (`locality_kl`, `locality_top1`) and `weight_drift.<module>`."""
+        metrics: dict[str, float] = {}
+        if retention:
+            prompts = [r.filled_prompt for r in retention for _ in range(2)]
+            targets = [t for r in retention for t in (r.target_new, r.target_true or "")]
+            scores = score_targets(self.model, self.tokenizer, prompts, targets)
+            held = [
+                r.target_true is None or new.prob > true.prob
+                for r, new, true in zip(retention, scores[::2], scores[1::2], strict=True)
+            ]
+            metrics["retention"] = sum(held) / len(held)
+        if self._probes:
+            now = next_token_log_probs(self.model, self.tokenizer, self._probes)
+            drift = locality_drift(self._probe_base, now)
+            metrics["locality_kl"], metrics["locality_top1"] = drift.kl, drift.top1
+        for name in sorted(self._masters):
+            change = float((self._masters[name] - self._base[name]).norm())
+            metrics[f"weight_drift.{name}"] = change / self._base_norms[name]
+        return metrics
 
     def pid(self) -> int:
         """The operating-system process this editor runs in."""

@@ -74,6 +74,23 @@ class HealthMonitor:
             )
         return rows
 
+    def periodic(self, edit: EditRow, metrics: dict[str, float]) -> list[HealthRow]:
+        """Rows of the periodic checks after `edit` (`SequentialEditor.periodic_health`).
+        A failure takes `on_periodic`; `skip` means `record` here (no single edit to undo)."""
+        spec = self.spec
+        policy: HealthAction = "record" if spec.on_periodic == "skip" else spec.on_periodic
+        limits: dict[str, tuple[float | None, bool]] = {  # name -> (limit, higher is better)
+            "retention": (spec.min_retention, True),
+            "locality_kl": (spec.max_locality_kl, False),
+            "locality_top1": (spec.min_locality_top1, True),
+        }
+        rows = []
+        for name, value in sorted(metrics.items()):
+            limit, higher = limits.get(name, (spec.max_weight_drift, False))
+            ok = limit is None or (value >= limit if higher else value <= limit)
+            rows.append(self._row(edit, name, value, limit, ok and math.isfinite(value), policy))
+        return rows
+
     def keep(self, row: EditRow) -> None:
         """`row`'s edit stays in the model: it joins the trend window."""
         self.window.append(row)

@@ -287,3 +287,32 @@ def test_skip_policy_rolls_every_oversized_edit_back(
                  "count(*) FILTER (WHERE check_name = 'update_norm' AND action = 'skip') AS skips "
                  "FROM edits JOIN health USING (step)").to_pylist()  # fmt: skip
     assert rows[0]["all_back"] and rows[0]["skips"] == 4
+
+
+@pytest.mark.slow
+def test_periodic_checks_record_retention_locality_and_drift_then_stop(
+    ray_local: None, tiny_testbed: Path, tiny_stats: Path, tmp_path: Path
+) -> None:
+    health = {"every": 5, "n_probes": 8, "n_retention": 4, "max_locality_kl": 0.0}
+    spec = load_spec(_spec(tmp_path, tiny_testbed, tiny_stats, health=health))
+    state = run_campaign(spec, tmp_path / "c")
+    assert state.status == "done"  # on_periodic defaults to record
+    sql = ("SELECT step, check_name, value, passed, action FROM health WHERE check_name IN "
+           "('retention', 'locality_kl', 'locality_top1') ORDER BY step, check_name")  # fmt: skip
+    rows = query(tmp_path / "c", sql).to_pylist()
+    assert sorted({r["step"] for r in rows}) == [4, 9, 14, 19]
+    kl = [r["value"] for r in rows if r["check_name"] == "locality_kl"]
+    assert kl[0] > 0 and all(0 <= r["value"] <= 1 for r in rows if r["check_name"] != "locality_kl")
+    over = [r for r in rows if r["check_name"] == "locality_kl"]
+    assert all(not r["passed"] and r["action"] == "record" for r in over)
+    drift = query(tmp_path / "c", "SELECT count(*) AS n FROM health WHERE check_name = "
+                  f"'weight_drift.transformer.h.{TINY_LAYER}.mlp.c_proj'").to_pylist()  # fmt: skip
+    assert drift == [{"n": 4}]
+
+    stop = {"every": 5, "max_weight_drift": 1e-9, "on_periodic": "stop"}
+    spec = load_spec(_spec(tmp_path, tiny_testbed, tiny_stats, name="stop", health=stop))
+    state = run_campaign(spec, tmp_path / "s")
+    assert state.status == "stopped" and "weight_drift" in (state.shards[0].error or "")
+    edits = query(tmp_path / "s", "SELECT count(*) AS n, bool_or(rolled_back) AS back "
+                  "FROM edits").to_pylist()  # fmt: skip
+    assert edits == [{"n": 5, "back": False}]  # a periodic stop rolls nothing back

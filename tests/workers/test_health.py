@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
+import torch
 
+from seqedit.methods.locality import locality_drift
+from seqedit.pipeline.driver import retention_sample
 from seqedit.schemas.campaign import HealthSpec
 from seqedit.testbed.build import load_testbed
 from seqedit.workers.editor import SequentialEditor, parse_edit_log
@@ -79,3 +83,34 @@ def test_undo_last_restores_the_exact_state_and_the_log_replays(
     fresh = editor()
     assert fresh.replay(log) == 3
     assert fresh.weights_fingerprint() == edited.weights_fingerprint()
+
+
+def test_locality_drift_by_hand() -> None:
+    base = torch.log(torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]]))
+    same = locality_drift(base, base)
+    assert same.kl == pytest.approx(0.0, abs=1e-7) and same.top1 == 1.0
+    edited = torch.log(torch.tensor([[0.25, 0.5, 0.25], [0.1, 0.8, 0.1]]))
+    drift = locality_drift(base, edited)
+    kl_row0 = 0.5 * math.log(0.5 / 0.25) + 0.25 * math.log(0.25 / 0.5)
+    assert drift.kl == pytest.approx(kl_row0 / 2) and drift.top1 == 0.5
+
+
+def test_periodic_checks_hold_each_metric_to_its_limit() -> None:
+    spec = HealthSpec(min_retention=0.9, max_locality_kl=0.1, max_weight_drift=2.0,
+                      on_periodic="stop")  # fmt: skip
+    rows = HealthMonitor(spec, "c").periodic(
+        _row(9),
+        {"retention": 0.95, "locality_kl": 0.5, "locality_top1": 0.2, "weight_drift.m": 3.0},
+    )
+    by_check = {r.check_name: r for r in rows}
+    assert by_check["retention"].passed and by_check["retention"].threshold == 0.9
+    assert not by_check["locality_kl"].passed and by_check["locality_kl"].action == "stop"
+    assert by_check["locality_top1"].passed  # no limit set: the value is recorded
+    assert not by_check["weight_drift.m"].passed
+    assert action(rows) == "stop"
+
+
+def test_retention_sample_spreads_over_the_edits() -> None:
+    assert retention_sample(3, 8) == [0, 1, 2]
+    assert retention_sample(100, 5) == [0, 25, 50, 74, 99]
+    assert retention_sample(10, 1) == [0]

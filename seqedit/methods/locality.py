@@ -1,0 +1,66 @@
+"""How far an edited model's next-token predictions have moved from the base model's.
+
+For fixed probe prompts: the base model's next-token log-probabilities are taken once;
+later, `locality_drift` compares the edited model's with them (mean KL(base || edited) and
+the share of prompts whose top-1 next token is unchanged).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@torch.no_grad()
+def next_token_log_probs(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    *,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """(n, V) float32 log-probabilities of the token after each prompt (right padding,
+    positions from the attention mask, read at each prompt's own last token)."""
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        ids = [tokenizer.encode(p, add_special_tokens=False) for p in chunk]
+        if any(not row for row in ids):
+            raise ValueError("a probe prompt tokenises to nothing")
+        width = max(len(row) for row in ids)
+        input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)  # (B, T)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)  # (B, T)
+        for row, tokens in enumerate(ids):
+            input_ids[row, : len(tokens)] = torch.tensor(tokens)
+            mask[row, : len(tokens)] = 1
+        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        logits = model(
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=position_ids.to(device),
+        ).logits.float()  # (B, T, V)
+        last = torch.tensor([len(tokens) - 1 for tokens in ids], device=device)
+        rows = torch.arange(len(ids), device=device)
+        out.append(torch.log_softmax(logits[rows, last], dim=-1).cpu())
+    return torch.cat(out)
+
+
+class LocalityDrift(NamedTuple):
+    """kl: mean KL(base || edited) in nats; top1: share of prompts with the same argmax."""
+
+    kl: float
+    top1: float
+
+
+def locality_drift(base: torch.Tensor, edited: torch.Tensor) -> LocalityDrift:
+    """Compare (n, V) log-probabilities of the base and the edited model."""
+    if base.shape != edited.shape:
+        raise ValueError(f"shapes differ: {tuple(base.shape)} vs {tuple(edited.shape)}")
+    kl = (base.exp() * (base - edited)).sum(dim=-1)  # (n,)
+    same = base.argmax(dim=-1) == edited.argmax(dim=-1)  # (n,)
+    return LocalityDrift(kl=float(kl.mean()), top1=float(same.float().mean()))
