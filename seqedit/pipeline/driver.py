@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -260,8 +261,9 @@ def _run_shard(
             every = spec.health.every
             if every and applied % every == 0 and not any(c.action == "stop" for c in checks):
                 sample = [requests[i] for i in retention_sample(applied, spec.health.n_retention)]
+                started = time.perf_counter()
                 metrics = ray.get(editor.periodic_health.remote(sample))
-                checks = monitor.periodic(row, metrics)
+                checks = monitor.periodic(row, metrics, seconds=time.perf_counter() - started)
                 health_rows.extend(checks)
             if any(c.action == "stop" for c in checks):
                 failed = [c for c in checks if c.action == "stop"]

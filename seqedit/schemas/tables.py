@@ -120,6 +120,11 @@ class HealthRow(BaseModel):
     threshold: float | None = Field(description="The limit it was held to.")
     passed: bool
     action: str = Field(description="none, or the policy applied on failure: record/skip/stop.")
+    seconds: float = Field(
+        default=0.0,
+        description="Wall time of the measurement, shared evenly by the rows it produced "
+        "(per-edit checks reuse the edit's own scores: 0).",
+    )
 
 
 TABLES: dict[str, type[BaseModel]] = {"edits": EditRow, "evals": EvalRow, "health": HealthRow}

@@ -74,9 +74,12 @@ class HealthMonitor:
             )
         return rows
 
-    def periodic(self, edit: EditRow, metrics: dict[str, float]) -> list[HealthRow]:
-        """Rows of the periodic checks after `edit` (`SequentialEditor.periodic_health`).
-        A failure takes `on_periodic`; `skip` means `record` here (no single edit to undo)."""
+    def periodic(
+        self, edit: EditRow, metrics: dict[str, float], *, seconds: float = 0.0
+    ) -> list[HealthRow]:
+        """Rows of the periodic checks after `edit` (`SequentialEditor.periodic_health`,
+        which took `seconds`). A failure takes `on_periodic`; `skip` means `record` here
+        (there is no single edit to undo)."""
         spec = self.spec
         policy: HealthAction = "record" if spec.on_periodic == "skip" else spec.on_periodic
         limits: dict[str, tuple[float | None, bool]] = {  # name -> (limit, higher is better)
@@ -89,7 +92,8 @@ class HealthMonitor:
             limit, higher = limits.get(name, (spec.max_weight_drift, False))
             ok = limit is None or (value >= limit if higher else value <= limit)
             rows.append(self._row(edit, name, value, limit, ok and math.isfinite(value), policy))
-        return rows
+        share = seconds / len(rows) if rows else 0.0
+        return [row.model_copy(update={"seconds": share}) for row in rows]
 
     def keep(self, row: EditRow) -> None:
         """`row`'s edit stays in the model: it joins the trend window."""

@@ -308,6 +308,13 @@ def test_periodic_checks_record_retention_locality_and_drift_then_stop(
     drift = query(tmp_path / "c", "SELECT count(*) AS n FROM health WHERE check_name = "
                   f"'weight_drift.transformer.h.{TINY_LAYER}.mlp.c_proj'").to_pylist()  # fmt: skip
     assert drift == [{"n": 4}]
+    timing_sql = (
+        "SELECT sum(seconds) FILTER (WHERE step % 5 = 4 AND check_name NOT IN "
+        "('verified', 'success_rate', 'target_prob')) AS periodic, "
+        "sum(seconds) FILTER (WHERE check_name = 'verified') AS per_edit FROM health"
+    )
+    timing = query(tmp_path / "c", timing_sql).to_pylist()[0]
+    assert timing["periodic"] > 0 and timing["per_edit"] == 0
 
     stop = {"every": 5, "max_weight_drift": 1e-9, "on_periodic": "stop"}
     spec = load_spec(_spec(tmp_path, tiny_testbed, tiny_stats, name="stop", health=stop))
