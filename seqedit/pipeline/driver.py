@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import ray
+import torch
 import yaml
 from safetensors.torch import save_file
 
@@ -60,7 +61,11 @@ def select_requests(spec: CampaignSpec, campaign_dir: Path) -> list[EditRequest]
         log.warning(
             "%d records rejected, see %s", len(loaded.rejected), campaign_dir / "rejects.jsonl"
         )
-    chosen = loaded.requests[spec.dataset.offset : spec.dataset.offset + spec.n_edits]
+    pool = loaded.requests
+    if spec.dataset.order == "shuffled":
+        generator = torch.Generator().manual_seed(spec.dataset.shuffle_seed)
+        pool = [pool[i] for i in torch.randperm(len(pool), generator=generator).tolist()]
+    chosen = pool[spec.dataset.offset : spec.dataset.offset + spec.n_edits]
     if len(chosen) < spec.n_edits:
         raise ValueError(
             f"{spec.dataset.path}: n_edits is {spec.n_edits} but only {len(chosen)} valid "

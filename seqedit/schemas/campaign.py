@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -24,6 +24,12 @@ class DatasetSpec(BaseModel):
     quarantine: bool = Field(
         default=False, description="Set aside bad records (rejects.jsonl) instead of failing."
     )
+    order: Literal["file", "shuffled"] = Field(
+        default="file",
+        description="Edit in file order, or in a permutation of the valid records fixed by "
+        "`shuffle_seed` (applied before `offset`).",
+    )
+    shuffle_seed: int = Field(default=0, description="Seed of the `shuffled` order.")
 
 
 class ResourcesSpec(BaseModel):

@@ -78,3 +78,24 @@ def test_misspelled_hparam_fails_before_anything_is_written(tmp_path: Path) -> N
     with pytest.raises(HparamsError, match="did you mean 'v_num_grad_steps'"):
         run_campaign(spec, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_shuffled_order_is_a_seeded_permutation_before_the_offset(tmp_path: Path) -> None:
+    records = [{"case_id": i, **GOOD, "subject": f"Ann Lee{i}"} for i in range(10)]
+    path = tmp_path / "ten.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+
+    def chosen(**dataset: object) -> list[int]:
+        spec = CampaignSpec(
+            name="t", model="m", dataset=DatasetSpec(path=str(path), **dataset), n_edits=4
+        )
+        return [r.case_id for r in select_requests(spec, tmp_path)]
+
+    assert chosen() == [0, 1, 2, 3]
+    first = chosen(order="shuffled", shuffle_seed=1)
+    assert first == chosen(order="shuffled", shuffle_seed=1) != [0, 1, 2, 3]
+    assert first != chosen(order="shuffled", shuffle_seed=2)
+    whole = chosen(order="shuffled", shuffle_seed=1, offset=0) + chosen(
+        order="shuffled", shuffle_seed=1, offset=4
+    )
+    assert whole[:4] == first and len(set(whole)) == 8
