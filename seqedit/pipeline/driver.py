@@ -17,9 +17,8 @@ from pathlib import Path
 import ray
 import torch
 import yaml
-from safetensors.torch import save_file
 
-from seqedit.files import write_atomic, write_text_atomic
+from seqedit.files import write_text_atomic
 from seqedit.methods.config import validate_config
 from seqedit.methods.registry import get_method
 from seqedit.pipeline.state import CampaignState, ShardState, now
@@ -31,6 +30,7 @@ from seqedit.schemas.tables import EditRow, EvalRow, HealthRow
 from seqedit.workers.editor import SequentialEditor
 from seqedit.workers.health import HealthMonitor
 from seqedit.workers.health import action as health_action
+from seqedit.workers.tensor_files import write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -292,9 +292,8 @@ def _run_shard(
             if rows:
                 write_part(root, table, shard.index, shard.attempt, 0, rows)
         tensors = ray.get(editor.take_edit_log.remote())
-        write_atomic(
-            root / "editlog" / f"shard={shard.index}.safetensors",
-            lambda tmp: save_file(tensors, str(tmp), metadata={"campaign": spec.name}),
+        write_safetensors(
+            root / "editlog" / f"shard={shard.index}.safetensors", tensors, {"campaign": spec.name}
         )
         shard.weights_fingerprint = ray.get(
             editor.save_checkpoint.remote(str(checkpoint_path(root, shard.index)))

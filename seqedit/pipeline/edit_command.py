@@ -10,13 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from safetensors.torch import save_file
-
-from seqedit.files import write_atomic
 from seqedit.pipeline.hparams_import import read_hparams_file
 from seqedit.schemas.loaders import load_requests
 from seqedit.schemas.tables import EditRow
 from seqedit.workers.editor import SequentialEditor
+from seqedit.workers.tensor_files import write_safetensors
 
 
 def edit_model(
@@ -53,7 +51,7 @@ def edit_model(
         "n_edits": str(len(rows)),
         "n_steps": str(editor.n_steps),
     }
-    write_atomic(save_deltas, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    write_safetensors(save_deltas, tensors, metadata)
     if save_model is not None:
         editor.model.save_pretrained(save_model)
         editor.tokenizer.save_pretrained(save_model)

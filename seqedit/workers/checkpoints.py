@@ -11,10 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError
 
-from seqedit.files import write_atomic
+from seqedit.workers.tensor_files import read_safetensors, write_safetensors
 
 if TYPE_CHECKING:  # the editor imports this module
     from seqedit.workers.editor import SequentialEditor
@@ -33,9 +32,7 @@ def save_checkpoint(editor: SequentialEditor, path: Path) -> str:
         "weights_fingerprint": fingerprint,
         "n_applied": str(editor.n_applied),
     }
-    tensors = {name: t.contiguous() for name, t in editor.checkpoint().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    write_safetensors(path, editor.checkpoint(), metadata)
     return fingerprint
 
 
@@ -45,9 +42,7 @@ def load_checkpoint(
     """Restore `editor` from `path`, refusing another method or weights that do not hash to
     the recorded (and, if given, the expected) fingerprint."""
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+        tensors, metadata = read_safetensors(path)
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path}: unreadable checkpoint ({exc})") from exc
     method = (metadata.get("method"), metadata.get("method_version"))

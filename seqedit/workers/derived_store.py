@@ -22,13 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError
 
-from seqedit.files import write_atomic
 from seqedit.methods.method import Derived, EditMethod
 from seqedit.workers.stats import StatsStoreError
 from seqedit.workers.stats_store import tensors_sha256
+from seqedit.workers.tensor_files import read_safetensors, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +56,7 @@ def derived_path(stats_dir: Path, key: dict[str, Any]) -> Path:
 def _load(path: Path, key: dict[str, Any]) -> dict[str, torch.Tensor]:
     fix = f"delete {path} to recompute it"
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+        tensors, metadata = read_safetensors(path)
     except (SafetensorError, OSError, ValueError) as exc:
         raise StatsStoreError(f"{path}: unreadable derived-tensor cache ({exc}); {fix}") from exc
     stored = json.loads(metadata.get("derived_key", "null"))
@@ -71,12 +68,12 @@ def _load(path: Path, key: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def _save(path: Path, key: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    metadata = {"derived_key": json.dumps(key, sort_keys=True), "tensors_sha256": ""}
-    contiguous = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-    metadata["tensors_sha256"] = tensors_sha256(contiguous)
+    metadata = {
+        "derived_key": json.dumps(key, sort_keys=True),
+        "tensors_sha256": tensors_sha256(tensors),
+    }
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, lambda tmp: save_file(contiguous, str(tmp), metadata=metadata))
+        write_safetensors(path, tensors, metadata)
     except OSError as exc:
         log.warning("not caching derived tensors at %s: %s", path, exc)
 
@@ -102,11 +99,8 @@ def derived_tensors(
         path = derived_path(stats_dir, key)
         if path.is_file():
             tensors = _load(path, key)
-            # a fresh allocation, as a computed tensor has: BLAS kernels may round differently
-            # on the differently aligned buffers safetensors returns (not bit-identical)
             derived[layer] = {
-                name: t.to(device=moment.device, dtype=moment.dtype, copy=True)
-                for name, t in tensors.items()
+                name: t.to(device=moment.device, dtype=moment.dtype) for name, t in tensors.items()
             }
             counts["loaded"] += 1
             continue

@@ -24,9 +24,8 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from seqedit.files import file_sha256, write_atomic, write_text_atomic
+from seqedit.files import file_sha256, write_text_atomic
 from seqedit.methods.covariance import GPT2_REWRITE_MODULE_TMP, SecondMomentAccumulator
 from seqedit.workers.model_io import model_fingerprint
 from seqedit.workers.stats import (
@@ -37,6 +36,7 @@ from seqedit.workers.stats import (
     StatsResult,
     StatsStoreError,
 )
+from seqedit.workers.tensor_files import write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def save_stats(out_dir: str | Path, result: StatsResult) -> Path:
         "tensors_sha256": tensors_sha256(tensors),
         "count": str(meta.token_count),
     }
-    write_atomic(out / STATS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    write_safetensors(out / STATS_FILE, tensors, metadata)
     sidecar = meta.model_copy(update={"sha256": file_sha256(out / STATS_FILE)})
     write_text_atomic(out / META_FILE, sidecar.model_dump_json(indent=1) + "\n")
     log.info("saved stats of layers %s to %s", sorted(result.accumulators), out)
