@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import pairwise
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -133,6 +134,36 @@ class ValueResult:
         return self.init + self.delta
 
 
+class ValueSearch(NamedTuple):
+    """How `optimize_value` searches: the reference's value-optimisation fields, which ROME
+    and MEMIT/AlphaEdit configs share by name (`ValueSearch.of(config)`)."""
+
+    fact_token: FactToken
+    num_steps: int
+    lr: float
+    weight_decay: float
+    clamp_norm_factor: float
+    kl_factor: float
+    early_stop_loss: float
+    early_stop_top1: bool = False
+    kl_prompts: Sequence[str] = KL_PROMPTS
+
+    @classmethod
+    def of(cls, config: Any) -> ValueSearch:
+        """From a ROME or MEMIT/AlphaEdit config (`v_num_grad_steps`, `v_lr`, ...)."""
+        return cls(
+            fact_token=config.fact_token,
+            num_steps=config.v_num_grad_steps,
+            lr=config.v_lr,
+            weight_decay=config.v_weight_decay,
+            clamp_norm_factor=config.clamp_norm_factor,
+            kl_factor=config.kl_factor,
+            early_stop_loss=config.early_stop_loss,
+            early_stop_top1=config.early_stop_top1,
+            kl_prompts=config.kl_prompts,
+        )
+
+
 def optimize_value(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -141,15 +172,7 @@ def optimize_value(
     *,
     edit_module: str,
     dim: int,
-    fact_token: FactToken,
-    num_steps: int,
-    lr: float,
-    weight_decay: float,
-    clamp_norm_factor: float,
-    kl_factor: float,
-    early_stop_loss: float,
-    early_stop_top1: bool = False,
-    kl_prompts: Sequence[str] = KL_PROMPTS,
+    search: ValueSearch,
     loss_module: str | None = None,
     ln_f_module: str | None = None,
     lm_head_module: str | None = None,
@@ -163,7 +186,8 @@ def optimize_value(
       + kl_factor * KL(edited || initial) of the next-token distribution read AT THE SUBJECT
         TOKEN of each KL prompt ("{} is a"), `kl_div(init, cur, log_target=True, "batchmean")`
       + weight_decay * ||delta|| / ||init||^2   (the reference's norm is NOT squared).
-    Adam(lr) for at most `num_steps` forward passes and `num_steps - 1` steps; stops as soon
+    (Fields of `search`.) Adam(lr) for at most `num_steps` forward passes and
+    `num_steps - 1` steps; stops as soon
     as the loss is below `early_stop_loss` or, with `early_stop_top1`, as soon as every
     target token is the argmax at its position in every rewriting prompt; after each step
     delta is projected into the ball of radius clamp_norm_factor * ||init||. The delta is
@@ -187,13 +211,13 @@ def optimize_value(
     n_target = len(target_ids)
     target_prefix = tokenizer.decode(target_ids[:-1])
     rewriting = [fill(ctx, request.prompt) + target_prefix for ctx in context_templates]
-    prompts = [*rewriting, *kl_prompts]
+    prompts = [*rewriting, *search.kl_prompts]
     n_rw = len(rewriting)
     inputs = encode_batch(tokenizer, [fill(p, request.subject) for p in prompts], device)
     mask = inputs["attention_mask"]
     lookup = torch.tensor(
         batch_subject_positions(
-            tokenizer, prompts, [request.subject] * len(prompts), fact_token, mask
+            tokenizer, prompts, [request.subject] * len(prompts), search.fact_token, mask
         ),
         device=device,
     )  # (B,)
@@ -221,7 +245,7 @@ def optimize_value(
         loss_head = (ln_f, lm_head)
     traced = [edit_module] if loss_module is None else [edit_module, loss_module]
 
-    optimizer = torch.optim.Adam([delta], lr=lr)
+    optimizer = torch.optim.Adam([delta], lr=search.lr)
     kl_init: torch.Tensor | None = None
     steps = 0
     loss_value = initial_loss = float("nan")
@@ -231,7 +255,7 @@ def optimize_value(
         torch.enable_grad(),
         reused_outputs(model, reuse_outputs_of),
     ):
-        for it in range(num_steps):
+        for it in range(search.num_steps):
             optimizer.zero_grad()
             with ModuleTrace(
                 model,
@@ -256,11 +280,12 @@ def optimize_value(
             nll_each = -token_lp.sum(dim=1) / n_target  # (n_rw,)
             nll = nll_each.mean()
             kl = (
-                kl_factor * F.kl_div(kl_init, kl_log_probs, log_target=True, reduction="batchmean")
-                if len(kl_prompts)
+                search.kl_factor
+                * F.kl_div(kl_init, kl_log_probs, log_target=True, reduction="batchmean")
+                if len(search.kl_prompts)
                 else nll.new_zeros(())
             )
-            decay = weight_decay * (torch.norm(delta) / torch.norm(init) ** 2)
+            decay = search.weight_decay * (torch.norm(delta) / torch.norm(init) ** 2)
             loss = nll + kl + decay
             loss_value = float(loss.item())
             prob = float(torch.exp(-nll_each).mean().item())
@@ -275,13 +300,13 @@ def optimize_value(
                 decay.item(),
                 prob,
             )
-            top1 = early_stop_top1 and bool((log_probs.argmax(-1) == target_t).all())
-            if loss_value < early_stop_loss or top1 or it == num_steps - 1:
+            top1 = search.early_stop_top1 and bool((log_probs.argmax(-1) == target_t).all())
+            if loss_value < search.early_stop_loss or top1 or it == search.num_steps - 1:
                 break
             loss.backward()
             optimizer.step()
             steps += 1
-            max_norm = clamp_norm_factor * init.norm()
+            max_norm = search.clamp_norm_factor * init.norm()
             if delta.norm() > max_norm:
                 with torch.no_grad():
                     delta[...] = delta * max_norm / delta.norm()

@@ -31,6 +31,7 @@ from seqedit.methods.delta import EditResult, LowRankDelta, apply_delta_
 from seqedit.methods.keys_values import (
     KL_PROMPTS,
     ValueResult,
+    ValueSearch,
     grouped_keys,
     module_io_at_subjects,
     optimize_value,
@@ -168,6 +169,7 @@ def compute_targets(
     reused = [names.layer_module_tmp.format(i) for i in range(z_layer + 1)]
     if not config.reuse_lower_layers:
         reused = []
+    search = ValueSearch.of(config)
     results = []
     for request in requests:
         results.append(
@@ -178,15 +180,7 @@ def compute_targets(
                 flat,
                 edit_module=names.layer_module_tmp.format(z_layer),
                 dim=d_model,
-                fact_token=config.fact_token,
-                num_steps=config.v_num_grad_steps,
-                lr=config.v_lr,
-                weight_decay=config.v_weight_decay,
-                clamp_norm_factor=config.clamp_norm_factor,
-                kl_factor=config.kl_factor,
-                early_stop_loss=config.early_stop_loss,
-                early_stop_top1=config.early_stop_top1,
-                kl_prompts=config.kl_prompts,
+                search=search,
                 loss_module=names.layer_module_tmp.format(loss_layer),
                 ln_f_module=names.ln_f_module,
                 lm_head_module=names.lm_head_module,

@@ -25,7 +25,12 @@ from seqedit.methods.arch import ModuleNames, rewrite_dims
 from seqedit.methods.config import ValueSearchOptions, names_for
 from seqedit.methods.context import BARE_TEMPLATE, context_templates_for
 from seqedit.methods.delta import EditResult, LowRankDelta
-from seqedit.methods.keys_values import KL_PROMPTS, module_io_at_subjects, optimize_value
+from seqedit.methods.keys_values import (
+    KL_PROMPTS,
+    ValueSearch,
+    module_io_at_subjects,
+    optimize_value,
+)
 from seqedit.methods.method import Derived, EditMethod
 from seqedit.methods.tokens import FactToken, fill
 from seqedit.schemas.requests import EditRequest
@@ -215,6 +220,7 @@ def rome_edit(
     )  # (n_ctx, d_in), (n_ctx, d_out)
     key = keys.mean(dim=0)
 
+    search = ValueSearch.of(config)
     value = optimize_value(
         model,
         tokenizer,
@@ -222,15 +228,7 @@ def rome_edit(
         context_templates,
         edit_module=names.mlp_module_tmp.format(config.layer),
         dim=d_out,
-        fact_token=config.fact_token,
-        num_steps=config.v_num_grad_steps,
-        lr=config.v_lr,
-        weight_decay=config.v_weight_decay,
-        clamp_norm_factor=config.clamp_norm_factor,
-        kl_factor=config.kl_factor,
-        early_stop_loss=config.early_stop_loss,
-        early_stop_top1=config.early_stop_top1,
-        kl_prompts=config.kl_prompts,
+        search=search,
         reuse_outputs_of=[names.layer_module_tmp.format(i) for i in range(config.layer)]
         if config.reuse_lower_layers
         else [],
