@@ -287,22 +287,18 @@ def _edit(
     return ft_edit(model, tokenizer, request, config)
 
 
-FT_L = EditMethod(
-    name="ft-l",
-    version="1",
-    config_cls=FtLConfig,
-    layers=lambda config: [config.layer],
-    uses_second_moment=lambda config: False,
-    prepare=_prepare,
-    edit=_edit,
-)
+def _ft_method(name: str, config_cls: type[FtConfig]) -> EditMethod:
+    """FT-L and FT-M differ only in their config (its fixed objective)."""
+    return EditMethod(
+        name=name,
+        version="1",
+        config_cls=config_cls,
+        layers=lambda config: [config.layer],
+        uses_second_moment=lambda config: False,
+        prepare=_prepare,
+        edit=_edit,
+    )
 
-FT_M = EditMethod(
-    name="ft-m",
-    version="1",
-    config_cls=FtMConfig,
-    layers=lambda config: [config.layer],
-    uses_second_moment=lambda config: False,
-    prepare=_prepare,
-    edit=_edit,
-)
+
+FT_L = _ft_method("ft-l", FtLConfig)
+FT_M = _ft_method("ft-m", FtMConfig)
