@@ -7,7 +7,8 @@ hparam is an error, and `validate_config` turns that error into "did you mean ..
 from __future__ import annotations
 
 import difflib
-from typing import Any, TypeVar
+import math
+from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
@@ -20,6 +21,9 @@ class MethodConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    step_budget_fields: ClassVar[tuple[str, ...]] = ()
+    """Fields that bound the optimisation's steps; a health retry raises them."""
+
     module_names: ModuleNames | None = Field(
         default=None,
         description="Module names given by hand, for an architecture seqedit does not know "
@@ -29,6 +33,8 @@ class MethodConfig(BaseModel):
 
 class ValueSearchOptions(MethodConfig):
     """seqedit's options of the value (v / z) optimisation shared by ROME, MEMIT, AlphaEdit."""
+
+    step_budget_fields: ClassVar[tuple[str, ...]] = ("v_num_grad_steps",)
 
     early_stop_top1: bool = Field(
         default=False,
@@ -50,6 +56,14 @@ def names_for(model: nn.Module, config: MethodConfig) -> ModuleNames:
 
 
 C = TypeVar("C", bound=BaseModel)
+M = TypeVar("M", bound=MethodConfig)
+
+
+def with_step_budget(config: M, factor: float) -> M:
+    """`config` with every `step_budget_fields` value multiplied by `factor`, rounded up
+    (a config without such fields comes back unchanged)."""
+    update = {f: math.ceil(getattr(config, f) * factor) for f in config.step_budget_fields}
+    return config.model_copy(update=update)
 
 
 class HparamsError(ValueError):

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -45,6 +45,8 @@ FtObjective = Literal["prompt_last", "target_new"]
 
 class FtConfig(MethodConfig):
     """Fine-tuning hyperparameters (EasyEdit field names; its gpt2-xl values as defaults)."""
+
+    step_budget_fields: ClassVar[tuple[str, ...]] = ("num_steps",)
 
     layer: int = Field(
         ge=0,

@@ -1,12 +1,14 @@
-"""How far an edited model's next-token predictions have moved from the base model's.
+"""How far an edited model's predictions have moved from the base model's.
 
 For fixed probe prompts: the base model's next-token log-probabilities are taken once;
 later, `locality_drift` compares the edited model's with them (mean KL(base || edited) and
-the share of prompts whose top-1 next token is unchanged).
+the share of prompts whose top-1 next token is unchanged). `perplexity` scores held-out
+text, a coarser signal of damage to the model's language as a whole.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -25,29 +27,67 @@ def next_token_log_probs(
     """(n, V) float32 log-probabilities of the token after each prompt (right padding,
     positions from the attention mask, read at each prompt's own last token)."""
     device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         ids = [tokenizer.encode(p, add_special_tokens=False) for p in chunk]
         if any(not row for row in ids):
             raise ValueError("a probe prompt tokenises to nothing")
-        width = max(len(row) for row in ids)
-        input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)  # (B, T)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)  # (B, T)
-        for row, tokens in enumerate(ids):
-            input_ids[row, : len(tokens)] = torch.tensor(tokens)
-            mask[row, : len(tokens)] = 1
-        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        logits = model(
-            input_ids=input_ids.to(device),
-            attention_mask=mask.to(device),
-            position_ids=position_ids.to(device),
-        ).logits.float()  # (B, T, V)
+        logits = _padded_logits(model, ids, _pad_id(tokenizer))  # (B, T, V)
         last = torch.tensor([len(tokens) - 1 for tokens in ids], device=device)
         rows = torch.arange(len(ids), device=device)
         out.append(torch.log_softmax(logits[rows, last], dim=-1).cpu())
     return torch.cat(out)
+
+
+@torch.no_grad()
+def perplexity(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    *,
+    max_tokens: int = 128,
+    batch_size: int = 16,
+) -> float:
+    """exp of the mean next-token NLL over every predicted token of `texts` (each cut to
+    its first `max_tokens` tokens; a text of one token predicts nothing and is skipped)."""
+    device = next(model.parameters()).device
+    encoded = [tokenizer.encode(t, add_special_tokens=False)[:max_tokens] for t in texts]
+    encoded = [ids for ids in encoded if len(ids) > 1]
+    if not encoded:
+        raise ValueError("no held-out text of two tokens or more to score")
+    total, count = 0.0, 0
+    for start in range(0, len(encoded), batch_size):
+        ids = encoded[start : start + batch_size]
+        logits = _padded_logits(model, ids, _pad_id(tokenizer))  # (B, T, V)
+        log_probs = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, T-1, V)
+        for row, tokens in enumerate(ids):
+            targets = torch.tensor(tokens[1:], device=device)  # (n-1,)
+            picked = log_probs[row, : len(tokens) - 1].gather(1, targets[:, None])
+            total -= float(picked.sum())
+            count += len(tokens) - 1
+    return math.exp(total / count)
+
+
+def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def _padded_logits(model: PreTrainedModel, ids: list[list[int]], pad_id: int) -> torch.Tensor:
+    """(B, T, V) float32 logits of right-padded token lists (positions from the mask)."""
+    device = next(model.parameters()).device
+    width = max(len(row) for row in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)  # (B, T)
+    for row, tokens in enumerate(ids):
+        input_ids[row, : len(tokens)] = torch.tensor(tokens)
+        mask[row, : len(tokens)] = 1
+    position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    return model(
+        input_ids=input_ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=position_ids.to(device),
+    ).logits.float()
 
 
 class LocalityDrift(NamedTuple):

@@ -90,7 +90,27 @@ class HealthSpec(BaseModel):
         default=None, gt=0, description="||W_t - W_0|| / ||W_0|| of any edited layer."
     )
     on_periodic: HealthAction = Field(
-        default="record", description="A periodic check over its limit ('skip' acts as 'record')."
+        default="record",
+        description="A periodic check over its limit ('retry' and 'skip' act as 'record': "
+        "there is no single edit to redo or undo).",
+    )
+    heldout: str | None = Field(
+        default=None,
+        description="Held-out text (.txt, one document per line, or JSONL with a 'text' "
+        "field) whose perplexity the periodic checks track; None: no perplexity check.",
+    )
+    n_heldout: int = Field(default=64, ge=1, description="Documents of `heldout` used.")
+    max_perplexity_ratio: float | None = Field(
+        default=None, gt=0, description="Held-out perplexity over the base model's."
+    )
+    max_retries: int = Field(
+        default=2, ge=1, description="Policy 'retry': redo a failing edit at most this often."
+    )
+    retry_steps_factor: float = Field(
+        default=2.0,
+        ge=1,
+        description="Policy 'retry': each retry multiplies the method's optimisation step "
+        "budget by this factor (and draws from another seed).",
     )
 
 
@@ -105,7 +125,13 @@ class CampaignSpec(BaseModel):
     method: str = Field(default="rome", description="Registered editing method.")
     hparams: dict[str, Any] = Field(default_factory=dict, description="Method config fields.")
     stats: str | None = Field(default=None, description="Covariance stats dir (seqedit stats).")
-    n_edits: int = Field(gt=0, description="Number of edits, applied one per step, in order.")
+    n_edits: int = Field(gt=0, description="Number of edits (requests), applied in order.")
+    edits_per_step: int = Field(
+        default=1,
+        ge=1,
+        description="Requests applied together as one batched edit step (methods with a "
+        "batched solve: memit, alphaedit); the last step may hold fewer.",
+    )
     shard_size: int | None = Field(default=None, gt=0, description="Steps per shard.")
     eval_every: int | None = Field(
         default=None, gt=0, description="Retention evaluation of all edits so far every K edits."
@@ -121,15 +147,29 @@ class CampaignSpec(BaseModel):
         "new editor from the last checkpoint. Other errors stop the campaign at once.",
     )
 
+    @property
+    def n_steps(self) -> int:
+        """Edit steps: `n_edits` requests, `edits_per_step` at a time."""
+        return -(-self.n_edits // self.edits_per_step)
+
+    def step_edits(self, step: int) -> range:
+        """Positions (0-based, in campaign order) of the requests edited at `step`."""
+        start = step * self.edits_per_step
+        return range(start, min(start + self.edits_per_step, self.n_edits))
+
     @model_validator(mode="after")
     def _shard_fits(self) -> CampaignSpec:
-        if self.shard_size is not None and self.shard_size > self.n_edits:
-            raise ValueError(f"shard_size {self.shard_size} exceeds n_edits {self.n_edits}")
+        if self.shard_size is not None and self.shard_size > self.n_steps:
+            raise ValueError(
+                f"shard_size {self.shard_size} exceeds the campaign's {self.n_steps} steps"
+            )
         return self
 
     def spec_hash(self) -> str:
-        """sha256 of the canonical JSON of the spec: identifies what a campaign dir holds."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """sha256 of the canonical JSON of the spec: identifies what a campaign dir holds.
+        Fields left at their defaults are not hashed, so a field added to the schema later
+        (with a default that keeps the old behaviour) does not orphan existing campaigns."""
+        canonical = json.dumps(self.model_dump(mode="json", exclude_defaults=True), sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def resolved(self, base: str | Path) -> CampaignSpec:
@@ -142,8 +182,14 @@ class CampaignSpec(BaseModel):
             return str((root / path).resolve())
 
         dataset = self.dataset.model_copy(update={"path": fix(self.dataset.path)})
+        health = self.health.model_copy(update={"heldout": fix(self.health.heldout)})
         return self.model_copy(
-            update={"model": fix(self.model), "stats": fix(self.stats), "dataset": dataset}
+            update={
+                "model": fix(self.model),
+                "stats": fix(self.stats),
+                "dataset": dataset,
+                "health": health,
+            }
         )
 
 

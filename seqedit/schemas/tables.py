@@ -47,6 +47,9 @@ class EditRow(BaseModel):
     rolled_back: bool = Field(
         default=False, description="A health policy undid this edit (it is not in the model)."
     )
+    retries: int = Field(
+        default=0, description="Times a health policy redid this edit before this result."
+    )
 
 
 class EvalRow(BaseModel):
@@ -103,8 +106,10 @@ def arrow_schema(row_model: type[BaseModel]) -> pa.Schema:
     return pa.schema(fields)
 
 
-HealthAction = Literal["record", "skip", "stop"]
-"""What a failed health check does: keep a row only, roll the edit back, or stop the run."""
+HealthAction = Literal["record", "retry", "skip", "stop"]
+"""What a failed health check does: keep a row only; redo the edit with more optimisation
+steps and another seed (rolling it back if every retry fails too); roll the edit back; or
+stop the run at the last healthy state."""
 
 
 class HealthRow(BaseModel):
@@ -115,11 +120,20 @@ class HealthRow(BaseModel):
     campaign: str
     step: int = Field(description="The edit after which the check ran.")
     case_id: int
-    check_name: str = Field(description="verified | update_norm | success_rate | target_prob.")
+    check_name: str = Field(
+        description="Per edit: verified, update_norm, success_rate, target_prob. Periodic: "
+        "retention, locality_kl, locality_top1, perplexity, perplexity_ratio, "
+        "weight_drift.<module>."
+    )
     value: float = Field(description="What was measured (NaN while a window fills).")
     threshold: float | None = Field(description="The limit it was held to.")
     passed: bool
-    action: str = Field(description="none, or the policy applied on failure: record/skip/stop.")
+    action: str = Field(
+        description="none, or the policy applied on failure: record/retry/skip/stop."
+    )
+    retry: int = Field(
+        default=0, description="Which try of the edit this check judged (0: the first)."
+    )
     seconds: float = Field(
         default=0.0,
         description="Wall time of the measurement, shared evenly by the rows it produced "

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 from seqedit.methods.arch import rewrite_weight
-from seqedit.methods.config import names_for, validate_config
+from seqedit.methods.config import names_for, validate_config, with_step_budget
 from seqedit.methods.delta import EditResult, LowRankDelta, apply_delta_
-from seqedit.methods.locality import locality_drift, next_token_log_probs
+from seqedit.methods.locality import locality_drift, next_token_log_probs, perplexity
 from seqedit.methods.method import Derived
 from seqedit.methods.registry import get_method
 from seqedit.methods.scoring import score_targets
@@ -101,6 +101,7 @@ class SequentialEditor:
         torch_threads: intra-op threads for this worker (None keeps the current setting).
         keep_undo: snapshot the edited weights and method state before every edit, so that
             `undo_last` can roll the edit back exactly (costs a copy of the edited weights).
+        retry_factor: a retried edit's step budget is multiplied by this once per retry.
     """
 
     def __init__(
@@ -115,10 +116,12 @@ class SequentialEditor:
         torch_threads: int | None = None,
         device: str = "cpu",
         keep_undo: bool = False,
+        retry_factor: float = 2.0,
     ) -> None:
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)
         torch.manual_seed(seed)
+        self.seed, self.retry_factor = seed, retry_factor
         self.campaign = campaign
         self.method = get_method(method)
         self.config = validate_config(
@@ -165,6 +168,8 @@ class SequentialEditor:
         self._undo: dict[str, torch.Tensor] | None = None
         self._probes: list[str] = []
         self._probe_base = torch.empty(0)
+        self._heldout: list[str] = []
+        self._heldout_base = math.nan
 
     # --- editing -------------------------------------------------------------------------
 
@@ -176,15 +181,19 @@ class SequentialEditor:
         scores = score_targets(self.model, self.tokenizer, [prompt] * len(targets), targets)
         return scores[0].prob, (scores[1].prob if len(scores) > 1 else None)
 
-    def edit(self, request: EditRequest, step: int) -> EditRow:
-        """Compute and apply one edit; return its row (probabilities before and after)."""
+    def edit(self, request: EditRequest, step: int, *, retry: int = 0) -> EditRow:
+        """Compute and apply one edit; return its row (probabilities before and after).
+        `retry` k > 0 redoes a rolled-back edit: see `_retry_config`."""
+        config = self._retry_config(retry)
 
         def compute() -> EditResult:
-            return self.method.edit(self.model, self.tokenizer, request, self.config, self.context)
+            return self.method.edit(self.model, self.tokenizer, request, config, self.context)
 
-        return self._edit_step([request], step, compute)[0]
+        return self._edit_step([request], step, compute, retry)[0]
 
-    def edit_batch(self, requests: Sequence[EditRequest], step: int) -> list[EditRow]:
+    def edit_batch(
+        self, requests: Sequence[EditRequest], step: int, *, retry: int = 0
+    ) -> list[EditRow]:
         """Compute and apply one batched edit of all `requests` as step `step` (MEMIT,
         AlphaEdit); one row per request, sharing the step, the loss and the update norm."""
         batch_edit = self.method.edit_batch
@@ -195,19 +204,35 @@ class SequentialEditor:
             )
         if not requests:
             raise ValueError("edit_batch needs at least one request")
+        config = self._retry_config(retry)
 
         def compute() -> EditResult:
-            return batch_edit(self.model, self.tokenizer, list(requests), self.config, self.context)
+            return batch_edit(self.model, self.tokenizer, list(requests), config, self.context)
 
-        return self._edit_step(requests, step, compute)
+        return self._edit_step(requests, step, compute, retry)
+
+    def _retry_config(self, retry: int) -> Any:
+        """The config of try `retry` of an edit: the step budget times `retry_factor**retry`."""
+        if retry == 0:
+            return self.config
+        return with_step_budget(self.config, self.retry_factor**retry)
 
     def _edit_step(
-        self, requests: Sequence[EditRequest], step: int, compute: Callable[[], EditResult]
+        self,
+        requests: Sequence[EditRequest],
+        step: int,
+        compute: Callable[[], EditResult],
+        retry: int,
     ) -> list[EditRow]:
         start = time.perf_counter()
         before = [self._rewrite_probs(request) for request in requests]
         self._undo = self.checkpoint() if self.keep_undo else None
-        result = compute()
+        if retry:  # another seed for what the method draws; the campaign's stream is untouched
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed + 1_000_003 * retry + step)
+                result = compute()
+        else:
+            result = compute()
         for delta in result.deltas:
             if not (torch.isfinite(delta.left).all() and torch.isfinite(delta.right).all()):
                 cases = ", ".join(str(r.case_id) for r in requests)
@@ -243,6 +268,7 @@ class SequentialEditor:
                 update_norm=update_norm,
                 weight_drift=drift,
                 seconds=seconds / len(requests),
+                retries=retry,
             )
             for request, (p_new_before, p_true_before), (p_new_after, p_true_after) in zip(
                 requests, before, after, strict=True
@@ -257,18 +283,23 @@ class SequentialEditor:
 
     # --- inspection ----------------------------------------------------------------------
 
-    def set_probes(self, prompts: Sequence[str]) -> None:
-        """Fix the locality probe prompts and take the base model's next-token distributions
-        on them. Call before any edit (the driver does, right after construction)."""
+    def set_probes(self, prompts: Sequence[str], heldout: Sequence[str] = ()) -> None:
+        """Fix the locality probe prompts and the held-out texts, and measure the base model
+        on them (next-token distributions, perplexity). Call before any edit (the driver
+        does, right after construction)."""
         if self.n_steps:
             raise ValueError("probes must be set on the base model, before any edit")
         self._probes = list(prompts)
         self._probe_base = next_token_log_probs(self.model, self.tokenizer, self._probes)
+        self._heldout = list(heldout)
+        if self._heldout:
+            self._heldout_base = perplexity(self.model, self.tokenizer, self._heldout)
 
     def periodic_health(self, retention: Sequence[EditRequest]) -> dict[str, float]:
         """Measurements for the periodic health checks, on the model as it is now:
         `retention` (share of these earlier requests whose P(new) > P(true)), locality
-        drift on the probes (`locality_kl`, `locality_top1`) and `weight_drift.<module>`."""
+        drift on the probes (`locality_kl`, `locality_top1`), held-out `perplexity` and
+        its ratio to the base model's (`perplexity_ratio`), and `weight_drift.<module>`."""
         metrics: dict[str, float] = {}
         if retention:
             prompts = [r.filled_prompt for r in retention for _ in range(2)]
@@ -283,6 +314,9 @@ class SequentialEditor:
             now = next_token_log_probs(self.model, self.tokenizer, self._probes)
             drift = locality_drift(self._probe_base, now)
             metrics["locality_kl"], metrics["locality_top1"] = drift.kl, drift.top1
+        if self._heldout:
+            metrics["perplexity"] = perplexity(self.model, self.tokenizer, self._heldout)
+            metrics["perplexity_ratio"] = metrics["perplexity"] / self._heldout_base
         for name in sorted(self._masters):
             change = float((self._masters[name] - self._base[name]).norm())
             metrics[f"weight_drift.{name}"] = change / self._base_norms[name]
@@ -350,16 +384,17 @@ class SequentialEditor:
         self.n_steps = int(checkpoint["n_steps"][0])
         self.edit_log = []
 
-    def undo_last(self) -> None:
-        """Roll the last edit step back exactly (needs `keep_undo`). The step stays in the
-        edit log as rolled back, so replay still sees every step."""
+    def undo_last(self, *, keep_step: bool = True) -> None:
+        """Roll the last edit step back exactly (needs `keep_undo`). With `keep_step` the
+        step stays in the edit log as rolled back (replay still sees every step); without,
+        it is gone, so the same step can be tried again (a health retry)."""
         if self._undo is None:
             raise ValueError("nothing to undo: keep_undo is off, or the step was undone already")
         step, _ = self.edit_log[-1]
-        log = [*self.edit_log[:-1], (step, [])]
+        log = [*self.edit_log[:-1], (step, [])] if keep_step else self.edit_log[:-1]
         self.restore(self._undo)
         self.edit_log, self._undo = log, None
-        self.n_steps += 1  # the step was taken; it just changed nothing
+        self.n_steps += keep_step  # the step was taken; it just changed nothing
 
     def save_checkpoint(self, path: str | Path) -> str:
         """`checkpoint()` to a file (atomically); returns the weights fingerprint."""

@@ -17,7 +17,7 @@ from collections import deque
 from seqedit.schemas.campaign import HealthSpec
 from seqedit.schemas.tables import EditRow, HealthAction, HealthRow
 
-_SEVERITY = {"none": 0, "record": 1, "skip": 2, "stop": 3}
+_SEVERITY = {"none": 0, "record": 1, "retry": 2, "skip": 3, "stop": 4}
 
 
 class HealthMonitor:
@@ -28,49 +28,38 @@ class HealthMonitor:
         self.campaign = campaign
         self.window: deque[EditRow] = deque(maxlen=spec.window)
 
-    def observe(self, row: EditRow) -> list[HealthRow]:
-        """The check rows of `row` (an edit just applied); see `action` for what to do."""
+    def observe(self, step_rows: list[EditRow]) -> list[HealthRow]:
+        """The check rows of one edit step just applied (one row per request of the step):
+        per-edit checks of each row, then the trends over the window the step would join
+        (attributed to the step's last row); see `action` for what to do."""
         spec = self.spec
-        rows = [
-            self._row(row, "verified", float(row.success), 1.0, row.success, spec.on_unverified)
-        ]
-        if spec.max_update_norm is not None:
-            ok = math.isfinite(row.update_norm) and row.update_norm <= spec.max_update_norm
+        rows: list[HealthRow] = []
+        for row in step_rows:
             rows.append(
-                self._row(
-                    row,
-                    "update_norm",
-                    row.update_norm,
-                    spec.max_update_norm,
-                    ok,
-                    spec.on_update_norm,
-                )
+                self._row(row, "verified", float(row.success), 1.0, row.success, spec.on_unverified)
             )
-        window = [*self.window, row][-spec.window :]
+            if spec.max_update_norm is not None:
+                ok = math.isfinite(row.update_norm) and row.update_norm <= spec.max_update_norm
+                rows.append(
+                    self._row(
+                        row, "update_norm", row.update_norm, spec.max_update_norm, ok,
+                        spec.on_update_norm,
+                    )
+                )  # fmt: skip
+        last = step_rows[-1]
+        window = [*self.window, *step_rows][-spec.window :]
         full = len(window) >= spec.window
         if spec.min_success_rate is not None:
             rate = sum(r.success for r in window) / len(window)
+            ok = not full or rate >= spec.min_success_rate
             rows.append(
-                self._row(
-                    row,
-                    "success_rate",
-                    rate,
-                    spec.min_success_rate,
-                    not full or rate >= spec.min_success_rate,
-                    spec.on_trend,
-                )
+                self._row(last, "success_rate", rate, spec.min_success_rate, ok, spec.on_trend)
             )
         if spec.min_target_prob is not None:
             median = statistics.median(r.p_new_after for r in window)
+            ok = not full or median >= spec.min_target_prob
             rows.append(
-                self._row(
-                    row,
-                    "target_prob",
-                    median,
-                    spec.min_target_prob,
-                    not full or median >= spec.min_target_prob,
-                    spec.on_trend,
-                )
+                self._row(last, "target_prob", median, spec.min_target_prob, ok, spec.on_trend)
             )
         return rows
 
@@ -78,26 +67,30 @@ class HealthMonitor:
         self, edit: EditRow, metrics: dict[str, float], *, seconds: float = 0.0
     ) -> list[HealthRow]:
         """Rows of the periodic checks after `edit` (`SequentialEditor.periodic_health`,
-        which took `seconds`). A failure takes `on_periodic`; `skip` means `record` here
-        (there is no single edit to undo)."""
+        which took `seconds`). A failure takes `on_periodic`; `retry` and `skip` mean
+        `record` here (there is no single edit to redo or undo)."""
         spec = self.spec
-        policy: HealthAction = "record" if spec.on_periodic == "skip" else spec.on_periodic
+        policy: HealthAction = "stop" if spec.on_periodic == "stop" else "record"
         limits: dict[str, tuple[float | None, bool]] = {  # name -> (limit, higher is better)
             "retention": (spec.min_retention, True),
             "locality_kl": (spec.max_locality_kl, False),
             "locality_top1": (spec.min_locality_top1, True),
+            "perplexity": (None, False),
+            "perplexity_ratio": (spec.max_perplexity_ratio, False),
         }
         rows = []
         for name, value in sorted(metrics.items()):
+            if name not in limits and not name.startswith("weight_drift."):
+                raise ValueError(f"unknown periodic health metric {name!r}")
             limit, higher = limits.get(name, (spec.max_weight_drift, False))
             ok = limit is None or (value >= limit if higher else value <= limit)
             rows.append(self._row(edit, name, value, limit, ok and math.isfinite(value), policy))
         share = seconds / len(rows) if rows else 0.0
         return [row.model_copy(update={"seconds": share}) for row in rows]
 
-    def keep(self, row: EditRow) -> None:
-        """`row`'s edit stays in the model: it joins the trend window."""
-        self.window.append(row)
+    def keep(self, step_rows: list[EditRow]) -> None:
+        """The edits of `step_rows` stay in the model: they join the trend window."""
+        self.window.extend(step_rows)
 
     def _row(
         self,
@@ -117,10 +110,12 @@ class HealthMonitor:
             threshold=threshold,
             passed=passed,
             action="none" if passed else policy,
+            retry=edit.retries,
         )
 
 
 def action(rows: list[HealthRow]) -> HealthAction | None:
-    """The most severe action among `rows` (stop > skip > record), None when all passed."""
+    """The most severe action among `rows` (stop > skip > retry > record), None when all
+    passed."""
     worst = max((r.action for r in rows), key=_SEVERITY.__getitem__, default="none")
     return None if worst == "none" else worst  # type: ignore[return-value]

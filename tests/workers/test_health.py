@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from seqedit.methods.locality import locality_drift
-from seqedit.pipeline.driver import retention_sample
+from seqedit.methods.locality import locality_drift, perplexity
+from seqedit.pipeline.health_steps import retention_sample
 from seqedit.schemas.campaign import HealthSpec
 from seqedit.testbed.build import load_testbed
 from seqedit.workers.editor import SequentialEditor, parse_edit_log
@@ -26,7 +26,7 @@ def _row(step: int, *, success: bool = True, p_new: float = 0.5, norm: float = 1
 
 def test_failed_edit_is_recorded_and_a_big_update_skipped() -> None:
     monitor = HealthMonitor(HealthSpec(max_update_norm=10.0, window=3), "c")
-    checks = monitor.observe(_row(0, success=False, norm=11.0))
+    checks = monitor.observe([_row(0, success=False, norm=11.0)])
     by_check = {c.check_name: c for c in checks}
     assert by_check["verified"].action == "record" and not by_check["verified"].passed
     assert by_check["update_norm"].action == "skip" and by_check["update_norm"].value == 11.0
@@ -39,9 +39,9 @@ def test_trend_fires_once_the_window_is_full_of_collapse() -> None:
     monitor = HealthMonitor(spec, "c")
     actions = []
     for step in range(4):
-        checks = monitor.observe(_row(step, p_new=1e-5))
+        checks = monitor.observe([_row(step, p_new=1e-5)])
         actions.append(action(checks))
-        monitor.keep(_row(step, p_new=1e-5))
+        monitor.keep([_row(step, p_new=1e-5)])
     assert actions == [None, None, "stop", "stop"]
     trend = next(c for c in checks if c.check_name == "target_prob")
     assert trend.value == pytest.approx(1e-5) and trend.threshold == 1e-3
@@ -49,8 +49,8 @@ def test_trend_fires_once_the_window_is_full_of_collapse() -> None:
 
 def test_rolled_back_edits_leave_the_window_untouched() -> None:
     monitor = HealthMonitor(HealthSpec(window=2, min_success_rate=0.5), "c")
-    monitor.observe(_row(0, success=False))  # not kept: rolled back by the caller
-    checks = monitor.observe(_row(1, success=False))
+    monitor.observe([_row(0, success=False)])  # not kept: rolled back by the caller
+    checks = monitor.observe([_row(1, success=False)])
     assert next(c for c in checks if c.check_name == "success_rate").passed  # window: 1 of 2
 
 
@@ -93,6 +93,30 @@ def test_locality_drift_by_hand() -> None:
     drift = locality_drift(base, edited)
     kl_row0 = 0.5 * math.log(0.5 / 0.25) + 0.25 * math.log(0.25 / 0.5)
     assert drift.kl == pytest.approx(kl_row0 / 2) and drift.top1 == 0.5
+
+
+def test_perplexity_by_hand_with_padding(tiny_testbed: Path) -> None:
+    """Batched and right-padded, it equals exp(mean NLL) of each text scored alone."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_testbed).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_testbed)
+    texts = ["Paris is a city in France and it is old.", "The river runs."]
+    nll, count = 0.0, 0
+    for text in texts:
+        ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False)])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0, :-1].float(), dim=-1)
+        nll -= float(logp.gather(1, ids[0, 1:, None]).sum())
+        count += ids.shape[1] - 1
+    assert perplexity(model, tokenizer, texts) == pytest.approx(math.exp(nll / count), rel=1e-5)
+    with pytest.raises(ValueError, match="no held-out text"):
+        perplexity(model, tokenizer, [""])
+
+
+def test_a_periodic_metric_without_a_limit_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown periodic health metric 'bogus'"):
+        HealthMonitor(HealthSpec(), "c").periodic(_row(0), {"bogus": 1.0})
 
 
 def test_periodic_checks_hold_each_metric_to_its_limit() -> None:
