@@ -18,7 +18,7 @@ import yaml
 from seqedit.methods.config import validate_config
 from seqedit.methods.registry import get_method
 from seqedit.pipeline.driver import ProgressCallback, run_campaign
-from seqedit.pipeline.state import CampaignState
+from seqedit.pipeline.state import CampaignState, driver_running
 from seqedit.schemas.campaign import CampaignSpec, SpecError, load_spec
 from seqedit.schemas.loaders import load_requests
 
@@ -64,8 +64,10 @@ def frozen_spec(campaign_dir: Path) -> CampaignSpec:
     return spec
 
 
-def status_table(campaign_dir: Path) -> tuple[CampaignState, pa.Table]:
-    """The campaign state and one row per shard: range, status, attempt, progress, error."""
+def status_table(campaign_dir: Path) -> tuple[CampaignState, pa.Table, bool]:
+    """The campaign state, one row per shard (range, status, attempt, progress, error) and
+    whether a live driver is running it now (a "running" campaign without one was
+    interrupted: its driver was killed)."""
     state = CampaignState.load(campaign_dir)
     rows = [
         {
@@ -79,11 +81,29 @@ def status_table(campaign_dir: Path) -> tuple[CampaignState, pa.Table]:
         }
         for s in state.shards
     ]
-    return state, pa.Table.from_pylist(rows)
+    return state, pa.Table.from_pylist(rows), driver_running(campaign_dir)
+
+
+def rerun_selection(campaign_dir: Path, *, failed: bool, shard: int | None) -> list[int] | None:
+    """The shards `seqedit rerun` runs: None (every shard not done), the failed ones (and
+    one left "running" by a killed driver), or `[shard]`. No failed shard is an error."""
+    if shard is not None:
+        return [shard]
+    if not failed:
+        return None
+    state = CampaignState.load(campaign_dir)
+    chosen = [s.index for s in state.shards if s.status in ("failed", "running")]
+    if not chosen:
+        statuses = ", ".join(f"{s.index}: {s.status}" for s in state.shards)
+        raise ValueError(f"{campaign_dir}: no failed shard to rerun (shards {statuses})")
+    return chosen
 
 
 def rerun_campaign(
-    campaign_dir: Path, *, progress: ProgressCallback | None = None
+    campaign_dir: Path,
+    *,
+    progress: ProgressCallback | None = None,
+    shards: list[int] | None = None,
 ) -> CampaignState:
-    """Run the unfinished shards of `campaign_dir` again, from its frozen spec."""
-    return run_campaign(frozen_spec(campaign_dir), campaign_dir, progress=progress)
+    """Run shards of `campaign_dir` again from its frozen spec (see `run_campaign`)."""
+    return run_campaign(frozen_spec(campaign_dir), campaign_dir, progress=progress, shards=shards)

@@ -82,21 +82,25 @@ def cmd_status(args: argparse.Namespace) -> None:
     from seqedit.pipeline.campaign_ops import status_table
     from seqedit.pipeline.tables_format import format_table
 
-    state, table = status_table(args.campaign_dir)
+    state, table, live = status_table(args.campaign_dir)
     done = sum(s.steps_done if s.status != "done" else s.stop - s.start for s in state.shards)
     total = state.shards[-1].stop if state.shards else 0
-    print(f"campaign {state.campaign}: {state.status}, {done}/{total} steps, "
+    shown = state.status
+    if state.status == "running" and not live:
+        shown = "interrupted (no driver is running it; `seqedit rerun` continues it)"
+    print(f"campaign {state.campaign}: {shown}, {done}/{total} steps, "
           f"updated {state.updated_at}")  # fmt: skip
     print(format_table(table))
 
 
 def cmd_rerun(args: argparse.Namespace) -> None:
-    from seqedit.pipeline.campaign_ops import frozen_spec, rerun_campaign
+    from seqedit.pipeline.campaign_ops import frozen_spec, rerun_campaign, rerun_selection
     from seqedit.pipeline.commands import progress_bar
 
     spec = frozen_spec(args.campaign_dir)
+    shards = rerun_selection(args.campaign_dir, failed=args.failed, shard=args.shard)
     with progress_bar(spec.n_edits, spec.name, not args.quiet) as update:
-        state = rerun_campaign(args.campaign_dir, progress=update)
+        state = rerun_campaign(args.campaign_dir, progress=update, shards=shards)
     print(f"campaign {state.campaign}: {state.status} -> {args.campaign_dir}")
 
 
@@ -258,8 +262,25 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("campaign_dir", type=Path)
     status.set_defaults(func=cmd_status)
 
-    rerun = sub.add_parser("rerun", help="run a campaign's unfinished shards again")
+    rerun = sub.add_parser(
+        "rerun",
+        help="continue a campaign from its last good checkpoint (default: every shard not "
+        "done), or rerun chosen shards",
+    )
     rerun.add_argument("campaign_dir", type=Path)
+    which = rerun.add_mutually_exclusive_group()
+    which.add_argument(
+        "--failed",
+        action="store_true",
+        help="only the failed shards (and one a killed driver left running)",
+    )
+    which.add_argument(
+        "--shard",
+        type=int,
+        metavar="K",
+        help="only shard K, even if done (shard K-1 must be done); later shards become "
+        "pending if K's weights come out different",
+    )
     rerun.add_argument("--quiet", action="store_true", help="no progress bar")
     rerun.set_defaults(func=cmd_rerun)
 

@@ -7,11 +7,12 @@ progress in the campaign state so `seqedit query` can read the finished shards m
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import ray
@@ -21,7 +22,15 @@ import yaml
 from seqedit.files import write_text_atomic
 from seqedit.methods.config import validate_config
 from seqedit.methods.registry import get_method
-from seqedit.pipeline.state import CampaignState, ShardState, now
+from seqedit.pipeline.health_steps import (
+    checked_step,
+    heldout_texts,
+    needs_undo,
+    probe_prompts,
+    rebuild_window,
+    retention_sample,
+)
+from seqedit.pipeline.state import CampaignState, CampaignStatus, ShardState, driver_lock, now
 from seqedit.pipeline.store import clear_attempt, write_part
 from seqedit.schemas.campaign import CampaignSpec
 from seqedit.schemas.loaders import load_requests, write_quarantine
@@ -29,7 +38,6 @@ from seqedit.schemas.requests import EditRequest
 from seqedit.schemas.tables import EditRow, EvalRow, HealthRow
 from seqedit.workers.editor import SequentialEditor
 from seqedit.workers.health import HealthMonitor
-from seqedit.workers.health import action as health_action
 from seqedit.workers.tensor_files import write_safetensors
 
 log = logging.getLogger(__name__)
@@ -42,12 +50,12 @@ class CampaignDirError(ValueError):
     """A campaign directory that holds a different campaign."""
 
 
-def plan_shards(n_edits: int, shard_size: int | None) -> list[ShardState]:
-    """Contiguous step ranges [start, stop) covering 0..n_edits-1."""
-    size = shard_size or n_edits
+def plan_shards(n_steps: int, shard_size: int | None) -> list[ShardState]:
+    """Contiguous step ranges [start, stop) covering steps 0..n_steps-1."""
+    size = shard_size or n_steps
     return [
-        ShardState(index=i, start=start, stop=min(start + size, n_edits))
-        for i, start in enumerate(range(0, n_edits, size))
+        ShardState(index=i, start=start, stop=min(start + size, n_steps))
+        for i, start in enumerate(range(0, n_steps, size))
     ]
 
 
@@ -91,7 +99,7 @@ def prepare_dir(spec: CampaignSpec, campaign_dir: Path) -> CampaignState:
     state = CampaignState(
         campaign=spec.name,
         spec_hash=spec.spec_hash(),
-        shards=plan_shards(spec.n_edits, spec.shard_size),
+        shards=plan_shards(spec.n_steps, spec.shard_size),
     )
     state.save(campaign_dir)
     return state
@@ -115,43 +123,85 @@ def run_campaign(
     campaign_dir: str | Path,
     *,
     progress: ProgressCallback | None = None,
+    shards: Collection[int] | None = None,
 ) -> CampaignState:
-    """Run every unfinished shard of the campaign in order on one editor actor."""
+    """Run the campaign's shards in order on one editor actor: every shard not done yet,
+    or (`shards`) exactly the shards named, done or not, which then need every shard
+    before the first of them done. A rerun shard whose weights come out different makes
+    the done shards after it stale (pending again). One driver at a time per directory."""
     root = Path(campaign_dir)
     method = get_method(spec.method)  # unknown names fail here, before anything is written
     validate_config(method.config_cls, spec.hparams, where=f"campaign {spec.name!r} hparams")
-    state = prepare_dir(spec, root)
-    requests = select_requests(spec, root)
-    _ensure_ray()
-    editor = _start_editor(spec, root, state, requests)
-    monitor = HealthMonitor(spec.health, spec.name)
-    state.status = "running"
-    state.save(root)
-    try:
-        for shard in state.shards:
-            if shard.status == "done":
-                continue
-            while True:
-                try:
-                    _run_shard(spec, root, state, shard, editor, requests, progress, monitor)
-                    break
-                except EDITOR_DIED as exc:
-                    if shard.attempt + 1 >= spec.max_attempts:
-                        raise
-                    log.warning("shard %d: editor died (%s); retrying", shard.index, exc)
-                    ray.kill(editor)
-                    editor = _start_editor(spec, root, state, requests)
-                    monitor = HealthMonitor(spec.health, spec.name)
-            if shard.status == "stopped":
-                break
-        state.status = "stopped" if any(s.status == "stopped" for s in state.shards) else "done"
-    except BaseException:
-        state.status = "failed"
-        raise
-    finally:
+    if spec.edits_per_step > 1 and method.edit_batch is None:
+        raise ValueError(
+            f"campaign {spec.name!r}: edits_per_step is {spec.edits_per_step}, but method "
+            f"{method.name!r} edits one request at a time (batched: memit, alphaedit)"
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    with driver_lock(root):
+        state = prepare_dir(spec, root)  # as the last driver left it
+        todo = _select_shards(state, shards)
+        if not todo:
+            return state
+        requests = select_requests(spec, root)
+        _ensure_ray()
+        editor, monitor = _start_editor(spec, root, state, requests, todo[0])
+        state.status = "running"
         state.save(root)
-        ray.kill(editor)
+        try:
+            for index in todo:
+                shard = state.shards[index]
+                _check_predecessor_done(root, state, index)
+                for tries in itertools.count(1):
+                    try:
+                        _run_shard(spec, root, state, shard, editor, requests, progress, monitor)
+                        break
+                    except EDITOR_DIED as exc:
+                        if tries >= spec.max_attempts:
+                            raise
+                        log.warning("shard %d: editor died (%s); retrying", shard.index, exc)
+                        ray.kill(editor)
+                        editor, monitor = _start_editor(spec, root, state, requests, index)
+                if shard.status == "stopped":
+                    break
+            state.status = _overall_status(state)
+        except BaseException:
+            state.status = "failed"
+            raise
+        finally:
+            state.save(root)
+            ray.kill(editor)
     return state
+
+
+def _overall_status(state: CampaignState) -> CampaignStatus:
+    statuses = {s.status for s in state.shards}
+    if "stopped" in statuses:
+        return "stopped"
+    return "done" if statuses == {"done"} else "pending"
+
+
+def _select_shards(state: CampaignState, chosen: Collection[int] | None) -> list[int]:
+    """Indices to run, ascending: every shard not done (after a health stop: none), or
+    exactly `chosen`."""
+    if chosen is None:
+        if any(s.status == "stopped" for s in state.shards):
+            return []  # stopped by a health policy: running on would stop again
+        return [s.index for s in state.shards if s.status != "done"]
+    known = range(len(state.shards))
+    unknown = sorted(set(chosen) - set(known))
+    if unknown:
+        raise ValueError(f"no shard {unknown[0]}: the campaign has shards 0..{len(known) - 1}")
+    return sorted(set(chosen))
+
+
+def _check_predecessor_done(root: Path, state: CampaignState, index: int) -> None:
+    if index > 0 and state.shards[index - 1].status != "done":
+        before = state.shards[index - 1]
+        raise ValueError(
+            f"{root}: shard {index} starts from the checkpoint of shard {index - 1}, which is "
+            f"{before.status}; rerun shard {index - 1} first (or `seqedit rerun` to continue)"
+        )
 
 
 EDITOR_DIED = (
@@ -163,9 +213,14 @@ EDITOR_DIED = (
 
 
 def _start_editor(
-    spec: CampaignSpec, root: Path, state: CampaignState, requests: list[EditRequest]
-) -> ray.actor.ActorHandle:
-    """A new editor actor, placed where the campaign stands (see `_resume`)."""
+    spec: CampaignSpec,
+    root: Path,
+    state: CampaignState,
+    requests: list[EditRequest],
+    first_shard: int,
+) -> tuple[ray.actor.ActorHandle, HealthMonitor]:
+    """A new editor actor placed before `first_shard` (at the checkpoint of the shard
+    before it), and a health monitor whose trend window is where it was there."""
     actor_cls = ray.remote(SequentialEditor).options(
         num_cpus=spec.resources.num_cpus, num_gpus=spec.resources.num_gpus, max_restarts=0
     )
@@ -178,30 +233,20 @@ def _start_editor(
         seed=spec.seed,
         torch_threads=spec.resources.torch_threads,
         device="cuda" if spec.resources.num_gpus > 0 else "cpu",
-        keep_undo=ROLLBACK & {spec.health.on_unverified, spec.health.on_update_norm,
-                              spec.health.on_trend} != set(),
-    )  # fmt: skip
+        keep_undo=needs_undo(spec.health),
+        retry_factor=spec.health.retry_steps_factor,
+    )
     description = ray.get(editor.describe.remote())
     write_text_atomic(root / "method.json", json.dumps(description, indent=2))
-    if spec.health.every:  # on the base model, before `_resume` moves it along
-        ray.get(editor.set_probes.remote(probe_prompts(requests, spec.health.n_probes)))
-    _resume(root, state, editor)
-    return editor
-
-
-def probe_prompts(requests: list[EditRequest], n: int) -> list[str]:
-    """The first `n` distinct neighbourhood prompts of `requests` (facts the edits must not
-    change), topped up with rewrite prompts when there are too few."""
-    prompts = [nb.prompt for r in requests for nb in r.neighborhood_prompts]
-    prompts += [r.filled_prompt for r in requests]
-    return list(dict.fromkeys(prompts))[:n]
-
-
-def retention_sample(applied: int, n: int) -> list[int]:
-    """Up to `n` evenly spaced indices of the first `applied` edits, first and last included."""
-    if applied <= n:
-        return list(range(applied))
-    return sorted({round(j * (applied - 1) / (n - 1)) for j in range(n)}) if n > 1 else [0]
+    if spec.health.every:  # on the base model, before the checkpoint moves it along
+        probes = probe_prompts(requests, spec.health.n_probes)
+        ray.get(editor.set_probes.remote(probes, heldout_texts(spec.health)))
+    if first_shard > 0:
+        before = state.shards[first_shard - 1]
+        path = checkpoint_path(root, before.index)
+        ray.get(editor.load_checkpoint.remote(str(path), before.weights_fingerprint))
+        log.info("starting shard %d from the checkpoint of shard %d", first_shard, before.index)
+    return editor, rebuild_window(spec, root, state, first_shard)
 
 
 def checkpoint_path(campaign_dir: Path, shard: int) -> Path:
@@ -209,26 +254,9 @@ def checkpoint_path(campaign_dir: Path, shard: int) -> Path:
     return campaign_dir / "checkpoints" / f"shard={shard}.safetensors"
 
 
-ROLLBACK = {"skip", "stop"}
-"""Health policies that roll the failing edit back (stop: to the last healthy state)."""
-
-
-def _resume(root: Path, state: CampaignState, editor: ray.actor.ActorHandle) -> None:
-    """Put a fresh editor where the campaign stands: after the last done shard.
-
-    Shards run in order, so the first unfinished shard k resumes from the checkpoint that
-    shard k-1 wrote when it was done (its weights fingerprint is checked against state.json).
-    """
-    pending = [s.index for s in state.shards if s.status != "done"]
-    if not pending or pending[0] == 0:
-        return
-    before = state.shards[pending[0] - 1]
-    ray.get(
-        editor.load_checkpoint.remote(
-            str(checkpoint_path(root, before.index)), before.weights_fingerprint
-        )
-    )
-    log.info("resuming after shard %d from its checkpoint", before.index)
+def _crossed(every: int | None, before: int, after: int) -> bool:
+    """Whether the edit count passed a multiple of `every` going from `before` to `after`."""
+    return bool(every) and after // every > before // every  # type: ignore[operator]
 
 
 def _run_shard(
@@ -241,8 +269,9 @@ def _run_shard(
     progress: ProgressCallback | None,
     monitor: HealthMonitor,
 ) -> None:
-    if shard.status in ("running", "failed", "stopped"):
+    if shard.status != "pending":
         shard.attempt += 1
+    previous_fingerprint = shard.weights_fingerprint
     clear_attempt(root, shard.index, shard.attempt)
     shard.status, shard.started_at, shard.error = "running", now(), None
     shard.steps_done = 0
@@ -254,33 +283,36 @@ def _run_shard(
     stopped: str | None = None
     try:
         for step in range(shard.start, shard.stop):
-            row, checks = _checked_edit(editor, requests[step], step, monitor)
-            edit_rows.append(row)
+            positions = spec.step_edits(step)
+            batch = [requests[i] for i in positions]
+            rows, checks = checked_step(editor, batch, step, monitor, spec.health)
+            edit_rows.extend(rows)
             health_rows.extend(checks)
             shard.steps_done = step + 1 - shard.start
             state.save(root)  # atomic; `seqedit status` reads it while we run
+            applied = positions.stop  # requests edited so far (rolled back ones included)
             if progress is not None:
-                progress(step + 1, spec.n_edits)
-            applied = step + 1
+                progress(applied, spec.n_edits)
             last = applied == spec.n_edits
-            every = spec.health.every
-            if every and applied % every == 0 and not any(c.action == "stop" for c in checks):
+            stopping = any(c.action == "stop" for c in checks)
+            if _crossed(spec.health.every, positions.start, applied) and not stopping:
                 sample = [requests[i] for i in retention_sample(applied, spec.health.n_retention)]
                 started = time.perf_counter()
                 metrics = ray.get(editor.periodic_health.remote(sample))
-                checks = monitor.periodic(row, metrics, seconds=time.perf_counter() - started)
+                checks = monitor.periodic(rows[-1], metrics, seconds=time.perf_counter() - started)
                 health_rows.extend(checks)
             if any(c.action == "stop" for c in checks):
                 failed = [c for c in checks if c.action == "stop"]
                 stopped = f"health stop after step {step}: " + "; ".join(
                     f"{c.check_name} {c.value:.4g} (limit {c.threshold})" for c in failed
                 )
-            if last or stopped or (spec.eval_every and applied % spec.eval_every == 0):
+            if last or stopped or _crossed(spec.eval_every, positions.start, applied):
+                edited_at = [i // spec.edits_per_step for i in range(applied)]
                 eval_rows.extend(
                     ray.get(
                         editor.evaluate.remote(
                             requests[:applied],
-                            list(range(applied)),
+                            edited_at,
                             protocol="final" if last else "retention",
                             batch_size=spec.eval_batch_size,
                         )
@@ -303,18 +335,18 @@ def _run_shard(
         raise
     shard.status = "stopped" if stopped else "done"
     shard.error, shard.done_attempt, shard.finished_at = stopped, shard.attempt, now()
+    if previous_fingerprint not in (None, shard.weights_fingerprint):
+        _mark_later_stale(state, shard.index)
     state.save(root)
 
 
-def _checked_edit(
-    editor: ray.actor.ActorHandle, request: EditRequest, step: int, monitor: HealthMonitor
-) -> tuple[EditRow, list[HealthRow]]:
-    """Apply one edit, run the health checks; roll it back when a policy says skip/stop."""
-    row: EditRow = ray.get(editor.edit.remote(request, step))
-    checks = monitor.observe(row)
-    if health_action(checks) in ROLLBACK:
-        ray.get(editor.undo_last.remote())
-        row = row.model_copy(update={"rolled_back": True})
-    else:
-        monitor.keep(row)
-    return row, checks
+def _mark_later_stale(state: CampaignState, index: int) -> None:
+    """Shard `index` was rerun and its weights changed: the shards after it started from
+    the old weights, so their rows and checkpoints no longer describe this campaign."""
+    for later in state.shards[index + 1 :]:
+        if later.status != "pending":
+            log.warning("shard %d is stale after shard %d changed; pending again", later.index,
+                        index)  # fmt: skip
+            later.status, later.done_attempt, later.weights_fingerprint = "pending", None, None
+            later.error = f"stale: shard {index} was rerun with different weights"
+            later.attempt += 1

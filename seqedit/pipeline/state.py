@@ -6,6 +6,10 @@ The state file is rewritten atomically after every transition, so another proces
 
 from __future__ import annotations
 
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -16,7 +20,52 @@ from seqedit.files import write_text_atomic
 
 ShardStatus = Literal["pending", "running", "done", "failed", "stopped"]
 """stopped: a health check with policy `stop` ended the shard; its rows up to then count."""
+CampaignStatus = Literal["pending", "running", "done", "failed", "stopped"]
+"""pending: not started, or some shards still to run (e.g. after `rerun --shard`)."""
 STATE_FILE = "state.json"
+LOCK_FILE = "driver.lock"
+
+
+class CampaignBusyError(RuntimeError):
+    """Another driver process is running this campaign directory."""
+
+
+@contextmanager
+def driver_lock(campaign_dir: str | Path) -> Iterator[None]:
+    """Hold the campaign's driver lock (an exclusive `flock` on `driver.lock`, holding the
+    driver's pid) for the block. The kernel drops it when the process dies, so a killed
+    driver never leaves the campaign locked; a second live driver is refused."""
+    path = Path(campaign_dir) / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise CampaignBusyError(
+                f"{campaign_dir}: a driver (pid {holder}) is running this campaign; "
+                "wait for it, or stop it, before running it again"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def driver_running(campaign_dir: str | Path) -> bool:
+    """Whether a live driver holds the campaign's lock right now."""
+    path = Path(campaign_dir) / LOCK_FILE
+    if not path.exists():
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def now() -> str:
@@ -55,7 +104,7 @@ class CampaignState(BaseModel):
     campaign: str
     spec_hash: str
     shards: list[ShardState]
-    status: Literal["pending", "running", "done", "failed", "stopped"] = "pending"
+    status: CampaignStatus = "pending"
     updated_at: str = Field(default_factory=now)
 
     def save(self, campaign_dir: str | Path) -> None:

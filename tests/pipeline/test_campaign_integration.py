@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-import ray
 from safetensors.torch import load_file
 
 from seqedit.pipeline.cli import main
@@ -26,13 +25,6 @@ from tests.conftest import TINY_LAYER
 from tests.pipeline.specs import write_spec
 
 N_EDITS = 20
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
 
 
 def _spec(tmp_path: Path, testbed: Path, stats: Path, **overrides: object) -> Path:
@@ -143,6 +135,23 @@ def test_missing_checkpoint_is_a_clear_error(
         run_campaign(spec, tmp_path / "c")
 
 
+FAULT_HEALTH = {"window": 4, "every": 5, "n_probes": 4, "n_retention": 4}
+"""A trend window and periodic checks that straddle the shard boundary (shards of 10)."""
+
+
+def assert_same_rows(campaign: Path, reference: Path) -> None:
+    """Every table of `campaign` holds exactly the rows of `reference` (timings and attempt
+    numbers aside), and no (step, case) appears twice."""
+    for table, key in (("edits", "step, case_id"), ("evals", "n_edits_applied, case_id"),
+                       ("health", "step, case_id, retry, check_name")):  # fmt: skip
+        sql = f"SELECT * EXCLUDE (attempt{', seconds' if table != 'evals' else ''}) " \
+              f"FROM {table} ORDER BY {key}"  # fmt: skip
+        rows = query(campaign, sql).to_pylist()
+        assert rows == query(reference, sql).to_pylist(), table
+        distinct = query(campaign, f"SELECT count(DISTINCT ({key})) AS n FROM {table}")
+        assert distinct.to_pylist() == [{"n": len(rows)}], f"duplicate rows in {table}"
+
+
 def _wait_for_step(
     campaign: Path, shard: int, after_steps: int, alive: subprocess.Popen | None = None
 ) -> ShardState:
@@ -173,7 +182,7 @@ def _kill_editor_in_shard(campaign: Path, shard: int, after_steps: int) -> int:
 def test_killed_editor_is_retried_from_the_checkpoint_with_identical_results(
     ray_local: None, tiny_testbed: Path, tiny_stats: Path, tmp_path: Path
 ) -> None:
-    spec = load_spec(_spec(tmp_path, tiny_testbed, tiny_stats))
+    spec = load_spec(_spec(tmp_path, tiny_testbed, tiny_stats, health=FAULT_HEALTH))
     reference = run_campaign(spec, tmp_path / "reference")
 
     outcome: dict[str, object] = {}
@@ -190,25 +199,20 @@ def test_killed_editor_is_retried_from_the_checkpoint_with_identical_results(
     assert [s.weights_fingerprint for s in state.shards] == [
         s.weights_fingerprint for s in reference.shards
     ]
-    sql = "SELECT step, case_id, p_new_after, p_true_after FROM edits ORDER BY step"
-    assert (
-        query(tmp_path / "killed", sql).to_pylist()
-        == query(tmp_path / "reference", sql).to_pylist()
-    )
-    sql = "SELECT n_edits_applied, case_id, es, ps, ns FROM evals ORDER BY 1, 2"
-    assert (
-        query(tmp_path / "killed", sql).to_pylist()
-        == query(tmp_path / "reference", sql).to_pylist()
-    )
+    assert_same_rows(tmp_path / "killed", tmp_path / "reference")
 
 
 @pytest.mark.slow
 def test_killed_driver_process_then_rerun_gives_the_uninterrupted_result(
-    ray_local: None, tiny_testbed: Path, tiny_stats: Path, tmp_path: Path
+    ray_local: None,
+    tiny_testbed: Path,
+    tiny_stats: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """`seqedit run` in its own process group (driver plus its embedded Ray) is killed
     mid-shard, as a crashed machine would be; `seqedit rerun` then finishes the campaign."""
-    spec_file = _spec(tmp_path, tiny_testbed, tiny_stats)
+    spec_file = _spec(tmp_path, tiny_testbed, tiny_stats, health=FAULT_HEALTH)
     reference = run_campaign(load_spec(spec_file), tmp_path / "reference")
     campaign = tmp_path / "killed"
     driver = subprocess.Popen(
@@ -222,6 +226,8 @@ def test_killed_driver_process_then_rerun_gives_the_uninterrupted_result(
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait(timeout=60)
     assert CampaignState.load(campaign).shards[1].status == "running"  # died mid-shard
+    assert main(["status", str(campaign)]) == 0
+    assert "interrupted" in capsys.readouterr().out  # no live driver holds the lock
 
     assert main(["rerun", str(campaign), "--quiet"]) == 0
     state = CampaignState.load(campaign)
@@ -229,8 +235,7 @@ def test_killed_driver_process_then_rerun_gives_the_uninterrupted_result(
     assert [s.weights_fingerprint for s in state.shards] == [
         s.weights_fingerprint for s in reference.shards
     ]
-    sql = "SELECT step, case_id, p_new_after, p_true_after FROM edits ORDER BY step"
-    assert query(campaign, sql).to_pylist() == query(tmp_path / "reference", sql).to_pylist()
+    assert_same_rows(campaign, tmp_path / "reference")
 
 
 COLLAPSE = {"layer": TINY_LAYER, "context_templates": ["{}"], "clamp_norm_factor": 1000,

@@ -91,3 +91,58 @@ def test_status_and_rerun_of_a_failed_shard(
     assert main(["query", str(campaign), "SELECT count(*) AS n, max(attempt) AS a FROM edits",
                  "--format", "json"]) == 0  # fmt: skip
     assert '"n": 6' in capsys.readouterr().out
+    assert main(["rerun", str(campaign), "--failed", "--quiet"]) == 2
+    assert "no failed shard to rerun" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_rerun_failed_and_one_shard(
+    tiny_testbed: Path, tiny_stats: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    campaign = tmp_path / "c"
+    spec_file = _spec(tmp_path, tiny_testbed, tiny_stats)
+    assert main(["run", str(spec_file), "--out", str(campaign), "--quiet"]) == 0
+    reference = json.loads((campaign / "state.json").read_text())["shards"]
+
+    # shard 0 failed, shard 1 never ran: --failed reruns shard 0 and stops there
+    state = json.loads((campaign / "state.json").read_text())
+    state["shards"][0].update(status="failed", done_attempt=None, error="RuntimeError('x')")
+    state["shards"][1].update(status="pending", done_attempt=None, weights_fingerprint=None)
+    (campaign / "state.json").write_text(json.dumps(state))
+    assert main(["rerun", str(campaign), "--failed", "--quiet"]) == 0
+    assert "campaign ops: pending" in capsys.readouterr().out
+    shards = json.loads((campaign / "state.json").read_text())["shards"]
+    assert [(s["status"], s["attempt"]) for s in shards] == [("done", 1), ("pending", 0)]
+    assert shards[0]["weights_fingerprint"] == reference[0]["weights_fingerprint"]
+    assert main(["rerun", str(campaign), "--shard", "5", "--quiet"]) == 2
+    assert "no shard 5" in capsys.readouterr().err
+    assert main(["rerun", str(campaign), "--quiet"]) == 0
+    shards = json.loads((campaign / "state.json").read_text())["shards"]
+    assert [s["weights_fingerprint"] for s in shards] == [
+        s["weights_fingerprint"] for s in reference
+    ]
+
+    # --shard 0 of a done campaign: a new attempt of shard 0 only; same weights, so shard 1
+    # stays done; a recorded fingerprint that differs makes shard 1 stale (pending)
+    state = json.loads((campaign / "state.json").read_text())
+    state["shards"][0]["weights_fingerprint"] = "0" * 64
+    (campaign / "state.json").write_text(json.dumps(state))
+    assert main(["rerun", str(campaign), "--shard", "0", "--quiet"]) == 0
+    shards = json.loads((campaign / "state.json").read_text())["shards"]
+    assert [(s["status"], s["attempt"]) for s in shards] == [("done", 2), ("pending", 1)]
+    assert "stale: shard 0 was rerun" in shards[1]["error"]
+    capsys.readouterr()
+    assert main(["query", str(campaign), "SELECT count(*) AS n FROM edits", "--format",
+                 "json"]) == 0  # fmt: skip
+    assert '"n": 3' in capsys.readouterr().out  # shard 1's rows no longer count
+    assert main(["rerun", str(campaign), "--shard", "0", "--quiet"]) == 0  # same weights now
+    assert main(["rerun", str(campaign), "--quiet"]) == 0
+    shards = json.loads((campaign / "state.json").read_text())["shards"]
+    assert [s["status"] for s in shards] == ["done", "done"]
+    assert [s["weights_fingerprint"] for s in shards] == [
+        s["weights_fingerprint"] for s in reference
+    ]
+    capsys.readouterr()
+    assert main(["query", str(campaign), "SELECT count(*) AS n, count(DISTINCT step) AS d "
+                 "FROM edits", "--format", "json"]) == 0  # fmt: skip
+    assert '"n": 6' in capsys.readouterr().out
