@@ -24,11 +24,10 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from seqedit.pipeline.prepared import ensure_stats, ensure_testbed
 from seqedit.pipeline.tables_format import format_table
-from seqedit.testbed.build import CORPUS_FILE, build_synthetic_testbed, load_testbed
+from seqedit.testbed.build import load_testbed
 from seqedit.workers.editor import SequentialEditor
-from seqedit.workers.stats import StatsConfig, compute_stats
-from seqedit.workers.stats_store import load_accumulators, save_stats
 
 N_FACTS, SEED, STATS_LAYERS = 300, 0, [0, 1, 2, 3]
 # Tuned on this testbed (docs/methods.md, "Tuning on a small model"): MEMIT/AlphaEdit put
@@ -46,17 +45,8 @@ HPARAMS: dict[str, dict[str, Any]] = {
 
 def _testbed(out: Path) -> tuple[Path, Path]:
     model = out / "testbed"
-    if not (model / "testbed.json").is_file():
-        build_synthetic_testbed(model, N_FACTS, SEED, progress=True)
-    stats = out / "stats"
-    try:
-        ready = set(STATS_LAYERS) <= set(load_accumulators(stats).meta.layers)
-    except (FileNotFoundError, ValueError):
-        ready = False
-    if not ready:
-        config = StatsConfig(layers=STATS_LAYERS, corpus=[model / CORPUS_FILE])
-        save_stats(stats, compute_stats(model, config, progress=True))
-    return model, stats
+    ensure_testbed(model, N_FACTS, SEED)
+    return model, ensure_stats(out / "stats", model, STATS_LAYERS)
 
 
 def _override(hparams: dict[str, dict[str, Any]], assignment: str) -> None:

@@ -16,12 +16,10 @@ import yaml
 
 from seqedit.pipeline.commands import curve_sql, plot_campaign, progress_bar
 from seqedit.pipeline.driver import run_campaign
+from seqedit.pipeline.prepared import ensure_stats, ensure_testbed
 from seqedit.pipeline.store import query
 from seqedit.pipeline.tables_format import format_table
 from seqedit.schemas.campaign import load_spec
-from seqedit.testbed.build import CORPUS_FILE, TestbedReport, build_synthetic_testbed, load_testbed
-from seqedit.workers.stats import StatsConfig, compute_stats
-from seqedit.workers.stats_store import load_accumulators, save_stats
 
 DEMO_LAYER = 0
 # Tuned on this testbed (docs/methods.md): layer 0, and the bare prompt as the only context
@@ -38,45 +36,14 @@ DEMO_HPARAMS = {
 }
 
 
-def _testbed(out: Path, n_facts: int, seed: int) -> tuple[Path, TestbedReport]:
-    model_dir = out / "testbed"
-    source = f"synthetic:{n_facts}:{seed}"
-    try:
-        report: TestbedReport | None = load_testbed(model_dir)[0]
-    except (FileNotFoundError, ValueError):
-        report = None
-    if report is not None and report.source == source:
-        print(
-            f"[1/4] reusing testbed {model_dir} "
-            f"({report.n_facts} facts, recall {report.recall:.1%})"
-        )
-        return model_dir, report
-    print(f"[1/4] building testbed: {n_facts} synthetic facts, seed {seed}")
-    report = build_synthetic_testbed(model_dir, n_facts, seed)
-    print(f"      top-1 recall {report.recall:.1%} in {report.train_seconds:.0f}s")
-    return model_dir, report
-
-
-def _stats(out: Path, model_dir: Path) -> Path:
-    stats_dir = out / "stats"
-    try:
-        meta = load_accumulators(stats_dir).meta
-        if DEMO_LAYER in meta.layers and meta.model_dir == str(model_dir.resolve()):
-            print(f"[2/4] reusing covariance {stats_dir} ({meta.token_count} tokens)")
-            return stats_dir
-    except (ValueError, FileNotFoundError):
-        pass
-    print(f"[2/4] covariance of layer {DEMO_LAYER} over the testbed corpus")
-    config = StatsConfig(layers=[DEMO_LAYER], corpus=[model_dir / CORPUS_FILE])
-    save_stats(stats_dir, compute_stats(model_dir.resolve(), config, progress=True))
-    return stats_dir
-
-
 def run_demo(out: Path, *, n_edits: int, n_facts: int, seed: int) -> None:
     """Run the demo end to end under `out` (reusing the testbed and stats when they match)."""
     out.mkdir(parents=True, exist_ok=True)
-    model_dir, report = _testbed(out, n_facts, seed)
-    stats_dir = _stats(out, model_dir)
+    model_dir = out / "testbed"
+    report = ensure_testbed(model_dir, n_facts, seed, say=lambda m: print(f"[1/4] {m}"))
+    stats_dir = ensure_stats(
+        out / "stats", model_dir, [DEMO_LAYER], say=lambda m: print(f"[2/4] {m}")
+    )
     spec_file = out / "campaign.yaml"
     spec_file.write_text(
         yaml.safe_dump(
@@ -103,6 +70,6 @@ def run_demo(out: Path, *, n_edits: int, n_facts: int, seed: int) -> None:
         run_campaign(spec, campaign_dir, progress=update)
     print("[4/4] efficacy / generalisation / specificity vs. edits applied (DuckDB):")
     print(format_table(query(campaign_dir, curve_sql())))
-    png = plot_campaign(campaign_dir, out / "degradation.png")
-    print(f"plot: {png}")
+    for png in plot_campaign(campaign_dir, out / "degradation.png"):
+        print(f"plot: {png}")
     print(f'query it: seqedit query {campaign_dir} "SELECT * FROM evals LIMIT 5"')

@@ -1,0 +1,47 @@
+"""Build-or-reuse of what a testbed campaign needs: the synthetic testbed and its
+covariance stats. Shared by `make demo` and the benchmarks; a result is reused only when
+it was made from the same inputs (source and seed; model and layers)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from seqedit.testbed.build import CORPUS_FILE, TestbedReport, build_synthetic_testbed, load_testbed
+from seqedit.workers.stats import StatsConfig, compute_stats
+from seqedit.workers.stats_store import load_accumulators, save_stats
+
+Say = Callable[[str], None]
+
+
+def ensure_testbed(model_dir: Path, n_facts: int, seed: int, say: Say = print) -> TestbedReport:
+    """The synthetic testbed of `n_facts` facts (seed `seed`) at `model_dir`: the one there
+    if it was built from the same world, else a new one."""
+    source = f"synthetic:{n_facts}:{seed}"
+    try:
+        report: TestbedReport | None = load_testbed(model_dir)[0]
+    except (FileNotFoundError, ValueError):
+        report = None
+    if report is not None and report.source == source:
+        say(f"reusing testbed {model_dir} ({report.n_facts} facts, recall {report.recall:.1%})")
+        return report
+    say(f"building testbed: {n_facts} synthetic facts, seed {seed}")
+    report = build_synthetic_testbed(model_dir, n_facts, seed)
+    say(f"top-1 recall {report.recall:.1%} in {report.train_seconds:.0f}s")
+    return report
+
+
+def ensure_stats(stats_dir: Path, model_dir: Path, layers: Sequence[int], say: Say = print) -> Path:
+    """Covariance stats of `layers` of `model_dir` over its own corpus at `stats_dir`:
+    reused when they cover those layers of that model, else computed (all `layers`)."""
+    try:
+        meta = load_accumulators(stats_dir).meta
+        if set(layers) <= set(meta.layers) and meta.model_dir == str(model_dir.resolve()):
+            say(f"reusing covariance {stats_dir} ({meta.token_count} tokens)")
+            return stats_dir
+    except (ValueError, FileNotFoundError):
+        pass
+    say(f"covariance of layers {list(layers)} over the testbed corpus")
+    config = StatsConfig(layers=list(layers), corpus=[model_dir / CORPUS_FILE])
+    save_stats(stats_dir, compute_stats(model_dir.resolve(), config, progress=True))
+    return stats_dir
