@@ -157,8 +157,8 @@ def cmd_query(args: argparse.Namespace) -> None:
 def cmd_plot(args: argparse.Namespace) -> None:
     from seqedit.pipeline.commands import plot_campaign
 
-    path = plot_campaign(args.campaign_dir, args.out)
-    print(f"plot -> {path}")
+    for path in plot_campaign(args.campaign_dir, args.out):
+        print(f"plot -> {path}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -290,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--format", choices=["table", "csv", "json"], default="table")
     q.set_defaults(func=cmd_query)
 
-    plot = sub.add_parser("plot", help="PNG of a campaign's degradation curve")
+    plot = sub.add_parser("plot", help="PNGs of a campaign's degradation curve and health")
     plot.add_argument("campaign_dir", type=Path)
     plot.add_argument("--out", type=Path, default=None, help="default: <campaign>/degradation.png")
     plot.set_defaults(func=cmd_plot)

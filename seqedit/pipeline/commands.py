@@ -12,7 +12,7 @@ from transformers import AutoConfig
 
 from seqedit.methods.arch import module_names_for_type
 from seqedit.pipeline.driver import run_campaign
-from seqedit.pipeline.plots import plot_degradation
+from seqedit.pipeline.plots import plot_degradation, plot_health
 from seqedit.pipeline.state import CampaignState
 from seqedit.pipeline.store import query
 from seqedit.schemas.campaign import load_spec
@@ -24,8 +24,9 @@ if TYPE_CHECKING:
 
 CURVE_SQL = """
 WITH immediate AS (
-    SELECT step + 1 AS n, avg(CAST(success AS DOUBLE))
-        OVER (ORDER BY step ROWS BETWEEN {window} PRECEDING AND CURRENT ROW) AS immediate_es
+    SELECT count(*) OVER (ORDER BY step) AS n, avg(CAST(success AS DOUBLE))
+        OVER (ORDER BY step, case_id ROWS BETWEEN {window} PRECEDING AND CURRENT ROW)
+        AS immediate_es
     FROM edits
 )
 SELECT e.n_edits_applied,
@@ -38,6 +39,30 @@ SELECT e.n_edits_applied,
 FROM evals e LEFT JOIN immediate i ON i.n = e.n_edits_applied
 GROUP BY e.n_edits_applied
 ORDER BY e.n_edits_applied
+"""
+
+
+HEALTH_PER_EDIT_SQL = """
+WITH numbered AS (SELECT *, count(*) OVER (ORDER BY step) AS n FROM edits)
+SELECT n,
+       avg(CAST(success AS DOUBLE)) OVER w AS success_rate,
+       median(p_new_after) OVER w AS median_p_new
+FROM numbered WHERE NOT rolled_back
+WINDOW w AS (ORDER BY step, case_id ROWS BETWEEN {window} PRECEDING AND CURRENT ROW)
+ORDER BY step, case_id
+"""
+
+HEALTH_PERIODIC_SQL = """
+WITH applied AS (SELECT step, count(*) OVER (ORDER BY step) AS n FROM edits)
+SELECT any_value(a.n) AS n,
+       max(h.value) FILTER (WHERE h.check_name = 'retention') AS retention,
+       max(h.value) FILTER (WHERE h.check_name = 'locality_top1') AS locality_top1,
+       max(h.value) FILTER (WHERE h.check_name = 'locality_kl') AS locality_kl,
+       max(h.value) FILTER (WHERE h.check_name = 'perplexity_ratio') AS perplexity_ratio,
+       max(h.value) FILTER (WHERE h.check_name LIKE 'weight_drift.%') AS weight_drift
+FROM health h JOIN applied a USING (step)
+WHERE h.check_name NOT IN ('verified', 'update_norm', 'success_rate', 'target_prob')
+GROUP BY h.step ORDER BY h.step
 """
 
 
@@ -120,14 +145,27 @@ def run_campaign_command(spec_file: Path, out: Path, *, progress: bool) -> Campa
         return run_campaign(spec, out, progress=update)
 
 
-def plot_campaign(campaign_dir: Path, out: Path | None = None) -> Path:
-    """Write the degradation-curve PNG of a campaign."""
+def plot_campaign(campaign_dir: Path, out: Path | None = None) -> list[Path]:
+    """Write a campaign's plots: the degradation curve (when it has evaluation rows,
+    `out` or <campaign>/degradation.png) and the health panels (<stem>-health.png or
+    <campaign>/health.png). Raises when there is nothing to plot yet."""
     state = CampaignState.load(campaign_dir)
+    curve_png = out or Path(campaign_dir) / "degradation.png"
+    written = []
     curve = query(campaign_dir, curve_sql())
-    if curve.num_rows == 0:
-        raise ValueError(f"{campaign_dir}: no evaluation rows yet; nothing to plot")
-    return plot_degradation(
-        curve,
-        out or Path(campaign_dir) / "degradation.png",
-        title=f"{state.campaign}: edits applied vs. CounterFact scores",
-    )
+    if curve.num_rows:
+        title = f"{state.campaign}: edits applied vs. CounterFact scores"
+        written.append(plot_degradation(curve, curve_png, title=title))
+    per_edit = query(campaign_dir, HEALTH_PER_EDIT_SQL.format(window=49))
+    if per_edit.num_rows:
+        health_png = (
+            curve_png.with_name(curve_png.stem + "-health.png")
+            if out
+            else Path(campaign_dir) / "health.png"
+        )
+        periodic = query(campaign_dir, HEALTH_PERIODIC_SQL)
+        title = f"{state.campaign}: health against edits applied"
+        written.append(plot_health(per_edit, periodic, health_png, title=title))
+    if not written:
+        raise ValueError(f"{campaign_dir}: no finished shard yet; nothing to plot")
+    return written

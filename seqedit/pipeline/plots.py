@@ -1,4 +1,4 @@
-"""Degradation-curve plots (matplotlib, headless)."""
+"""Degradation-curve and health plots (matplotlib, headless)."""
 
 from __future__ import annotations
 
@@ -53,3 +53,66 @@ def plot_degradation(curve: pa.Table, out: str | Path, *, title: str) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+HEALTH_PANELS = (
+    ("Edits that hold", "fraction (0–1)", False,
+     {"success_rate": "immediate success (rolling)", "retention": "retention of earlier edits",
+      "locality_top1": "probe top-1 unchanged"}),
+    ("Target probability right after the edit", "P(target_new) (log)", True,
+     {"median_p_new": "median over the window (collapse: ~1e-5)"}),
+    ("Damage outside the edits", "ratio / nats", False,
+     {"perplexity_ratio": "held-out perplexity / base", "locality_kl": "probe KL(base‖edited)"}),
+    ("Weight drift", "‖W_t − W_0‖ / ‖W_0‖ (log)", True, {"weight_drift": "max over layers"}),
+)  # fmt: skip
+"""Panels of the health plot: title, y label, log scale, {column: legend label}."""
+
+
+def plot_health(per_edit: pa.Table, periodic: pa.Table, out: str | Path, *, title: str) -> Path:
+    """Four panels of health against the number of edits applied.
+
+    `per_edit`: columns `n` (edits applied), `success_rate`, `median_p_new` (rolling over
+    the kept edits). `periodic`: `n` and any of `retention`, `locality_top1`, `locality_kl`,
+    `perplexity_ratio`, `weight_drift` (NULL where not measured).
+    """
+    series = {**_columns(per_edit), **_columns(periodic)}
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), dpi=110, sharex=True)
+    for ax, (panel, ylabel, log, columns) in zip(axes.flat, HEALTH_PANELS, strict=True):
+        drawn = 0
+        for column, label in columns.items():
+            points = series.get(column, [])
+            if not points:
+                continue
+            dense = len(points) > 200  # per-edit series: a line; periodic: markers
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=label,
+                    marker=None if dense else "o", markersize=3, linewidth=1.2)  # fmt: skip
+            drawn += 1
+        if log and drawn:
+            ax.set_yscale("log")
+        ax.set_title(panel, fontsize=10)
+        ax.set_ylabel(ylabel, fontsize=9)
+        ax.grid(True, alpha=0.3)
+        if drawn:
+            ax.legend(fontsize=8, loc="best")
+        else:
+            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+    for ax in axes[1]:
+        ax.set_xlabel("edits applied (count)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _columns(table: pa.Table) -> dict[str, list[tuple[float, float]]]:
+    """{column: [(n, value)]} of the non-null values of every column but `n`."""
+    data = table.to_pydict()
+    x = data.pop("n", [])
+    return {
+        name: [(a, b) for a, b in zip(x, values, strict=True) if b is not None]
+        for name, values in data.items()
+    }

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 
 from seqedit.pipeline.cli import main
+from seqedit.pipeline.commands import HEALTH_PER_EDIT_SQL, HEALTH_PERIODIC_SQL
 from seqedit.pipeline.state import CampaignState, ShardState
-from seqedit.pipeline.store import write_part
+from seqedit.pipeline.store import query, write_part
+from seqedit.schemas.tables import HealthRow
 from tests.pipeline.rows import edit_row
 
 
@@ -78,3 +80,34 @@ def test_testbed_of_an_unknown_architecture_lists_the_known_ones(
     err = capsys.readouterr().err
     assert "architecture" in err and "'llama'" in err and "'qwen2'" in err
     assert not out.exists()
+
+
+def test_plot_writes_the_health_panels_from_edits_and_periodic_checks(
+    campaign: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No evaluation rows yet: no degradation curve, but the health plot of what ran."""
+    periodic = [
+        HealthRow(campaign="c", step=2, case_id=102, check_name=name, value=value,
+                  threshold=None, passed=True, action="none")
+        for name, value in (("retention", 1.0), ("locality_kl", 0.2),
+                            ("perplexity_ratio", 1.1), ("weight_drift.m", 0.03))
+    ]  # fmt: skip
+    write_part(campaign, "health", 0, 0, 0, periodic)
+    assert main(["plot", str(campaign)]) == 0
+    assert capsys.readouterr().out.strip() == f"plot -> {campaign / 'health.png'}"
+    assert (campaign / "health.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    per_edit = query(campaign, HEALTH_PER_EDIT_SQL.format(window=49)).to_pylist()
+    assert [r["n"] for r in per_edit] == [1, 2, 3]
+    assert query(campaign, HEALTH_PERIODIC_SQL).to_pylist() == [
+        {"n": 3, "retention": 1.0, "locality_top1": None, "locality_kl": 0.2,
+         "perplexity_ratio": 1.1, "weight_drift": 0.03}
+    ]  # fmt: skip
+
+
+def test_plot_of_a_campaign_without_finished_shards(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shard = ShardState(index=0, start=0, stop=3, status="running")
+    CampaignState(campaign="c", spec_hash="h", shards=[shard]).save(tmp_path)
+    assert main(["plot", str(tmp_path)]) == 2
+    assert "no finished shard yet" in capsys.readouterr().err
