@@ -44,6 +44,11 @@ class EditRow(BaseModel):
     update_norm: float = Field(description="Frobenius norm of this edit's weight update.")
     weight_drift: float = Field(description="max over layers of ||W_t - W_0||_F / ||W_0||_F.")
     seconds: float = Field(description="Wall time of the edit (optimisation + update).")
+    check_seconds: float = Field(
+        default=0.0,
+        description="Of `seconds`, the per-edit health work: scoring the edit after it "
+        "(verification), the weight drift, and the undo snapshot a rollback policy needs.",
+    )
     rolled_back: bool = Field(
         default=False, description="A health policy undid this edit (it is not in the model)."
     )

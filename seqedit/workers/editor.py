@@ -226,7 +226,9 @@ class SequentialEditor:
     ) -> list[EditRow]:
         start = time.perf_counter()
         before = [self._rewrite_probs(request) for request in requests]
+        snapshot_started = time.perf_counter()
         self._undo = self.checkpoint() if self.keep_undo else None
+        check_seconds = time.perf_counter() - snapshot_started
         if retry:  # another seed for what the method draws; the campaign's stream is untouched
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed + 1_000_003 * retry + step)
@@ -247,8 +249,10 @@ class SequentialEditor:
         self.edit_log.append((step, result.deltas))
         self.n_applied += len(requests)
         self.n_steps += 1
+        verify_started = time.perf_counter()
         after = [self._rewrite_probs(request) for request in requests]
-        drift, seconds = self.weight_drift(), time.perf_counter() - start
+        drift, done = self.weight_drift(), time.perf_counter()
+        seconds, check_seconds = done - start, check_seconds + done - verify_started
         return [
             EditRow(
                 campaign=self.campaign,
@@ -268,6 +272,7 @@ class SequentialEditor:
                 update_norm=update_norm,
                 weight_drift=drift,
                 seconds=seconds / len(requests),
+                check_seconds=check_seconds / len(requests),
                 retries=retry,
             )
             for request, (p_new_before, p_true_before), (p_new_after, p_true_after) in zip(
