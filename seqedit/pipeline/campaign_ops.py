@@ -1,11 +1,12 @@
-"""`seqedit validate`, `seqedit status` and `seqedit rerun`: a campaign before, during, after.
+"""`seqedit validate`, `status`, `rerun` and `rebuild`: a campaign before, during, after.
 
 `validate` checks a spec without running it: the schema, the method and every hparam
 (did-you-mean for unknown ones), and, unless `schema_only`, that the model, the dataset
 (enough valid records) and the stats it names exist. `status` reads `state.json`, which
 the driver rewrites atomically after every edit, so it can run while the campaign does.
 `rerun` runs a campaign directory again from its frozen `spec.yaml`: unfinished shards
-resume from the last checkpoint.
+resume from the last checkpoint. `rebuild_model` writes the model at any step from the
+base model and the edit log.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from seqedit.pipeline.driver import ProgressCallback, run_campaign
 from seqedit.pipeline.state import CampaignState, driver_running
 from seqedit.schemas.campaign import CampaignSpec, SpecError, load_spec
 from seqedit.schemas.loaders import load_requests
+from seqedit.workers.editor import SequentialEditor
+from seqedit.workers.tensor_files import read_safetensors
 
 SPEC_FILE = "spec.yaml"
 
@@ -107,3 +110,44 @@ def rerun_campaign(
 ) -> CampaignState:
     """Run shards of `campaign_dir` again from its frozen spec (see `run_campaign`)."""
     return run_campaign(frozen_spec(campaign_dir), campaign_dir, progress=progress, shards=shards)
+
+
+def rebuild_model(campaign_dir: Path, through_step: int, out: Path) -> str:
+    """Write the campaign's model as it was right after step `through_step` to `out` (a
+    Hugging Face model directory): the base model plus the edit log of every step up to
+    it, replayed through the editor's own apply path (bit for bit on CPU). Where that step
+    ends a shard, the result is checked against the shard's weights fingerprint. Returns
+    the fingerprint of the edited weights."""
+    spec = frozen_spec(campaign_dir)
+    state = CampaignState.load(campaign_dir)
+    if not 0 <= through_step < spec.n_steps:
+        raise ValueError(f"--step {through_step}: the campaign has steps 0..{spec.n_steps - 1}")
+    editor = SequentialEditor(
+        spec.model, spec.method, spec.hparams, stats_dir=spec.stats, campaign=spec.name,
+        seed=spec.seed,
+    )  # fmt: skip
+    for shard in state.shards:
+        if shard.start > through_step:
+            break
+        if shard.status not in ("done", "stopped"):
+            raise ValueError(
+                f"{campaign_dir}: step {through_step} needs the edit log of shard "
+                f"{shard.index}, which is {shard.status}"
+            )
+        log_file = campaign_dir / "editlog" / f"shard={shard.index}.safetensors"
+        tensors, _ = read_safetensors(log_file)
+        editor.replay(tensors, until_step=through_step + 1)
+        ends_shard = through_step == shard.stop - 1 and shard.status == "done"
+        if ends_shard and editor.weights_fingerprint() != shard.weights_fingerprint:
+            raise ValueError(
+                f"{log_file}: replaying the edit log does not reproduce the weights "
+                f"fingerprint state.json records for shard {shard.index}"
+            )
+    if editor.n_steps <= through_step:
+        raise ValueError(
+            f"{campaign_dir}: the edit log ends after step {editor.n_steps - 1} (the campaign "
+            f"stopped there); there is no step {through_step}"
+        )
+    editor.model.save_pretrained(out)
+    editor.tokenizer.save_pretrained(out)
+    return editor.weights_fingerprint()

@@ -104,6 +104,13 @@ def cmd_rerun(args: argparse.Namespace) -> None:
     print(f"campaign {state.campaign}: {state.status} -> {args.campaign_dir}")
 
 
+def cmd_rebuild(args: argparse.Namespace) -> None:
+    from seqedit.pipeline.campaign_ops import rebuild_model
+
+    fingerprint = rebuild_model(args.campaign_dir, args.step, args.out)
+    print(f"model after step {args.step} (weights {fingerprint[:12]}) -> {args.out}")
+
+
 def cmd_edit(args: argparse.Namespace) -> None:
     from seqedit.pipeline.edit_command import edit_model
     from seqedit.schemas.tables import EditRow
@@ -283,6 +290,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rerun.add_argument("--quiet", action="store_true", help="no progress bar")
     rerun.set_defaults(func=cmd_rerun)
+
+    rebuild = sub.add_parser(
+        "rebuild", help="the edited model at any step: base model + edit log, as a model dir"
+    )
+    rebuild.add_argument("campaign_dir", type=Path)
+    rebuild.add_argument("--step", type=int, required=True, help="last step applied (0-based)")
+    rebuild.add_argument("--out", type=Path, required=True, help="model directory to write")
+    rebuild.set_defaults(func=cmd_rebuild)
 
     q = sub.add_parser("query", help="read-only SQL over a campaign's tables (DuckDB)")
     q.add_argument("campaign_dir", type=Path)

@@ -16,7 +16,7 @@ import yaml
 
 from seqedit.pipeline.commands import curve_sql, plot_campaign, progress_bar
 from seqedit.pipeline.driver import run_campaign
-from seqedit.pipeline.prepared import ensure_stats, ensure_testbed
+from seqedit.pipeline.prepared import ensure_stats, ensure_testbed, write_heldout
 from seqedit.pipeline.store import query
 from seqedit.pipeline.tables_format import format_table
 from seqedit.schemas.campaign import load_spec
@@ -57,6 +57,7 @@ def run_demo(out: Path, *, n_edits: int, n_facts: int, seed: int) -> None:
                 "n_edits": min(n_edits, report.n_facts),
                 "eval_every": max(1, n_edits // 8),
                 "seed": seed,
+                "health": {"heldout": write_heldout(out / "heldout.jsonl", seed).name},
             },
             sort_keys=False,
         )

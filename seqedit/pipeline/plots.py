@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pyarrow as pa
+from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 CURVE_METRICS = {
@@ -47,12 +48,7 @@ def plot_degradation(curve: pa.Table, out: str | Path, *, title: str) -> Path:
     ax.grid(True, alpha=0.3)
     ax.set_title(title)
     ax.legend(loc="lower left", frameon=True)
-    fig.tight_layout()
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, out)
 
 
 HEALTH_PANELS = (
@@ -100,12 +96,7 @@ def plot_health(per_edit: pa.Table, periodic: pa.Table, out: str | Path, *, titl
         ax.set_xlabel("edits applied (count)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, out)
 
 
 def _columns(table: pa.Table) -> dict[str, list[tuple[float, float]]]:
@@ -116,3 +107,13 @@ def _columns(table: pa.Table) -> dict[str, list[tuple[float, float]]]:
         name: [(a, b) for a, b in zip(x, values, strict=True) if b is not None]
         for name, values in data.items()
     }
+
+
+def _save(fig: Figure, out: str | Path) -> Path:
+    """Lay out, write and close `fig`; the path written."""
+    fig.tight_layout()
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

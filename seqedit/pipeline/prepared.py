@@ -1,13 +1,16 @@
-"""Build-or-reuse of what a testbed campaign needs: the synthetic testbed and its
-covariance stats. Shared by `make demo` and the benchmarks; a result is reused only when
-it was made from the same inputs (source and seed; model and layers)."""
+"""Build-or-reuse of what a testbed campaign needs: the synthetic testbed, its covariance
+stats and held-out text. Shared by `make demo` and the benchmarks; a result is reused only
+when it was made from the same inputs (source and seed; model and layers)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from seqedit.files import write_text_atomic
 from seqedit.testbed.build import CORPUS_FILE, TestbedReport, build_synthetic_testbed, load_testbed
+from seqedit.testbed.world import fact_statements, synthetic_world
 from seqedit.workers.stats import StatsConfig, compute_stats
 from seqedit.workers.stats_store import load_accumulators, save_stats
 
@@ -45,3 +48,15 @@ def ensure_stats(stats_dir: Path, model_dir: Path, layers: Sequence[int], say: S
     config = StatsConfig(layers=list(layers), corpus=[model_dir / CORPUS_FILE])
     save_stats(stats_dir, compute_stats(model_dir.resolve(), config, progress=True))
     return stats_dir
+
+
+HELDOUT_SEED_OFFSET = 1000
+"""The held-out world's seed is the testbed's plus this: other subjects, same language."""
+
+
+def write_heldout(path: Path, seed: int, n_facts: int = 64) -> Path:
+    """JSONL held-out text for the perplexity check: the statements of a synthetic world
+    the testbed never saw (seed + HELDOUT_SEED_OFFSET), phrased like its training text."""
+    world = synthetic_world(n_facts, seed + HELDOUT_SEED_OFFSET)
+    lines = "".join(json.dumps({"text": t}) + "\n" for t in fact_statements(world))
+    return write_text_atomic(path, lines)

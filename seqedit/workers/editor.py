@@ -409,13 +409,16 @@ class SequentialEditor:
         """Restore from a `save_checkpoint` file, verifying its weights fingerprint."""
         load_checkpoint(self, Path(path), expected_fingerprint=expected_fingerprint)
 
-    def replay(self, edit_log: dict[str, torch.Tensor]) -> int:
+    def replay(self, edit_log: dict[str, torch.Tensor], *, until_step: int | None = None) -> int:
         """Apply logged deltas (`take_edit_log` tensors of one or more consecutive shards) in
         step order, exactly as `edit` applied them: from the base model the fp32 masters come
         out bit for bit the same on CPU. The log must continue where this editor stands (its
-        first step = `n_steps`, no gaps). Method state is not rebuilt (checkpoints hold it).
-        Returns the number of steps applied."""
+        first step = `n_steps`, no gaps). With `until_step`, logged steps from `until_step`
+        on are left out (the model as it was before that step). Method state is not rebuilt
+        (checkpoints hold it). Returns the number of steps applied."""
         steps = parse_edit_log(edit_log)
+        if until_step is not None:
+            steps = {step: deltas for step, deltas in steps.items() if step < until_step}
         expected = list(range(self.n_steps, self.n_steps + len(steps)))
         if sorted(steps) != expected:
             found = sorted(steps)

@@ -9,11 +9,15 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
+from transformers import AutoModelForCausalLM
 
 from seqedit.methods.config import HparamsError
-from seqedit.pipeline.campaign_ops import frozen_spec, validate_spec
+from seqedit.pipeline.campaign_ops import frozen_spec, rebuild_model, validate_spec
 from seqedit.pipeline.cli import main
 from seqedit.schemas.campaign import SpecError
+from seqedit.testbed.build import load_testbed
+from seqedit.workers.editor import SequentialEditor
 from tests.pipeline.specs import write_spec
 
 
@@ -42,6 +46,24 @@ def _spec(tmp_path: Path, testbed: Path, stats: Path | None, **overrides: object
     return write_spec(tmp_path, testbed, stats, **(defaults | overrides))
 
 
+def _ran(tmp_path: Path, testbed: Path, stats: Path) -> Path:
+    """The 6-edit campaign of `_spec`, run to the end by `seqedit run` into tmp_path/c."""
+    campaign = tmp_path / "c"
+    spec_file = _spec(tmp_path, testbed, stats)
+    assert main(["run", str(spec_file), "--out", str(campaign), "--quiet"]) == 0
+    return campaign
+
+
+def _tamper(campaign: Path, shards: dict[int, dict[str, object]], **top: object) -> None:
+    """Rewrite state.json as a crash or an older run would have left it."""
+    state_file = campaign / "state.json"
+    state = json.loads(state_file.read_text())
+    for index, fields in shards.items():
+        state["shards"][index].update(fields)
+    state.update(top)
+    state_file.write_text(json.dumps(state))
+
+
 def test_validate_checks_model_data_and_stats(
     tiny_testbed: Path, tiny_stats: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -64,18 +86,12 @@ def test_validate_checks_model_data_and_stats(
 def test_status_and_rerun_of_a_failed_shard(
     tiny_testbed: Path, tiny_stats: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    campaign = tmp_path / "c"
-    assert main(["run", str(_spec(tmp_path, tiny_testbed, tiny_stats)), "--out", str(campaign),
-                 "--quiet"]) == 0  # fmt: skip
+    campaign = _ran(tmp_path, tiny_testbed, tiny_stats)
     assert frozen_spec(campaign).n_edits == 6
     capsys.readouterr()
 
-    state_file = campaign / "state.json"
-    state = json.loads(state_file.read_text())
-    state["shards"][1].update(status="failed", error="RuntimeError('editor died')",
-                              steps_done=1, done_attempt=None)  # fmt: skip
-    state["status"] = "failed"
-    state_file.write_text(json.dumps(state))
+    _tamper(campaign, {1: {"status": "failed", "error": "RuntimeError('editor died')",
+                           "steps_done": 1, "done_attempt": None}}, status="failed")  # fmt: skip
     shutil.rmtree(campaign / "tables" / "edits" / "shard=1")
 
     assert main(["status", str(campaign)]) == 0
@@ -99,16 +115,14 @@ def test_status_and_rerun_of_a_failed_shard(
 def test_rerun_failed_and_one_shard(
     tiny_testbed: Path, tiny_stats: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    campaign = tmp_path / "c"
-    spec_file = _spec(tmp_path, tiny_testbed, tiny_stats)
-    assert main(["run", str(spec_file), "--out", str(campaign), "--quiet"]) == 0
+    campaign = _ran(tmp_path, tiny_testbed, tiny_stats)
     reference = json.loads((campaign / "state.json").read_text())["shards"]
 
     # shard 0 failed, shard 1 never ran: --failed reruns shard 0 and stops there
-    state = json.loads((campaign / "state.json").read_text())
-    state["shards"][0].update(status="failed", done_attempt=None, error="RuntimeError('x')")
-    state["shards"][1].update(status="pending", done_attempt=None, weights_fingerprint=None)
-    (campaign / "state.json").write_text(json.dumps(state))
+    _tamper(campaign, {
+        0: {"status": "failed", "done_attempt": None, "error": "RuntimeError('x')"},
+        1: {"status": "pending", "done_attempt": None, "weights_fingerprint": None},
+    })  # fmt: skip
     assert main(["rerun", str(campaign), "--failed", "--quiet"]) == 0
     assert "campaign ops: pending" in capsys.readouterr().out
     shards = json.loads((campaign / "state.json").read_text())["shards"]
@@ -124,9 +138,7 @@ def test_rerun_failed_and_one_shard(
 
     # --shard 0 of a done campaign: a new attempt of shard 0 only; same weights, so shard 1
     # stays done; a recorded fingerprint that differs makes shard 1 stale (pending)
-    state = json.loads((campaign / "state.json").read_text())
-    state["shards"][0]["weights_fingerprint"] = "0" * 64
-    (campaign / "state.json").write_text(json.dumps(state))
+    _tamper(campaign, {0: {"weights_fingerprint": "0" * 64}})
     assert main(["rerun", str(campaign), "--shard", "0", "--quiet"]) == 0
     shards = json.loads((campaign / "state.json").read_text())["shards"]
     assert [(s["status"], s["attempt"]) for s in shards] == [("done", 2), ("pending", 1)]
@@ -146,3 +158,30 @@ def test_rerun_failed_and_one_shard(
     assert main(["query", str(campaign), "SELECT count(*) AS n, count(DISTINCT step) AS d "
                  "FROM edits", "--format", "json"]) == 0  # fmt: skip
     assert '"n": 6' in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_rebuild_writes_the_model_at_any_step(
+    tiny_testbed: Path, tiny_stats: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    campaign = _ran(tmp_path, tiny_testbed, tiny_stats)
+    spec = frozen_spec(campaign)
+    threads = torch.get_num_threads()
+    try:  # the live run, in this process, with the campaign's one thread
+        live = SequentialEditor(spec.model, spec.method, spec.hparams, stats_dir=spec.stats,
+                                campaign="live", torch_threads=1)  # fmt: skip
+        _, requests = load_testbed(tiny_testbed)
+        for step in range(5):
+            live.edit(requests[step], step)
+        fingerprint = rebuild_model(campaign, 4, tmp_path / "m4")  # mid-shard 1
+    finally:
+        torch.set_num_threads(threads)
+    assert fingerprint == live.weights_fingerprint()
+    rebuilt = AutoModelForCausalLM.from_pretrained(tmp_path / "m4")
+    name = next(iter(live.module_names.values())) + ".weight"
+    assert torch.equal(rebuilt.state_dict()[name], live.model.state_dict()[name])
+
+    assert main(["rebuild", str(campaign), "--step", "5", "--out", str(tmp_path / "m5")]) == 0
+    assert "model after step 5" in capsys.readouterr().out  # checked against state.json
+    assert main(["rebuild", str(campaign), "--step", "6", "--out", str(tmp_path / "m6")]) == 2
+    assert "steps 0..5" in capsys.readouterr().err

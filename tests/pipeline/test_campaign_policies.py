@@ -10,7 +10,7 @@ import pytest
 from safetensors.torch import load_file
 
 from seqedit.pipeline.driver import run_campaign
-from seqedit.pipeline.state import CampaignBusyError, driver_lock
+from seqedit.pipeline.state import CampaignBusyError, CampaignState, driver_lock
 from seqedit.pipeline.store import query
 from seqedit.schemas.campaign import load_spec
 from seqedit.workers.editor import SequentialEditor
@@ -22,14 +22,21 @@ NO_STEPS = {"layer": TINY_LAYER, "context_templates": ["{}"], "v_num_grad_steps"
 first try of every edit changes nothing and fails verification."""
 
 
+def _retrying_campaign(
+    tmp_path: Path, testbed: Path, stats: Path, n_edits: int, **health: object
+) -> CampaignState:
+    """A ROME campaign of NO_STEPS edits whose unverified edits are retried."""
+    spec = load_spec(write_spec(tmp_path, testbed, stats, n_edits=n_edits, hparams=NO_STEPS,
+                                health={"on_unverified": "retry", **health}))  # fmt: skip
+    return run_campaign(spec, tmp_path / "c")
+
+
 @pytest.mark.slow
 def test_retry_redoes_a_failing_edit_with_a_larger_step_budget(
     ray_local: None, tiny_testbed: Path, tiny_stats: Path, tmp_path: Path
 ) -> None:
-    health = {"on_unverified": "retry", "max_retries": 2, "retry_steps_factor": 16}
-    spec = load_spec(write_spec(tmp_path, tiny_testbed, tiny_stats, n_edits=4,
-                                hparams=NO_STEPS, health=health))  # fmt: skip
-    state = run_campaign(spec, tmp_path / "c")
+    state = _retrying_campaign(tmp_path, tiny_testbed, tiny_stats, 4, max_retries=2,
+                               retry_steps_factor=16)  # fmt: skip
     assert state.status == "done"
     edits = query(tmp_path / "c", "SELECT step, retries, opt_steps, success, rolled_back "
                   "FROM edits ORDER BY step").to_pylist()  # fmt: skip
@@ -54,10 +61,8 @@ def test_retry_redoes_a_failing_edit_with_a_larger_step_budget(
 def test_retries_that_all_fail_roll_the_edit_back(
     ray_local: None, tiny_testbed: Path, tiny_stats: Path, tmp_path: Path
 ) -> None:
-    health = {"on_unverified": "retry", "max_retries": 1, "retry_steps_factor": 1}
-    spec = load_spec(write_spec(tmp_path, tiny_testbed, tiny_stats, n_edits=3,
-                                hparams=NO_STEPS, health=health))  # fmt: skip
-    state = run_campaign(spec, tmp_path / "c")
+    state = _retrying_campaign(tmp_path, tiny_testbed, tiny_stats, 3, max_retries=1,
+                               retry_steps_factor=1)  # fmt: skip
     base = SequentialEditor(str(tiny_testbed), "rome", NO_STEPS,
                             stats_dir=str(tiny_stats), campaign="b")  # fmt: skip
     assert state.shards[0].weights_fingerprint == base.weights_fingerprint()
