@@ -222,6 +222,13 @@ def test_killed_driver_process_then_rerun_gives_the_uninterrupted_result(
     )  # fmt: skip
     try:
         _wait_for_step(campaign, shard=1, after_steps=3, alive=driver)
+        assert main(["status", str(campaign)]) == 0  # read while the driver runs
+        shown = capsys.readouterr().out
+        assert "campaign it-rome: running," in shown
+        lines = {line.split()[0]: line.split() for line in shown.splitlines()[3:]}
+        assert lines["0"][2] == "done" and lines["1"][2] == "running"
+        done, total = lines["1"][4].split("/")
+        assert 3 <= int(done) <= int(total) == 10
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait(timeout=60)
