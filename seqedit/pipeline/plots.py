@@ -79,7 +79,7 @@ def plot_health(per_edit: pa.Table, periodic: pa.Table, out: str | Path, *, titl
             points = series.get(column, [])
             if not points:
                 continue
-            dense = len(points) > 200  # per-edit series: a line; periodic: markers
+            dense = len(points) > 60  # per-edit series: a line; periodic checks: markers
             ax.plot([p[0] for p in points], [p[1] for p in points], label=label,
                     marker=None if dense else "o", markersize=3, linewidth=1.2)  # fmt: skip
             drawn += 1
