@@ -149,9 +149,12 @@ def run_campaign(
         state.status = "running"
         state.save(root)
         try:
-            for index in todo:
+            for previous, index in zip([todo[0] - 1, *todo], todo, strict=False):
                 shard = state.shards[index]
                 _check_predecessor_done(root, state, index)
+                if index != previous + 1:  # the editor stands after another shard
+                    ray.kill(editor)
+                    editor, monitor = _start_editor(spec, root, state, requests, index)
                 for tries in itertools.count(1):
                     try:
                         _run_shard(spec, root, state, shard, editor, requests, progress, monitor)

@@ -13,9 +13,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from seqedit.methods.config import HparamsError
-from seqedit.pipeline.campaign_ops import frozen_spec, rebuild_model, validate_spec
+from seqedit.pipeline.campaign_ops import (
+    frozen_spec,
+    rebuild_model,
+    rerun_campaign,
+    validate_spec,
+)
 from seqedit.pipeline.cli import main
-from seqedit.schemas.campaign import SpecError
+from seqedit.pipeline.driver import run_campaign
+from seqedit.schemas.campaign import SpecError, load_spec
 from seqedit.testbed.build import load_testbed
 from seqedit.workers.editor import SequentialEditor
 from tests.pipeline.specs import write_spec
@@ -185,3 +191,16 @@ def test_rebuild_writes_the_model_at_any_step(
     assert "model after step 5" in capsys.readouterr().out  # checked against state.json
     assert main(["rebuild", str(campaign), "--step", "6", "--out", str(tmp_path / "m6")]) == 2
     assert "steps 0..5" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_rerun_of_shards_apart_starts_each_from_its_own_checkpoint(
+    tiny_testbed: Path, tiny_stats: Path, tmp_path: Path
+) -> None:
+    spec = load_spec(_spec(tmp_path, tiny_testbed, tiny_stats, shard_size=2))
+    reference = run_campaign(spec, tmp_path / "c")
+    state = rerun_campaign(tmp_path / "c", shards=[0, 2])
+    assert [s.attempt for s in state.shards] == [1, 0, 1]
+    assert [s.weights_fingerprint for s in state.shards] == [
+        s.weights_fingerprint for s in reference.shards
+    ]
