@@ -26,6 +26,15 @@ def _pairs_of(request: EditRequest) -> list[tuple[str, str, str]]:
     return pairs
 
 
+def scored_pairs(requests: Sequence[EditRequest]) -> list[tuple[int, str, str, str]]:
+    """(record index, kind, prompt, target) of every pair `evaluate_records` scores."""
+    return [
+        (index, kind, prompt, target)
+        for index, request in enumerate(requests)
+        for kind, prompt, target in _pairs_of(request)
+    ]
+
+
 def evaluate_records(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -41,9 +50,7 @@ def evaluate_records(
 
     All prompts of all records are scored in padded batches of `batch_size` pairs.
     """
-    flat: list[tuple[int, str, str, str]] = []
-    for index, request in enumerate(requests):
-        flat.extend((index, kind, prompt, target) for kind, prompt, target in _pairs_of(request))
+    flat = scored_pairs(requests)
     scores = score_targets(
         model, tokenizer, [f[2] for f in flat], [f[3] for f in flat], batch_size=batch_size
     )

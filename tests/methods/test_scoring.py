@@ -9,7 +9,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from seqedit.methods.scoring import score_targets
+from seqedit.methods.scoring import pack_rows, score_targets
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +25,19 @@ def tiny() -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast]:
     return model.eval(), tok
 
 
-PROMPTS = ["a b c the", "the cat was born in", "h", "d e f g h a b"]
-TARGETS = ["Paris", "Rome Paris", "cat a b", "e"]
+PROMPTS = [
+    "a b c the",
+    "the cat was born in",
+    "h",
+    "d e f g h a b",
+    "the cat was born in",
+    "the cat was born in",
+    "h",
+    "the cat was born in",
+]
+TARGETS = ["Paris", "Rome Paris", "cat a b", "e", "Rome", "Paris", "cat a", "Rome Rome"]
+"""Prompts repeat with targets that share rows (Rome under Rome Paris, cat a under cat a b)
+and targets that cannot (Paris, Rome Rome), so packed rows are exercised."""
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
@@ -39,7 +50,17 @@ def test_batched_equals_one_at_a_time(tiny, padding_side: str) -> None:
     ]
     for b, s in zip(batched, single, strict=True):
         assert b.mean_nll == pytest.approx(s.mean_nll, abs=1e-5)
-        assert b.token_accuracy == s.token_accuracy
+        assert b.prob == pytest.approx(s.prob, abs=1e-5)
+        assert b.first_token_prob == pytest.approx(s.first_token_prob, abs=1e-5)
+        assert b.token_accuracy == s.token_accuracy and b.n_tokens == s.n_tokens
+
+
+def test_pack_rows_shares_a_row_only_where_the_tokens_match() -> None:
+    pairs = [([1, 2], [7]), ([1, 2], [5, 6, 7]), ([1, 2], [5, 6]), ([1, 2], [8, 9]), ([3], [7])]
+    rows, row_of = pack_rows(pairs)
+    assert rows == [[1, 2, 5, 6], [1, 2, 8], [3]]
+    # [7] needs only the prompt; [5, 6] needs 1 2 5: both ride on the 5 6 7 row
+    assert row_of == [0, 0, 0, 1, 2]
 
 
 def test_matches_hand_computed_nll(tiny) -> None:
