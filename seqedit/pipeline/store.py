@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel
 
 from seqedit.files import write_atomic
-from seqedit.pipeline.state import CampaignState
+from seqedit.pipeline.state import CampaignState, ShardState
 from seqedit.schemas.tables import TABLES, arrow_schema
 
 READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
@@ -59,7 +59,8 @@ def clear_attempt(campaign_dir: str | Path, shard: int, attempt: int) -> None:
 
 
 def connect(campaign_dir: str | Path) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB with one view per table, sandboxed to the campaign's tables.
+    """An in-memory DuckDB with one view per table, sandboxed to the campaign's tables,
+    plus `shards` (the campaign state, one row per shard) and `curves` (`CURVES_SQL`).
 
     File access outside `<campaign>/tables` is disabled and the configuration is locked, so
     a query can read the lake but cannot read or write anything else.
@@ -89,8 +90,30 @@ def connect(campaign_dir: str | Path) -> duckdb.DuckDBPyConnection:
             )
             con.register(f"_empty_{table}", schema.empty_table())
             con.execute(f"CREATE VIEW {table} AS SELECT * FROM _empty_{table}")
+    shards = pa.Table.from_pylist(
+        [s.model_dump() for s in state.shards], schema=arrow_schema(ShardState)
+    )
+    con.register("_shards", shards)
+    con.execute("CREATE VIEW shards AS SELECT * FROM _shards")
+    con.execute(CURVES_SQL)
     con.execute("SET lock_configuration = true")
     return con
+
+
+CURVES_SQL = """
+CREATE VIEW curves AS
+SELECT protocol, n_edits_applied, count(*) AS records,
+       avg(es) AS es, avg(ps) AS ps, avg(ns) AS ns,
+       CASE WHEN avg(es) IS NULL OR avg(ps) IS NULL OR avg(ns) IS NULL THEN NULL
+            WHEN least(avg(es), avg(ps), avg(ns)) > 0
+            THEN 3 / (1 / avg(es) + 1 / avg(ps) + 1 / avg(ns)) ELSE 0 END AS score,
+       avg(em) AS em, avg(pm) AS pm, avg(nm) AS nm, avg(rewrite_acc) AS rewrite_acc
+FROM evals
+GROUP BY protocol, n_edits_applied
+"""
+"""Campaign metrics at each evaluation point: means over the records scored there, and
+the score (harmonic mean of ES, PS, NS; 0 when one is 0, NULL when one is missing), as
+`methods.metrics.score` defines it."""
 
 
 def check_read_only(sql: str) -> None:

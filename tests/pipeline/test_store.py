@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from seqedit.methods.metrics import score
 from seqedit.pipeline.state import CampaignState, ShardState
 from seqedit.pipeline.store import QueryError, query, write_part
-from seqedit.schemas.tables import EditRow
+from seqedit.schemas.tables import EditRow, EvalRow
 from tests.pipeline.rows import edit_row
 
 
@@ -78,3 +79,31 @@ def test_parts_are_written_atomically_with_no_leftovers(tmp_path: Path) -> None:
 def test_write_part_checks_the_row_type(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="EvalRow"):
         write_part(tmp_path, "evals", 0, 0, 0, [_row(0, 1)])
+
+
+def _eval(case_id: int, n: int, es: float, ps: float | None, ns: float) -> EvalRow:
+    return EvalRow(campaign="c", protocol="retention", n_edits_applied=n, case_id=case_id,
+                   edit_step=case_id, metric_version="1", es=es, ps=ps, ns=ns, em=0.5,
+                   pm=None, nm=0.25, rewrite_acc=1.0, n_paraphrases=1,
+                   n_neighbors=1)  # fmt: skip
+
+
+def test_shards_and_curves_views(tmp_path: Path) -> None:
+    shards = [
+        ShardState(index=0, start=0, stop=2, status="done", done_attempt=0),
+        ShardState(index=1, start=2, stop=4, status="failed", attempt=2, error="boom"),
+    ]
+    root = _campaign(tmp_path, shards)
+    write_part(root, "evals", 0, 0, 0, [_eval(0, 2, 1.0, 1.0, 0.5), _eval(1, 2, 0.0, 0.5, 1.0),
+                                        _eval(0, 4, 1.0, None, 0.0)])  # fmt: skip
+    sql = "SELECT index, status, attempt, error FROM shards ORDER BY index"
+    assert query(root, sql).to_pylist() == [
+        {"index": 0, "status": "done", "attempt": 0, "error": None},
+        {"index": 1, "status": "failed", "attempt": 2, "error": "boom"},
+    ]  # fmt: skip
+    curves = query(root, "SELECT * FROM curves ORDER BY n_edits_applied").to_pylist()
+    # at 2 edits: ES 0.5, PS 0.75, NS 0.75 -> harmonic mean 3 / (2 + 4/3 + 4/3)
+    assert curves[0]["records"] == 2 and curves[0]["es"] == 0.5
+    assert curves[0]["score"] == pytest.approx(score(0.5, 0.75, 0.75))
+    assert curves[0]["pm"] is None and curves[0]["nm"] == 0.25
+    assert curves[1]["ps"] is None and curves[1]["score"] is None  # no paraphrases scored
