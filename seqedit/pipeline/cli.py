@@ -168,6 +168,13 @@ def cmd_plot(args: argparse.Namespace) -> None:
         print(f"plot -> {path}")
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    from seqedit.pipeline.report import write_report
+
+    page = write_report(args.campaign_dir, out=args.out, compare=args.compare)
+    print(f"report -> {page}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from seqedit.pipeline.demo import run_demo
 
@@ -309,6 +316,15 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("campaign_dir", type=Path)
     plot.add_argument("--out", type=Path, default=None, help="default: <campaign>/degradation.png")
     plot.set_defaults(func=cmd_plot)
+
+    report = sub.add_parser(
+        "report", help="HTML page with a campaign's plots and summary (optionally compared)"
+    )
+    report.add_argument("campaign_dir", type=Path)
+    report.add_argument("--compare", nargs="+", type=Path, default=[], metavar="OTHER",
+                        help="other campaign dirs to put beside it")  # fmt: skip
+    report.add_argument("--out", type=Path, default=None, help="default: <campaign>/report")
+    report.set_defaults(func=cmd_report)
 
     demo = sub.add_parser("demo", help="testbed + stats + a ROME campaign + table + plot")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))

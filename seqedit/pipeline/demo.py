@@ -4,7 +4,7 @@
 2. compute (or reuse) the covariance of its edited layer over the facts' text;
 3. run a sequential ROME campaign of E edits on local Ray, with a progress bar;
 4. print efficacy/specificity against the number of edits applied (a DuckDB query);
-5. write the degradation-curve PNG.
+5. write the degradation-curve and health PNGs and the HTML report (`seqedit report`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import yaml
 from seqedit.pipeline.commands import curve_sql, plot_campaign, progress_bar
 from seqedit.pipeline.driver import run_campaign
 from seqedit.pipeline.prepared import ensure_stats, ensure_testbed, write_heldout
+from seqedit.pipeline.report import write_report
 from seqedit.pipeline.store import query
 from seqedit.pipeline.tables_format import format_table
 from seqedit.schemas.campaign import load_spec
@@ -73,4 +74,5 @@ def run_demo(out: Path, *, n_edits: int, n_facts: int, seed: int) -> None:
     print(format_table(query(campaign_dir, curve_sql())))
     for png in plot_campaign(campaign_dir, out / "degradation.png"):
         print(f"plot: {png}")
+    print(f"report: {write_report(campaign_dir)}")
     print(f'query it: seqedit query {campaign_dir} "SELECT * FROM evals LIMIT 5"')

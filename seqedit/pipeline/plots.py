@@ -117,3 +117,33 @@ def _save(fig: Figure, out: str | Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+COMPARE_PANELS = {"es": "Efficacy ES", "ps": "Generalisation PS", "ns": "Specificity NS",
+                  "score": "Score (harmonic mean)"}  # fmt: skip
+
+
+def plot_compare(curves: dict[str, pa.Table], out: str | Path) -> Path:
+    """One panel per metric of COMPARE_PANELS against edits applied, one line per campaign.
+
+    `curves`: campaign name -> rows of the `curves` view (`n_edits_applied`, the metrics).
+    """
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), dpi=110, sharex=True)
+    for ax, (metric, label) in zip(axes.flat, COMPARE_PANELS.items(), strict=True):
+        for name, table in curves.items():
+            data = table.to_pydict()
+            points = [(n, v) for n, v in zip(data["n_edits_applied"], data[metric], strict=True)
+                      if v is not None]  # fmt: skip
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                        markersize=3, linewidth=1.4, label=name)  # fmt: skip
+        ax.set_title(label, fontsize=10)
+        ax.set_ylabel("fraction (0–1)", fontsize=9)
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    for ax in axes[1]:
+        ax.set_xlabel("edits applied (count)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle("campaigns compared: CounterFact scores against edits applied")
+    return _save(fig, out)

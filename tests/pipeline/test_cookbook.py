@@ -7,48 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from seqedit.pipeline.state import CampaignState, ShardState
-from seqedit.pipeline.store import query, write_part
-from seqedit.schemas.tables import EvalRow, HealthRow
-from tests.pipeline.rows import edit_row
+from seqedit.pipeline.store import query
 
 COOKBOOK = Path(__file__).resolve().parents[2] / "docs" / "sql-cookbook.md"
 QUERIES = re.findall(r"```sql\n(.*?)```", COOKBOOK.read_text(encoding="utf-8"), re.DOTALL)
-
-
-def _eval(case_id: int, protocol: str, n: int, es: float) -> EvalRow:
-    return EvalRow(campaign="c", protocol=protocol, n_edits_applied=n, case_id=case_id,
-                   edit_step=case_id, metric_version="1", es=es, ps=0.5, ns=es / 2, em=0.1,
-                   pm=0.1, nm=0.1, rewrite_acc=1.0, n_paraphrases=1,
-                   n_neighbors=1)  # fmt: skip
-
-
-def _check(step: int, name: str, value: float, passed: bool = True) -> HealthRow:
-    action = "none" if passed else "record"
-    return HealthRow(campaign="c", step=step, case_id=step, check_name=name, value=value,
-                     threshold=None, passed=passed, action=action)  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def campaign(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """3 edits (case 1 later forgotten, case 2 rolled back), retention at 2, final at 3."""
-    root = tmp_path_factory.mktemp("cookbook")
-    shard = ShardState(index=0, start=0, stop=3, status="done", done_attempt=0, steps_done=3)
-    CampaignState(campaign="c", spec_hash="h", shards=[shard]).save(root)
-    edits = [edit_row(0, 0), edit_row(1, 1), edit_row(2, 2, rolled_back=True, success=False)]
-    evals = [
-        _eval(0, "retention", 2, 1.0),
-        _eval(1, "retention", 2, 0.0),
-        _eval(0, "final", 3, 1.0),
-        _eval(1, "final", 3, 0.0),
-        _eval(2, "final", 3, 0.0),
-    ]
-    health = [_check(0, "verified", 1.0), _check(1, "verified", 1.0),
-              _check(2, "verified", 0.0, passed=False), _check(1, "retention", 0.5),
-              _check(1, "locality_kl", 0.2), _check(1, "weight_drift.m", 0.03)]  # fmt: skip
-    for table, rows in (("edits", edits), ("evals", evals), ("health", health)):
-        write_part(root, table, 0, 0, 0, rows)
-    return root
 
 
 def test_the_cookbook_has_its_queries() -> None:
@@ -56,16 +18,16 @@ def test_the_cookbook_has_its_queries() -> None:
 
 
 @pytest.mark.parametrize("sql", QUERIES, ids=lambda q: q.split("\n")[0][:40])
-def test_every_cookbook_query_runs_and_finds_rows(campaign: Path, sql: str) -> None:
-    assert query(campaign, sql).num_rows >= 1
+def test_every_cookbook_query_runs_and_finds_rows(small_campaign: Path, sql: str) -> None:
+    assert query(small_campaign, sql).num_rows >= 1
 
 
-def test_the_answers_are_right(campaign: Path) -> None:
+def test_the_answers_are_right(small_campaign: Path) -> None:
     by_title = dict(zip(re.findall(r"^## (.+)$", COOKBOOK.read_text(), re.MULTILINE), QUERIES,
                         strict=True))  # fmt: skip
     forgotten = by_title["Edits that worked when made, then were forgotten by the end"]
-    assert [r["case_id"] for r in query(campaign, forgotten).to_pylist()] == [1]
+    assert [r["case_id"] for r in query(small_campaign, forgotten).to_pylist()] == [1]
     lost = by_title["When each edit was lost: the first retention point that no longer holds it"]
-    assert query(campaign, lost).to_pylist() == [{"case_id": 1, "lost_after": 2}]
+    assert query(small_campaign, lost).to_pylist() == [{"case_id": 1, "lost_after": 2}]
     below = by_title["The first evaluation point where specificity falls below 0.5"]
-    assert query(campaign, below).to_pylist() == [{"first_below": 2}]  # NS 0.25 at 2 edits
+    assert query(small_campaign, below).to_pylist() == [{"first_below": 2}]  # NS 0.25 at 2 edits

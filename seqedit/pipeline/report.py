@@ -1,0 +1,101 @@
+"""`seqedit report`: one HTML page per campaign (or several, compared) with its plots and a
+summary table, written next to the PNGs it shows. Everything comes from the DuckDB views."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+from seqedit.files import write_text_atomic
+from seqedit.pipeline.commands import plot_campaign
+from seqedit.pipeline.plots import plot_compare
+from seqedit.pipeline.state import CampaignState
+from seqedit.pipeline.store import query
+
+SUMMARY_SQL = """
+SELECT
+  (SELECT count(*) FROM edits) AS edits,
+  (SELECT count(*) FILTER (WHERE rolled_back) FROM edits) AS rolled_back,
+  (SELECT avg(success::INT) FILTER (WHERE NOT rolled_back) FROM edits) AS immediate_es,
+  (SELECT median(p_new_after) FROM edits) AS median_p_new,
+  (SELECT max(weight_drift) FROM edits) AS max_weight_drift,
+  (SELECT es FROM curves ORDER BY n_edits_applied DESC LIMIT 1) AS last_es,
+  (SELECT ps FROM curves ORDER BY n_edits_applied DESC LIMIT 1) AS last_ps,
+  (SELECT ns FROM curves ORDER BY n_edits_applied DESC LIMIT 1) AS last_ns,
+  (SELECT score FROM curves ORDER BY n_edits_applied DESC LIMIT 1) AS last_score,
+  (SELECT protocol FROM curves ORDER BY n_edits_applied DESC LIMIT 1) AS last_protocol,
+  (SELECT count(*) FILTER (WHERE NOT passed) FROM health) AS failed_checks,
+  (SELECT sum(seconds) FROM edits) AS edit_seconds,
+  (SELECT sum(check_seconds) FROM edits) + (SELECT coalesce(sum(seconds), 0) FROM health)
+    AS health_seconds
+"""
+"""One row: what a reader wants first about a campaign (last = the latest evaluation)."""
+
+COLUMNS = {
+    "campaign": "campaign", "method": "method", "status": "status", "edits": "edits",
+    "rolled_back": "rolled back", "immediate_es": "immediate ES",
+    "median_p_new": "median P(new) after edit", "last_protocol": "last eval",
+    "last_es": "ES", "last_ps": "PS", "last_ns": "NS", "last_score": "score",
+    "max_weight_drift": "max weight drift", "failed_checks": "failed checks",
+    "edit_seconds": "edit s", "health_seconds": "health s",
+}  # fmt: skip
+
+
+def campaign_summary(campaign_dir: Path) -> dict[str, object]:
+    """The summary row of one campaign: state, method and SUMMARY_SQL."""
+    state = CampaignState.load(campaign_dir)
+    method_file = campaign_dir / "method.json"
+    method = json.loads(method_file.read_text())["method"] if method_file.is_file() else "?"
+    (row,) = query(campaign_dir, SUMMARY_SQL).to_pylist()
+    return {"campaign": state.campaign, "method": method, "status": state.status, **row}
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return html.escape("" if value is None else str(value))
+
+
+def write_report(
+    campaign_dir: Path, *, out: Path | None = None, compare: list[Path] | None = None
+) -> Path:
+    """Write `index.html` and its PNGs into `out` (default `<campaign>/report`): the
+    degradation curve and health panels of `campaign_dir`, and with `compare` one more
+    plot of every campaign's curves; the summary table has one row per campaign."""
+    others = compare or []
+    folder = out or campaign_dir / "report"
+    folder.mkdir(parents=True, exist_ok=True)
+    campaigns = [campaign_dir, *others]
+    summaries = [campaign_summary(c) for c in campaigns]
+    images: list[tuple[str, Path]] = []
+    try:
+        pngs = plot_campaign(campaign_dir, folder / "degradation.png")
+        images += [("Degradation and health", p) for p in pngs]
+    except ValueError:  # nothing finished yet: the table says so
+        pass
+    if others:
+        curves = {str(s["campaign"]): query(c, "SELECT * FROM curves ORDER BY n_edits_applied")
+                  for s, c in zip(summaries, campaigns, strict=True)}  # fmt: skip
+        images.append(("Campaigns compared", plot_compare(curves, folder / "compare.png")))
+    head = "".join(f"<th>{html.escape(label)}</th>" for label in COLUMNS.values())
+    body = "".join(
+        "<tr>" + "".join(f"<td>{_cell(s.get(key))}</td>" for key in COLUMNS) + "</tr>"
+        for s in summaries
+    )
+    figures = "".join(
+        f'<figure><img src="{html.escape(p.name)}" alt="{html.escape(title)}">'
+        f"<figcaption>{html.escape(p.name)}</figcaption></figure>"
+        for title, p in images
+    )
+    title = html.escape(f"seqedit report: {summaries[0]['campaign']}")
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title>"
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+        "img{max-width:100%}figure{margin:1.5em 0}</style></head><body>"
+        f"<h1>{title}</h1><table><tr>{head}</tr>{body}</table>{figures}"
+        "<p>Metric definitions: docs/architecture.md; queries: docs/sql-cookbook.md.</p>"
+        "</body></html>\n"
+    )
+    return write_text_atomic(folder / "index.html", page)
