@@ -15,6 +15,8 @@ from typing import NamedTuple
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from seqedit.methods.scoring import pad_id_of, padded_inputs
+
 
 @torch.no_grad()
 def next_token_log_probs(
@@ -33,7 +35,8 @@ def next_token_log_probs(
         ids = [tokenizer.encode(p, add_special_tokens=False) for p in chunk]
         if any(not row for row in ids):
             raise ValueError("a probe prompt tokenises to nothing")
-        logits = _padded_logits(model, ids, _pad_id(tokenizer))  # (B, T, V)
+        inputs, _ = padded_inputs(ids, pad_id_of(tokenizer), device)
+        logits = model(**inputs).logits.float()  # (B, T, V)
         last = torch.tensor([len(tokens) - 1 for tokens in ids], device=device)
         rows = torch.arange(len(ids), device=device)
         out.append(torch.log_softmax(logits[rows, last], dim=-1).cpu())
@@ -59,7 +62,8 @@ def perplexity(
     total, count = 0.0, 0
     for start in range(0, len(encoded), batch_size):
         ids = encoded[start : start + batch_size]
-        logits = _padded_logits(model, ids, _pad_id(tokenizer))  # (B, T, V)
+        inputs, _ = padded_inputs(ids, pad_id_of(tokenizer), device)
+        logits = model(**inputs).logits.float()  # (B, T, V)
         log_probs = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, T-1, V)
         for row, tokens in enumerate(ids):
             targets = torch.tensor(tokens[1:], device=device)  # (n-1,)
@@ -67,27 +71,6 @@ def perplexity(
             total -= float(picked.sum())
             count += len(tokens) - 1
     return math.exp(total / count)
-
-
-def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-
-def _padded_logits(model: PreTrainedModel, ids: list[list[int]], pad_id: int) -> torch.Tensor:
-    """(B, T, V) float32 logits of right-padded token lists (positions from the mask)."""
-    device = next(model.parameters()).device
-    width = max(len(row) for row in ids)
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)  # (B, T)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)  # (B, T)
-    for row, tokens in enumerate(ids):
-        input_ids[row, : len(tokens)] = torch.tensor(tokens)
-        mask[row, : len(tokens)] = 1
-    position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    return model(
-        input_ids=input_ids.to(device),
-        attention_mask=mask.to(device),
-        position_ids=position_ids.to(device),
-    ).logits.float()
 
 
 class LocalityDrift(NamedTuple):

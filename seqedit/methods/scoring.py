@@ -44,6 +44,31 @@ def _encode_all(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> lis
     return [list(by_text[t]) for t in texts]
 
 
+def pad_id_of(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id padding positions hold (masked out, so any id does; 0 without a pad token)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def padded_inputs(
+    rows: Sequence[Sequence[int]], pad_id: int, device: torch.device, padding_side: str = "right"
+) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """Model inputs for token rows of different lengths (`input_ids`, `attention_mask`,
+    `position_ids`, each (B, T), positions counted from the mask so either padding side
+    gives the same logits), and where each row starts (its left-padding width)."""
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+    offsets = []
+    for index, row in enumerate(rows):
+        offset = width - len(row) if padding_side == "left" else 0
+        input_ids[index, offset : offset + len(row)] = torch.tensor(row)
+        mask[index, offset : offset + len(row)] = 1
+        offsets.append(offset)
+    position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, T)
+    inputs = {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids}
+    return {name: tensor.to(device) for name, tensor in inputs.items()}, offsets
+
+
 def score_targets(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -79,7 +104,7 @@ def score_targets(
         pairs_of_row[row].append(index)
     results: list[TargetScore | None] = [None] * len(encoded)
     device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_id_of(tokenizer)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         members = [(position, i) for position, r in enumerate(chunk) for i in pairs_of_row[r]]
@@ -131,21 +156,8 @@ def _score_batch(
 ) -> list[TargetScore]:
     """Scores of `pairs` (row in `rows`, position predicting the target's first token in
     that row, target ids) from one forward pass over the padded rows."""
-    width = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
-    offsets = []
-    for index, row in enumerate(rows):
-        offset = width - len(row) if padding_side == "left" else 0
-        input_ids[index, offset : offset + len(row)] = torch.tensor(row)
-        mask[index, offset : offset + len(row)] = 1
-        offsets.append(offset)
-    position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, T)
-    hidden = model.base_model(
-        input_ids=input_ids.to(device),
-        attention_mask=mask.to(device),
-        position_ids=position_ids.to(device),
-    ).last_hidden_state  # (B, T, d), after the final norm
+    inputs, offsets = padded_inputs(rows, pad_id, device, padding_side)
+    hidden = model.base_model(**inputs).last_hidden_state  # (B, T, d), after the final norm
     n_target = [len(ids) for _, _, ids in pairs]
     row_index = torch.tensor([row for row, _, _ in pairs], device=device)  # (P,)
     positions = torch.zeros((len(pairs), max(n_target)), dtype=torch.long)  # (P, L)
