@@ -148,6 +148,5 @@ def rebuild_model(campaign_dir: Path, through_step: int, out: Path) -> str:
             f"{campaign_dir}: the edit log ends after step {editor.n_steps - 1} (the campaign "
             f"stopped there); there is no step {through_step}"
         )
-    editor.model.save_pretrained(out)
-    editor.tokenizer.save_pretrained(out)
+    editor.save_model(out)
     return editor.weights_fingerprint()

@@ -53,6 +53,5 @@ def edit_model(
     }
     write_safetensors(save_deltas, tensors, metadata)
     if save_model is not None:
-        editor.model.save_pretrained(save_model)
-        editor.tokenizer.save_pretrained(save_model)
+        editor.save_model(save_model)
     return rows

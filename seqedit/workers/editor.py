@@ -322,9 +322,7 @@ class SequentialEditor:
         if self._heldout:
             metrics["perplexity"] = perplexity(self.model, self.tokenizer, self._heldout)
             metrics["perplexity_ratio"] = metrics["perplexity"] / self._heldout_base
-        for name in sorted(self._masters):
-            change = float((self._masters[name] - self._base[name]).norm())
-            metrics[f"weight_drift.{name}"] = change / self._base_norms[name]
+        metrics.update({f"weight_drift.{name}": d for name, d in self.layer_drifts().items()})
         return metrics
 
     def pid(self) -> int:
@@ -342,12 +340,16 @@ class SequentialEditor:
             "context": _jsonable(self.context),
         }
 
+    def layer_drifts(self) -> dict[str, float]:
+        """||W_t - W_0||_F / ||W_0||_F of each edited module, by module name."""
+        return {
+            name: float((master - self._base[name]).norm()) / self._base_norms[name]
+            for name, master in sorted(self._masters.items())
+        }
+
     def weight_drift(self) -> float:
         """max over edited modules of ||W_t - W_0||_F / ||W_0||_F."""
-        return max(
-            float((self._masters[name] - self._base[name]).norm()) / self._base_norms[name]
-            for name in self._masters
-        )
+        return max(self.layer_drifts().values())
 
     def weights_fingerprint(self) -> str:
         """sha256 of the fp32 masters of every edited module (bit-exact comparisons)."""
@@ -400,6 +402,11 @@ class SequentialEditor:
         self.restore(self._undo)
         self.edit_log, self._undo = log, None
         self.n_steps += keep_step  # the step was taken; it just changed nothing
+
+    def save_model(self, out_dir: str | Path) -> None:
+        """The edited model and its tokenizer as a Hugging Face model directory."""
+        self.model.save_pretrained(out_dir)
+        self.tokenizer.save_pretrained(out_dir)
 
     def save_checkpoint(self, path: str | Path) -> str:
         """`checkpoint()` to a file (atomically); returns the weights fingerprint."""
