@@ -114,14 +114,6 @@ WITH blocks AS (
            count(*) FILTER (WHERE rolled_back) AS rolled_back,
            max(step) AS last_step
     FROM edits GROUP BY 1
-), periodic AS (
-    SELECT step,
-           max(value) FILTER (WHERE check_name = 'retention') AS retention,
-           max(value) FILTER (WHERE check_name = 'locality_kl') AS locality_kl,
-           max(value) FILTER (WHERE check_name = 'locality_top1') AS locality_top1,
-           max(value) FILTER (WHERE check_name = 'perplexity_ratio') AS ppl_ratio,
-           max(value) FILTER (WHERE check_name LIKE 'weight_drift.%') AS weight_drift
-    FROM health GROUP BY step
 ), final AS (
     SELECT edit_step // {k} AS b, avg(es) AS final_es, avg(ps) AS final_ps, avg(ns) AS final_ns
     FROM evals WHERE protocol = 'final' GROUP BY 1
@@ -129,14 +121,13 @@ WITH blocks AS (
 SELECT (b * {k} + 1) || '-' || (last_step + 1) AS edits,
        round(immediate_es, 3) AS immediate_es, median_p_new, rolled_back,
        round(retention, 3) AS retention_at_end, round(locality_kl, 3) AS locality_kl,
-       round(locality_top1, 3) AS locality_top1, round(ppl_ratio, 3) AS ppl_ratio,
+       round(locality_top1, 3) AS locality_top1, round(perplexity_ratio, 3) AS ppl_ratio,
        round(weight_drift, 3) AS weight_drift,
        round(final_es, 3) AS final_es, round(final_ps, 3) AS final_ps,
        round(final_ns, 3) AS final_ns
 FROM blocks
 LEFT JOIN periodic ON periodic.step = (
-    SELECT max(step) FROM periodic p2 WHERE p2.step <= blocks.last_step AND p2.retention
-    IS NOT NULL)
+    SELECT max(step) FROM periodic p2 WHERE p2.step <= blocks.last_step)
 LEFT JOIN final USING (b)
 ORDER BY b
 """

@@ -53,16 +53,9 @@ ORDER BY step, case_id
 """
 
 HEALTH_PERIODIC_SQL = """
-WITH applied AS (SELECT step, count(*) OVER (ORDER BY step) AS n FROM edits)
-SELECT any_value(a.n) AS n,
-       max(h.value) FILTER (WHERE h.check_name = 'retention') AS retention,
-       max(h.value) FILTER (WHERE h.check_name = 'locality_top1') AS locality_top1,
-       max(h.value) FILTER (WHERE h.check_name = 'locality_kl') AS locality_kl,
-       max(h.value) FILTER (WHERE h.check_name = 'perplexity_ratio') AS perplexity_ratio,
-       max(h.value) FILTER (WHERE h.check_name LIKE 'weight_drift.%') AS weight_drift
-FROM health h JOIN applied a USING (step)
-WHERE h.check_name NOT IN ('verified', 'update_norm', 'success_rate', 'target_prob')
-GROUP BY h.step ORDER BY h.step
+WITH applied AS (SELECT DISTINCT step, count(*) OVER (ORDER BY step) AS n FROM edits)
+SELECT n, retention, locality_top1, locality_kl, perplexity_ratio, weight_drift
+FROM periodic JOIN applied USING (step) ORDER BY step
 """
 
 

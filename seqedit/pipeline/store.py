@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from seqedit.files import write_atomic
 from seqedit.pipeline.state import CampaignState, ShardState
 from seqedit.schemas.tables import TABLES, arrow_schema
+from seqedit.workers.health import DRIFT_PREFIX, PERIODIC_CHECKS
 
 READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
 
@@ -60,7 +61,8 @@ def clear_attempt(campaign_dir: str | Path, shard: int, attempt: int) -> None:
 
 def connect(campaign_dir: str | Path) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with one view per table, sandboxed to the campaign's tables,
-    plus `shards` (the campaign state, one row per shard) and `curves` (`CURVES_SQL`).
+    plus `shards` (the campaign state, one row per shard), `curves` (`CURVES_SQL`) and
+    `periodic` (`PERIODIC_SQL`).
 
     File access outside `<campaign>/tables` is disabled and the configuration is locked, so
     a query can read the lake but cannot read or write anything else.
@@ -96,9 +98,26 @@ def connect(campaign_dir: str | Path) -> duckdb.DuckDBPyConnection:
     con.register("_shards", shards)
     con.execute("CREATE VIEW shards AS SELECT * FROM _shards")
     con.execute(CURVES_SQL)
+    con.execute(PERIODIC_SQL)
     con.execute("SET lock_configuration = true")
     return con
 
+
+_PIVOT = "".join(
+    f"max(value) FILTER (WHERE check_name = '{name}') AS {name}, " for name in PERIODIC_CHECKS
+)
+PERIODIC_SQL = f"""
+CREATE VIEW periodic AS
+SELECT step, {_PIVOT}
+       max(value) FILTER (WHERE check_name LIKE '{DRIFT_PREFIX}%') AS weight_drift,
+       sum(seconds) AS seconds
+FROM health
+WHERE check_name IN ({", ".join(f"'{n}'" for n in PERIODIC_CHECKS)})
+   OR check_name LIKE '{DRIFT_PREFIX}%'
+GROUP BY step
+"""
+"""The periodic health checks, one row per check point: each check a column, the largest
+layer drift as `weight_drift`, and the seconds they took."""
 
 CURVES_SQL = """
 CREATE VIEW curves AS

@@ -19,6 +19,10 @@ from seqedit.schemas.tables import EditRow, HealthAction, HealthRow
 
 _SEVERITY = {"none": 0, "record": 1, "retry": 2, "skip": 3, "stop": 4}
 
+PERIODIC_CHECKS = ("retention", "locality_kl", "locality_top1", "perplexity", "perplexity_ratio")
+"""Names of the periodic checks, besides one `weight_drift.<module>` per edited module."""
+DRIFT_PREFIX = "weight_drift."
+
 
 class HealthMonitor:
     """Checks each new edit row against `spec`; remembers the window of kept edits."""
@@ -80,7 +84,7 @@ class HealthMonitor:
         }
         rows = []
         for name, value in sorted(metrics.items()):
-            if name not in limits and not name.startswith("weight_drift."):
+            if name not in PERIODIC_CHECKS and not name.startswith(DRIFT_PREFIX):
                 raise ValueError(f"unknown periodic health metric {name!r}")
             limit, higher = limits.get(name, (spec.max_weight_drift, False))
             ok = limit is None or (value >= limit if higher else value <= limit)
