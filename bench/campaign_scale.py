@@ -37,7 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from seqedit.pipeline.commands import progress_bar
 from seqedit.pipeline.driver import run_campaign
-from seqedit.pipeline.prepared import ensure_stats, ensure_testbed, write_heldout
+from seqedit.pipeline.prepared import (
+    TESTBED_HPARAMS,
+    ensure_stats,
+    ensure_testbed,
+    write_heldout,
+)
 from seqedit.pipeline.state import CampaignState
 from seqedit.pipeline.store import query
 from seqedit.pipeline.tables_format import format_table
@@ -45,15 +50,7 @@ from seqedit.schemas.campaign import load_spec
 from seqedit.testbed.world import synthetic_world
 
 N_FACTS, SEED, WORLD_SEED = 300, 0, 1
-HPARAMS = {  # the tuned testbed settings of bench/sequential_efficacy.py
-    "rome": {"layer": 0, "context_templates": ["{}"]},
-    "memit": {"layers": [0, 1], "v_loss_layer": 3, "context_templates": [["{}"]],
-              "mom2_update_weight": 1000.0},
-    "alphaedit": {"layers": [0, 1], "v_loss_layer": 3, "context_templates": [["{}"]],
-                  "L2": 0.5},
-    "ft-m": {"layer": 3, "optimizer": "sgd", "lr": 5.0, "num_steps": 100,
-             "early_stop_loss": 0.5},
-}  # fmt: skip
+HPARAMS = TESTBED_HPARAMS
 
 
 def rss_kib(pid: int | str) -> int:

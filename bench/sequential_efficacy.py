@@ -24,23 +24,13 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from seqedit.pipeline.prepared import ensure_stats, ensure_testbed
+from seqedit.pipeline.prepared import TESTBED_HPARAMS, ensure_stats, ensure_testbed
 from seqedit.pipeline.tables_format import format_table
 from seqedit.testbed.build import load_testbed
 from seqedit.workers.editor import SequentialEditor
 
 N_FACTS, SEED, STATS_LAYERS = 300, 0, [0, 1, 2, 3]
-# Tuned on this testbed (docs/methods.md, "Tuning on a small model"): MEMIT/AlphaEdit put
-# z at block 1 so two attention layers carry it; lambda and L2 scaled to this model's keys.
-MULTI = {"layers": [0, 1], "v_loss_layer": 3, "context_templates": [["{}"]]}
-FT_SGD = {"layer": 3, "optimizer": "sgd", "lr": 5.0, "num_steps": 100, "early_stop_loss": 0.5}
-HPARAMS: dict[str, dict[str, Any]] = {
-    "rome": {"layer": 0, "context_templates": ["{}"]},
-    "memit": {**MULTI, "mom2_update_weight": 1000.0},
-    "alphaedit": {**MULTI, "L2": 0.5},
-    "ft-l": dict(FT_SGD),
-    "ft-m": dict(FT_SGD),
-}
+HPARAMS = TESTBED_HPARAMS
 
 
 def _testbed(out: Path) -> tuple[Path, Path]:
