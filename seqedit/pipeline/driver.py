@@ -297,17 +297,18 @@ def _run_shard(
             if progress is not None:
                 progress(applied, spec.n_edits)
             last = applied == spec.n_edits
-            stopping = any(c.action == "stop" for c in checks)
-            if _crossed(spec.health.every, positions.start, applied) and not stopping:
+            stops = [c for c in checks if c.action == "stop"]
+            if not stops and _crossed(spec.health.every, positions.start, applied):
                 sample = [requests[i] for i in retention_sample(applied, spec.health.n_retention)]
                 started = time.perf_counter()
                 metrics = ray.get(editor.periodic_health.remote(sample))
-                checks = monitor.periodic(rows[-1], metrics, seconds=time.perf_counter() - started)
-                health_rows.extend(checks)
-            if any(c.action == "stop" for c in checks):
-                failed = [c for c in checks if c.action == "stop"]
+                took = time.perf_counter() - started
+                periodic = monitor.periodic(rows[-1], metrics, seconds=took)
+                health_rows.extend(periodic)
+                stops = [c for c in periodic if c.action == "stop"]
+            if stops:
                 stopped = f"health stop after step {step}: " + "; ".join(
-                    f"{c.check_name} {c.value:.4g} (limit {c.threshold})" for c in failed
+                    f"{c.check_name} {c.value:.4g} (limit {c.threshold})" for c in stops
                 )
             if last or stopped or _crossed(spec.eval_every, positions.start, applied):
                 edited_at = [i // spec.edits_per_step for i in range(applied)]

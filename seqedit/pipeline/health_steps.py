@@ -100,13 +100,12 @@ def rebuild_window(
     read from the done shards' edit rows: a restarted editor judges trends exactly as the
     uninterrupted run did."""
     monitor = HealthMonitor(spec.health, spec.name)
-    kept: list[EditRow] = []
+    kept: list[dict] = []
     for shard, attempt in state.done_partitions():
         if shard >= before_shard:
             continue
         for part in sorted(partition_dir(root, "edits", shard, attempt).glob("part-*.parquet")):
-            rows = pq.read_table(part).to_pylist()
-            kept.extend(EditRow(**r) for r in rows if not r["rolled_back"])
+            kept.extend(r for r in pq.read_table(part).to_pylist() if not r["rolled_back"])
         kept = kept[-spec.health.window :]
-    monitor.keep(kept)
+    monitor.keep([EditRow(**r) for r in kept])
     return monitor
