@@ -173,13 +173,20 @@ class SequentialEditor:
 
     # --- editing -------------------------------------------------------------------------
 
-    def _rewrite_probs(self, request: EditRequest) -> tuple[float, float | None]:
-        prompt = request.filled_prompt
-        targets = [request.target_new]
-        if request.target_true is not None:
-            targets.append(request.target_true)
-        scores = score_targets(self.model, self.tokenizer, [prompt] * len(targets), targets)
-        return scores[0].prob, (scores[1].prob if len(scores) > 1 else None)
+    def _rewrite_probs(self, requests: Sequence[EditRequest]) -> list[tuple[float, float | None]]:
+        """(P(new), P(true) or None) on each request's rewrite prompt, in one scoring call."""
+        prompts: list[str] = []
+        targets: list[str] = []
+        for request in requests:
+            for target in (request.target_new, request.target_true):
+                if target is not None:
+                    prompts.append(request.filled_prompt)
+                    targets.append(target)
+        scores = iter(score_targets(self.model, self.tokenizer, prompts, targets))
+        return [
+            (next(scores).prob, None if r.target_true is None else next(scores).prob)
+            for r in requests
+        ]
 
     def edit(self, request: EditRequest, step: int, *, retry: int = 0) -> EditRow:
         """Compute and apply one edit; return its row (probabilities before and after).
@@ -225,7 +232,7 @@ class SequentialEditor:
         retry: int,
     ) -> list[EditRow]:
         start = time.perf_counter()
-        before = [self._rewrite_probs(request) for request in requests]
+        before = self._rewrite_probs(requests)
         snapshot_started = time.perf_counter()
         self._undo = self.checkpoint() if self.keep_undo else None
         check_seconds = time.perf_counter() - snapshot_started
@@ -250,7 +257,7 @@ class SequentialEditor:
         self.n_applied += len(requests)
         self.n_steps += 1
         verify_started = time.perf_counter()
-        after = [self._rewrite_probs(request) for request in requests]
+        after = self._rewrite_probs(requests)
         drift, done = self.weight_drift(), time.perf_counter()
         seconds, check_seconds = done - start, check_seconds + done - verify_started
         return [
@@ -307,13 +314,7 @@ class SequentialEditor:
         its ratio to the base model's (`perplexity_ratio`), and `weight_drift.<module>`."""
         metrics: dict[str, float] = {}
         if retention:
-            prompts = [r.filled_prompt for r in retention for _ in range(2)]
-            targets = [t for r in retention for t in (r.target_new, r.target_true or "")]
-            scores = score_targets(self.model, self.tokenizer, prompts, targets)
-            held = [
-                r.target_true is None or new.prob > true.prob
-                for r, new, true in zip(retention, scores[::2], scores[1::2], strict=True)
-            ]
+            held = [true is None or new > true for new, true in self._rewrite_probs(retention)]
             metrics["retention"] = sum(held) / len(held)
         if self._probes:
             now = next_token_log_probs(self.model, self.tokenizer, self._probes)
