@@ -8,7 +8,6 @@ the model, so small updates are not rounded away in low precision over thousands
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import math
 import os
@@ -20,9 +19,8 @@ from typing import Any
 
 import torch
 
-from seqedit.methods.arch import rewrite_weight
 from seqedit.methods.config import names_for, validate_config, with_step_budget
-from seqedit.methods.delta import EditResult, LowRankDelta, apply_delta_
+from seqedit.methods.delta import EditResult, LowRankDelta
 from seqedit.methods.locality import locality_drift, next_token_log_probs, perplexity
 from seqedit.methods.method import Derived
 from seqedit.methods.registry import get_method
@@ -31,6 +29,7 @@ from seqedit.schemas.requests import EditRequest
 from seqedit.schemas.tables import EditRow, EvalRow, Protocol
 from seqedit.workers.checkpoints import load_checkpoint, save_checkpoint
 from seqedit.workers.derived_store import derived_tensors
+from seqedit.workers.edited_weights import edited_weights
 from seqedit.workers.evaluator import evaluate_records
 from seqedit.workers.model_io import load_model
 from seqedit.workers.stats_store import load_stats
@@ -133,11 +132,7 @@ class SequentialEditor:
         self.module_names = {
             layer: self.names.rewrite_module_tmp.format(layer) for layer in self.layers
         }
-        weights = {layer: rewrite_weight(self.model, self.names, layer) for layer in self.layers}
-        self._params = {self.module_names[layer]: w for layer, w in weights.items()}
-        self._masters = {name: w.detach().float().clone() for name, w in self._params.items()}
-        self._base = {name: m.clone() for name, m in self._masters.items()}
-        self._base_norms = {name: float(m.norm()) for name, m in self._base.items()}
+        self.weights = edited_weights(self.model, self.names, self.layers)
         self.second_moments: dict[int, torch.Tensor] | None = None
         if self.method.uses_second_moment(self.config):
             if stats_dir is None:
@@ -251,7 +246,7 @@ class SequentialEditor:
                 )
         update_norm = 0.0
         for delta in result.deltas:
-            self._apply(delta)
+            self.weights.apply(delta)
             update_norm = math.hypot(update_norm, float(delta.norm()))
         self.edit_log.append((step, result.deltas))
         self.n_applied += len(requests)
@@ -286,12 +281,6 @@ class SequentialEditor:
                 requests, before, after, strict=True
             )
         ]
-
-    def _apply(self, delta: LowRankDelta) -> None:
-        master = self._masters[delta.module]
-        apply_delta_(master, delta, transposed=self.names.rewrite_weight_transposed)
-        with torch.no_grad():
-            self._params[delta.module].copy_(master.to(self._params[delta.module].dtype))
 
     # --- inspection ----------------------------------------------------------------------
 
@@ -343,10 +332,7 @@ class SequentialEditor:
 
     def layer_drifts(self) -> dict[str, float]:
         """||W_t - W_0||_F / ||W_0||_F of each edited module, by module name."""
-        return {
-            name: float((master - self._base[name]).norm()) / self._base_norms[name]
-            for name, master in sorted(self._masters.items())
-        }
+        return self.weights.layer_drifts()
 
     def weight_drift(self) -> float:
         """max over edited modules of ||W_t - W_0||_F / ||W_0||_F."""
@@ -354,11 +340,7 @@ class SequentialEditor:
 
     def weights_fingerprint(self) -> str:
         """sha256 of the fp32 masters of every edited module (bit-exact comparisons)."""
-        digest = hashlib.sha256()
-        for name in sorted(self._masters):
-            digest.update(name.encode())
-            digest.update(self._masters[name].contiguous().numpy().tobytes())
-        return digest.hexdigest()
+        return self.weights.fingerprint()
 
     # --- sequential state: checkpoints and replay ------------------------------------------
 
@@ -367,7 +349,7 @@ class SequentialEditor:
         modules ("weight.<module>"), the method's sequential state ("state.<name>", e.g.
         AlphaEdit's accumulated K K^T) and the counts of edits and steps applied ("n_applied",
         "n_steps", (1,) each)."""
-        tensors = {f"{_WEIGHT}{name}": m.clone() for name, m in self._masters.items()}
+        tensors = {f"{_WEIGHT}{name}": m for name, m in self.weights.copies().items()}
         for name, value in self.method.state(self.context).items():
             tensors[f"{_STATE}{name}"] = value
         tensors["n_applied"] = torch.tensor([self.n_applied], dtype=torch.int64)
@@ -377,17 +359,14 @@ class SequentialEditor:
     def restore(self, checkpoint: dict[str, torch.Tensor]) -> None:
         """Put the editor back where `checkpoint()` was taken (same model and method)."""
         weights = {k[len(_WEIGHT) :]: v for k, v in checkpoint.items() if k.startswith(_WEIGHT)}
-        if set(weights) != set(self._masters):
+        if set(weights) != set(self.weights.masters):
             raise ValueError(
                 f"checkpoint holds modules {sorted(weights)}, this editor edits "
-                f"{sorted(self._masters)}"
+                f"{self.weights.names()}"
             )
         state = {k[len(_STATE) :]: v for k, v in checkpoint.items() if k.startswith(_STATE)}
         self.method.load_state(self.context, state)
-        for name, weight in weights.items():
-            self._masters[name] = weight.to(self._masters[name]).clone()
-            with torch.no_grad():
-                self._params[name].copy_(self._masters[name].to(self._params[name].dtype))
+        self.weights.load(weights)
         self.n_applied = int(checkpoint["n_applied"][0])
         self.n_steps = int(checkpoint["n_steps"][0])
         self.edit_log = []
@@ -437,9 +416,7 @@ class SequentialEditor:
             )
         for _step, deltas in sorted(steps.items()):
             for delta in deltas:
-                if delta.module not in self._masters:
-                    raise ValueError(f"logged module {delta.module!r} is not edited here")
-                self._apply(delta)
+                self.weights.apply(delta)
             self.n_steps += 1
             self.n_applied += bool(deltas)  # the log does not say how many requests a step had
         return len(steps)

@@ -53,12 +53,12 @@ def test_masters_stay_fp32_and_match_the_model(
 ) -> None:
     _, requests = load_testbed(tiny_testbed)
     editor.edit(requests[0], 0)
-    for name, master in editor._masters.items():
+    for name, master in editor.weights.masters.items():
         assert master.dtype == torch.float32
-        assert torch.equal(editor._params[name].detach(), master)
+        assert torch.equal(editor.weights.params[name].detach(), master)
     log = editor.take_edit_log()
     assert sorted(log) == [
-        f"step0.{name}.{side}" for name in editor._masters for side in ("left", "right")
+        f"step0.{name}.{side}" for name in editor.weights.masters for side in ("left", "right")
     ]
     assert editor.take_edit_log() == {}
 
@@ -68,7 +68,7 @@ def test_nan_update_is_refused_and_the_model_left_unchanged(
 ) -> None:
     _, requests = load_testbed(tiny_testbed)
     before = editor.weights_fingerprint()
-    module = next(iter(editor._masters))
+    module = next(iter(editor.weights.masters))
 
     def nan_edit(*_: object) -> EditResult:
         left = torch.full((1, 1), float("nan"))

@@ -45,8 +45,8 @@ def test_replaying_the_edit_log_rebuilds_the_weights_bit_for_bit(
     assert fresh.replay(log) == 4
     assert fresh.weights_fingerprint() == edited.weights_fingerprint()
     assert fresh.n_applied == 4
-    for name, param in fresh._params.items():
-        assert torch.equal(param, edited._params[name])
+    for name, param in fresh.weights.params.items():
+        assert torch.equal(param, edited.weights.params[name])
 
 
 def test_checkpoint_restores_alphaedit_state_and_the_run_continues_identically(
