@@ -23,12 +23,15 @@ Format semantics (what each source field becomes):
   recovered from `src` by locating `subject`; `rephrase` -> paraphrase; `loc` must contain
   `nq question: ` (MEMIT asserts it) and becomes the neighbourhood prompt `loc + "?"` with
   target `loc_ans` (MEMIT splits the answer into one prompt per token at scoring time; that
-  split needs a tokenizer and belongs to the evaluator). case_id = position when absent.
+  split needs a tokenizer and belongs to the evaluator). `portability.New Question` /
+  `New Answer` (EasyEdit's portability file) -> one portability prompt. case_id = position
+  when absent.
 * `zsre_knowedit` — KnowEdit's ZsRE (`ZsRE-test-all.json`): `target_new` is the new answer and
   `ground_truth[0]` the old one (as EasyEdit's `KnowEditDataset` does). `rephrase_prompt` ->
   paraphrase; each `locality.Relation_Specificity` item -> a neighbourhood prompt with its
   first answer (nested lists unwrapped, blank answers skipped, as in EasyEdit).
-  `portability` has no `EditRequest` field and is ignored. case_id = position when absent.
+  `portability.{Reasoning,Subject_Aliasing,Logical_Generalization}` items -> portability
+  prompts with their first answer. case_id = position when absent.
 * `jsonl` — our own: each line is an `EditRequest` as JSON; unknown keys are errors.
 """
 
@@ -176,13 +179,18 @@ class _Builder:
             self.kwargs[name] = [value]
             self.paths[(name,)] = self.paths[(name, 0)] = path
 
+    def put_pairs(self, name: str, pairs: list[tuple[Any, str, Any, str]]) -> None:
+        """Prompts with answers (field `name`: neighbourhood or portability prompts) from
+        (prompt, prompt path, target, target path) tuples."""
+        self.kwargs[name] = [{"prompt": p, "target": t} for p, _, t, _ in pairs]
+        for i, (_, prompt_path, _, target_path) in enumerate(pairs):
+            self.paths[(name, i)] = prompt_path
+            self.paths[(name, i, "prompt")] = prompt_path
+            self.paths[(name, i, "target")] = target_path
+
     def put_neighbours(self, pairs: list[tuple[Any, str, Any, str]]) -> None:
         """Neighbourhood prompts from (prompt, prompt path, target, target path) tuples."""
-        self.kwargs["neighborhood_prompts"] = [{"prompt": p, "target": t} for p, _, t, _ in pairs]
-        for i, (_, prompt_path, _, target_path) in enumerate(pairs):
-            self.paths[("neighborhood_prompts", i)] = prompt_path
-            self.paths[("neighborhood_prompts", i, "prompt")] = prompt_path
-            self.paths[("neighborhood_prompts", i, "target")] = target_path
+        self.put_pairs("neighborhood_prompts", pairs)
 
     def put_template(self, prompt_path: str, subject_path: str) -> None:
         """Set prompt and subject from a filled prompt by locating the subject in it."""
@@ -283,6 +291,11 @@ def _zsre_mend(b: _Builder, index: int) -> None:
     elif loc is not MISSING and loc_ans is not MISSING:
         prompt = loc if loc.rstrip().endswith("?") else loc + "?"
         b.put_neighbours([(prompt, "loc", loc_ans, "loc_ans")])
+    question = b.get("portability.New Question", required=False)
+    answer = b.get("portability.New Answer", required=False)
+    if question is not MISSING and answer is not MISSING:
+        pair = (question, "portability.New Question", answer, "portability.New Answer")
+        b.put_pairs("portability_prompts", [pair])
 
 
 def _zsre_knowedit(b: _Builder, index: int) -> None:
@@ -292,6 +305,7 @@ def _zsre_knowedit(b: _Builder, index: int) -> None:
     target_true, true_path = _first_answer(b, "ground_truth")
     b.put("target_true", target_true, true_path)
     b.put_one("paraphrase_prompts", "rephrase_prompt")
+    _knowedit_portability(b)
     items = b.items("locality.Relation_Specificity", required=False)
     if items is MISSING:
         return
@@ -308,6 +322,27 @@ def _zsre_knowedit(b: _Builder, index: int) -> None:
         if answer is not MISSING:
             pairs.append((b.get(f"{path}.prompt"), f"{path}.prompt", answer, answer_path))
     b.put_neighbours([p for p in pairs if p[0] is not MISSING])
+
+
+PORTABILITY_KINDS = ("Reasoning", "Subject_Aliasing", "Logical_Generalization")
+"""KnowEdit's portability groups, read in this order into `portability_prompts`."""
+
+
+def _knowedit_portability(b: _Builder) -> None:
+    pairs: list[tuple[Any, str, Any, str]] = []
+    for kind in PORTABILITY_KINDS:
+        items = b.items(f"portability.{kind}", required=False)
+        for i, item in enumerate([] if items is MISSING else items):
+            path = f"portability.{kind}.{i}"
+            if not isinstance(item, dict):
+                b.issue(path, f"expected an object {{prompt, ground_truth}}, got {describe(item)}")
+                continue
+            answer, answer_path = _first_answer(b, f"{path}.ground_truth")
+            prompt = b.get(f"{path}.prompt")
+            if answer is not MISSING and prompt is not MISSING:
+                pairs.append((prompt, f"{path}.prompt", answer, answer_path))
+    if pairs:
+        b.put_pairs("portability_prompts", pairs)
 
 
 def _jsonl(b: _Builder) -> None:

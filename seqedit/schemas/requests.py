@@ -6,7 +6,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 
 class LocalityPrompt(BaseModel):
-    """A prompt whose answer must NOT change when the edit lands (a neighbour fact)."""
+    """A filled prompt with its answer: a neighbour fact, whose answer must NOT change when
+    the edit lands, or a portability question, whose answer the edit should bring along."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -35,6 +36,11 @@ class EditRequest(BaseModel):
     paraphrase_prompts: list[str] = Field(default_factory=list)
     neighborhood_prompts: list[LocalityPrompt] = Field(default_factory=list)
     generation_prompts: list[str] = Field(default_factory=list)
+    portability_prompts: list[LocalityPrompt] = Field(
+        default_factory=list,
+        description="Questions whose answer follows from the edited fact (EasyEdit's "
+        "portability: reasoning, aliases), each with the answer expected after the edit.",
+    )
 
     @field_validator("target_new", "target_true")
     @classmethod

@@ -86,6 +86,8 @@ CASES: list[tuple[str, int, str, Any, str | None, str]] = [
     (KNOW, 0, "ground_truth", [[3]], "ground_truth.0.0", "expected a string, got number 3"),
     (KNOW, 1, f"{RS}.0.prompt", _DELETE, None, "required field is missing"),
     (KNOW, 1, RS, {"a": 1}, None, "expected a list, got an object"),
+    (KNOW, 0, "portability.Reasoning.0", "x", None, "expected an object {prompt, ground_truth}"),
+    (KNOW, 0, "portability.Reasoning.0.ground_truth", "", None, "must not be empty"),
 ]
 
 

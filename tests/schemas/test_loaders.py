@@ -119,6 +119,18 @@ def test_dev_zsre_fields() -> None:
     assert neighbour.target == "The String"
 
 
+def test_dev_zsre_portability() -> None:
+    knowedit = load_requests(dev_file("zsre_dev.json")).requests
+    assert knowedit[0].portability_prompts[0].target == "Owlet moths"
+    raw = json.loads(dev_file("zsre_dev.json").read_text())
+    groups = [r.get("portability", {}).values() for r in raw]
+    assert [len(r.portability_prompts) for r in knowedit] == [sum(map(len, g)) for g in groups]
+    mend = load_requests(dev_file("zsre_mend_dev.json")).requests[0]
+    (question,) = mend.portability_prompts
+    assert question.prompt.startswith("What type of sports event is the IAAF")
+    assert question.target == "Athletics"
+
+
 def test_recovered_templates_match_rome_templates() -> None:
     """The 2 dev CounterFact files share case_ids; recovered templates equal ROME's own."""
     easy = {r.case_id: r for r in load_requests(dev_file("counterfact_dev.json")).requests}
