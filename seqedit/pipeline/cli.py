@@ -154,11 +154,37 @@ def cmd_hparams_import(args: argparse.Namespace) -> None:
     )
 
 
+def _other_campaign(text: str) -> tuple[str, Path]:
+    name, sep, folder = text.partition("=")
+    if not sep or not name or not folder:
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR, e.g. b=runs/other — got {text!r}")
+    return name, Path(folder)
+
+
 def cmd_query(args: argparse.Namespace) -> None:
     from seqedit.pipeline.store import query
     from seqedit.pipeline.tables_format import format_table
 
-    print(format_table(query(args.campaign_dir, args.sql), args.format))
+    others: dict[str, Path] = {}
+    for name, folder in args.others:
+        if name in others:
+            raise ValueError(f"--with {name}=...: the name {name!r} is given twice")
+        others[name] = folder
+    print(format_table(query(args.campaign_dir, args.sql, others), args.format))
+
+
+def cmd_compact(args: argparse.Namespace) -> None:
+    from seqedit.pipeline.compact import compact
+
+    report = compact(args.campaign_dir)
+    for leftover in report.leftovers_removed:
+        print(f"removed the leftover of an interrupted compact: tables/{leftover}")
+    for t in report.tables:
+        print(
+            f"{t.table}: {t.parts_before} -> {t.parts_after} parts, "
+            f"{t.bytes_before / 1024:.1f} -> {t.bytes_after / 1024:.1f} KiB"
+        )
+    print(f"{report.partitions_compacted} partitions compacted -> {args.campaign_dir}")
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
@@ -310,7 +336,22 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("campaign_dir", type=Path)
     q.add_argument("sql", help='e.g. "SELECT count(*) FROM edits"')
     q.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    q.add_argument(
+        "--with",
+        dest="others",
+        type=_other_campaign,
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="another campaign, its views as NAME.curves, NAME.evals, ... (repeatable)",
+    )
     q.set_defaults(func=cmd_query)
+
+    compact = sub.add_parser(
+        "compact", help="merge the parts of each finished shard into one (query results unchanged)"
+    )
+    compact.add_argument("campaign_dir", type=Path)
+    compact.set_defaults(func=cmd_compact)
 
     plot = sub.add_parser("plot", help="PNGs of a campaign's degradation curve and health")
     plot.add_argument("campaign_dir", type=Path)

@@ -1,13 +1,17 @@
 """The metric lake: immutable Parquet parts per table/shard/attempt, read through DuckDB.
 
 Layout: `<campaign>/tables/<table>/shard=<k>/attempt=<a>/part-<n>.parquet`. Parts are
-written atomically and never modified. Views expose only the attempt of each shard that
-the campaign state marks done, so a rerun never duplicates or loses rows.
+written atomically and never modified (`seqedit compact` replaces the parts of a done
+partition by one merged part, atomically: `pipeline.compact`). Views expose only the
+attempt of each shard that the campaign state marks done, so a rerun never duplicates or
+loses rows. `connect(..., others=...)` adds other campaigns' views, each in its own schema.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
+from functools import cache
 from pathlib import Path
 
 import duckdb
@@ -59,77 +63,171 @@ def clear_attempt(campaign_dir: str | Path, shard: int, attempt: int) -> None:
                 file.unlink()
 
 
-def connect(campaign_dir: str | Path) -> duckdb.DuckDBPyConnection:
+def list_parts(campaign_dir: str | Path, table: str, shard: int, attempt: int) -> list[Path]:
+    """The parts of one partition in file order, the order every reader takes them in."""
+    return sorted(partition_dir(campaign_dir, table, shard, attempt).glob("part-*.parquet"))
+
+
+VIEWS = (*TABLES, "shards", "curves", "periodic")
+"""Every view a campaign gets, in its own schema or (the main campaign) unqualified."""
+
+_OTHER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_TAKEN_SCHEMAS = {"main", "temp", "memory", "system", "information_schema", "pg_catalog"}
+
+
+@cache
+def _reserved_words() -> frozenset[str]:
+    with duckdb.connect() as con:
+        rows = con.sql(
+            "SELECT keyword_name FROM duckdb_keywords() WHERE keyword_category = 'reserved'"
+        ).fetchall()
+    return frozenset(row[0] for row in rows)
+
+
+def check_other_name(name: str) -> None:
+    """Refuse a schema name for another campaign that SQL could not use plainly as `name.view`:
+    not an identifier, a view name, a DuckDB catalog/schema name or a reserved word."""
+    if not _OTHER_NAME.fullmatch(name):
+        raise ValueError(
+            f"campaign name {name!r}: use letters, digits and _ (not first a digit), e.g. b"
+        )
+    lower = name.lower()
+    if lower in VIEWS:
+        raise ValueError(f"campaign name {name!r} is a view name; pick another, e.g. b")
+    if lower in _TAKEN_SCHEMAS or lower in _reserved_words():
+        raise ValueError(f"campaign name {name!r} is reserved in DuckDB; pick another, e.g. b")
+
+
+def _resolve_others(others: Mapping[str, str | Path] | None) -> dict[str, Path]:
+    """Validated names of the other campaigns and their resolved dirs."""
+    resolved: dict[str, Path] = {}
+    for name, folder in (others or {}).items():
+        check_other_name(name)
+        if name.lower() in {n.lower() for n in resolved}:
+            raise ValueError(f"campaign name {name!r} is given twice")
+        path = Path(folder)
+        if not path.is_dir():
+            raise FileNotFoundError(f"campaign {name!r}: {path}: no such directory")
+        resolved[name] = path.resolve()
+    return resolved
+
+
+def connect(
+    campaign_dir: str | Path, others: Mapping[str, str | Path] | None = None
+) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with one view per table, sandboxed to the campaign's tables,
     plus `shards` (the campaign state, one row per shard), `curves` (`CURVES_SQL`) and
     `periodic` (`PERIODIC_SQL`).
 
-    File access outside `<campaign>/tables` is disabled and the configuration is locked, so
-    a query can read the lake but cannot read or write anything else.
+    `others` maps a name to another campaign dir: that campaign gets the same views inside
+    a schema of that name (`b.curves`, `b.evals`, ...), so one statement can compare
+    campaigns; the main campaign's views stay unqualified.
+
+    File access outside the campaigns' `tables` folders is disabled and the configuration
+    is locked, so a query can read the lakes but cannot read or write anything else.
     """
     root = Path(campaign_dir).resolve()
+    attached = _resolve_others(others)
     state = CampaignState.load(root)
+    states: dict[str, CampaignState] = {}
+    for name, folder in attached.items():
+        try:
+            states[name] = CampaignState.load(folder)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"campaign {name!r}: {exc}") from exc
+        except ValueError as exc:
+            raise ValueError(f"campaign {name!r}: {exc}") from exc
     con = duckdb.connect()
-    tables_dir = root / "tables"
-    con.execute("SET allowed_directories = ?", [[str(tables_dir) + "/"]])
+    lakes = [str(folder / "tables") + "/" for folder in (root, *attached.values())]
+    con.execute("SET allowed_directories = ?", [lakes])
     con.execute("SET enable_external_access = false")
+    _create_views(con, root, state, schema=None, tag="")
+    for number, (name, folder) in enumerate(attached.items()):
+        con.execute(f'CREATE SCHEMA "{name}"')
+        _create_views(con, folder, states[name], schema=name, tag=f"_o{number}")
+    con.execute("SET lock_configuration = true")
+    return con
+
+
+def _create_views(
+    con: duckdb.DuckDBPyConnection,
+    root: Path,
+    state: CampaignState,
+    schema: str | None,
+    tag: str,
+) -> None:
+    """Create every view of one campaign, in `schema` (None: unqualified); `tag` keeps the
+    names of its registered Arrow tables apart from other campaigns'."""
+    prefix = f'"{schema}".' if schema else ""
     for table, row_model in TABLES.items():
         files = [
             str(f)
             for shard, attempt in state.done_partitions()
-            for f in sorted(partition_dir(root, table, shard, attempt).glob("part-*.parquet"))
+            for f in list_parts(root, table, shard, attempt)
         ]
         if files:
             listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
             con.execute(
-                f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{listed}], "
+                f"CREATE VIEW {prefix}{table} AS SELECT * FROM read_parquet([{listed}], "
                 "hive_partitioning = true, union_by_name = true)"
             )
         else:
-            schema = arrow_schema(row_model)
-            schema = schema.append(pa.field("shard", pa.int64())).append(
+            arrow = arrow_schema(row_model)
+            arrow = arrow.append(pa.field("shard", pa.int64())).append(
                 pa.field("attempt", pa.int64())
             )
-            con.register(f"_empty_{table}", schema.empty_table())
-            con.execute(f"CREATE VIEW {table} AS SELECT * FROM _empty_{table}")
+            con.register(f"{tag}_empty_{table}", arrow.empty_table())
+            con.execute(f"CREATE VIEW {prefix}{table} AS SELECT * FROM {tag}_empty_{table}")
     shards = pa.Table.from_pylist(
         [s.model_dump() for s in state.shards], schema=arrow_schema(ShardState)
     )
-    con.register("_shards", shards)
-    con.execute("CREATE VIEW shards AS SELECT * FROM _shards")
-    con.execute(CURVES_SQL)
-    con.execute(PERIODIC_SQL)
-    con.execute("SET lock_configuration = true")
-    return con
+    con.register(f"{tag}_shards", shards)
+    con.execute(f"CREATE VIEW {prefix}shards AS SELECT * FROM {tag}_shards")
+    con.execute(_curves_sql(prefix))
+    con.execute(_periodic_sql(prefix))
 
 
 _PIVOT = "".join(
     f"max(value) FILTER (WHERE check_name = '{name}') AS {name}, " for name in PERIODIC_CHECKS
 )
-PERIODIC_SQL = f"""
-CREATE VIEW periodic AS
+
+
+def _periodic_sql(prefix: str) -> str:
+    """The statement creating `periodic` over the `health` view, both behind `prefix`."""
+    names = ", ".join(f"'{n}'" for n in PERIODIC_CHECKS)
+    return f"""
+CREATE VIEW {prefix}periodic AS
 SELECT step, {_PIVOT}
        max(value) FILTER (WHERE check_name LIKE '{DRIFT_PREFIX}%') AS weight_drift,
        sum(seconds) AS seconds
-FROM health
-WHERE check_name IN ({", ".join(f"'{n}'" for n in PERIODIC_CHECKS)})
+FROM {prefix}health
+WHERE check_name IN ({names})
    OR check_name LIKE '{DRIFT_PREFIX}%'
 GROUP BY step
 """
+
+
+PERIODIC_SQL = _periodic_sql("")
 """The periodic health checks, one row per check point: each check a column, the largest
 layer drift as `weight_drift`, and the seconds they took."""
 
-CURVES_SQL = """
-CREATE VIEW curves AS
+
+def _curves_sql(prefix: str) -> str:
+    """The statement creating `curves` over the `evals` view, both behind `prefix`."""
+    return f"""
+CREATE VIEW {prefix}curves AS
 SELECT protocol, n_edits_applied, count(*) AS records,
        avg(es) AS es, avg(ps) AS ps, avg(ns) AS ns,
        CASE WHEN avg(es) IS NULL OR avg(ps) IS NULL OR avg(ns) IS NULL THEN NULL
             WHEN least(avg(es), avg(ps), avg(ns)) > 0
             THEN 3 / (1 / avg(es) + 1 / avg(ps) + 1 / avg(ns)) ELSE 0 END AS score,
        avg(em) AS em, avg(pm) AS pm, avg(nm) AS nm, avg(rewrite_acc) AS rewrite_acc
-FROM evals
+FROM {prefix}evals
 GROUP BY protocol, n_edits_applied
 """
+
+
+CURVES_SQL = _curves_sql("")
 """Campaign metrics at each evaluation point: means over the records scored there, and
 the score (harmonic mean of ES, PS, NS; 0 when one is 0, NULL when one is missing), as
 `methods.metrics.score` defines it."""
@@ -152,10 +250,13 @@ def check_read_only(sql: str) -> None:
             )
 
 
-def query(campaign_dir: str | Path, sql: str) -> pa.Table:
-    """Run a read-only SQL query over the campaign's views; the result as an Arrow table."""
+def query(
+    campaign_dir: str | Path, sql: str, others: Mapping[str, str | Path] | None = None
+) -> pa.Table:
+    """Run a read-only SQL query over the campaign's views (and those of `others`, each in
+    its own schema, as `connect` makes them); the result as an Arrow table."""
     check_read_only(sql)
-    con = connect(campaign_dir)
+    con = connect(campaign_dir, others)
     try:
         return con.sql(sql).to_arrow_table()
     except duckdb.Error as exc:

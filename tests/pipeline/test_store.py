@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import duckdb
 import pytest
 
 from seqedit.methods.metrics import score
 from seqedit.pipeline.state import CampaignState, ShardState
-from seqedit.pipeline.store import QueryError, query, write_part
+from seqedit.pipeline.store import VIEWS, QueryError, connect, query, write_part
 from seqedit.schemas.tables import EditRow, EvalRow
 from tests.pipeline.rows import edit_row
 
@@ -107,3 +108,89 @@ def test_shards_and_curves_views(tmp_path: Path) -> None:
     assert curves[0]["score"] == pytest.approx(score(0.5, 0.75, 0.75))
     assert curves[0]["pm"] is None and curves[0]["nm"] == 0.25
     assert curves[1]["ps"] is None and curves[1]["score"] is None  # no paraphrases scored
+
+
+def _two_campaigns(tmp_path: Path) -> tuple[Path, Path]:
+    """Campaign a with 2 edits, campaign b with 3 edits and one eval."""
+    done = [ShardState(index=0, start=0, stop=3, status="done", done_attempt=0)]
+    a = _campaign(tmp_path / "a", done)
+    b = _campaign(tmp_path / "b", done)
+    write_part(a, "edits", 0, 0, 0, [_row(0, 10), _row(1, 11)])
+    write_part(b, "edits", 0, 0, 0, [_row(0, 20), _row(1, 21), _row(2, 22)])
+    write_part(b, "evals", 0, 0, 0, [_eval(20, 3, 1.0, 1.0, 0.5)])
+    return a, b
+
+
+def test_other_campaigns_get_every_view_in_their_own_schema(tmp_path: Path) -> None:
+    a, b = _two_campaigns(tmp_path)
+    sql = """SELECT (SELECT count(*) FROM edits) AS a_edits, (SELECT count(*) FROM b.edits)
+             AS b_edits, (SELECT count(*) FROM evals) AS a_evals,
+             (SELECT records FROM b.curves) AS b_records, (SELECT count(*) FROM c.edits) AS c"""
+    assert query(a, sql, others={"b": b, "c": a}).to_pylist() == [
+        {"a_edits": 2, "b_edits": 3, "a_evals": 0, "b_records": 1, "c": 2}
+    ]
+    for view in VIEWS:  # typed even where one has no rows (its own registered empty tables)
+        mine = query(a, f"SELECT * FROM {view}", others={"b": b}).schema
+        theirs = query(a, f"SELECT * FROM b.{view}", others={"b": b}).schema
+        assert {f.name: f.type for f in theirs} == {f.name: f.type for f in mine}
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "DELETE FROM b.edits",
+        "COPY (SELECT * FROM b.edits) TO 'out.csv'",
+        "COPY b.edits TO 'out.parquet'",
+        "DROP SCHEMA b CASCADE",
+        "SELECT 1 FROM b.edits; DELETE FROM edits",
+    ],
+)
+def test_the_multi_campaign_path_still_refuses_statements_that_write(
+    tmp_path: Path, sql: str
+) -> None:
+    a, b = _two_campaigns(tmp_path)
+    with pytest.raises(QueryError, match="not allowed"):
+        query(a, sql, others={"b": b})
+
+
+def test_the_multi_campaign_connection_stays_sandboxed(tmp_path: Path) -> None:
+    """Nothing outside the two lakes can be read or written, and the configuration is
+    locked. (DuckDB's sandbox cannot make the lakes themselves read-only: a COPY into one is
+    refused by `query`'s statement check, tested above.)"""
+    a, b = _two_campaigns(tmp_path)
+    con = connect(a, others={"b": b})
+    try:
+        for sql in [
+            f"SELECT * FROM read_json('{b / 'state.json'}')",  # b's folder, outside its lake
+            f"COPY (SELECT * FROM b.edits) TO '{b / 'out.csv'}'",  # b's folder, outside its lake
+            "SET enable_external_access = true",
+            f"SET allowed_directories = ['{tmp_path}/']",
+        ]:
+            with pytest.raises(duckdb.Error):
+                con.execute(sql)
+    finally:
+        con.close()
+    assert not (b / "out.csv").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [("1b", "letters, digits"), ("b-2", "letters, digits"), ("curves", "view name"),
+     ("Edits", "view name"), ("main", "reserved"), ("select", "reserved")],
+)  # fmt: skip
+def test_other_campaign_names_must_be_plain_identifiers(
+    tmp_path: Path, name: str, problem: str
+) -> None:
+    a, b = _two_campaigns(tmp_path)
+    with pytest.raises(ValueError, match=problem):
+        query(a, "SELECT 1", others={name: b})
+
+
+def test_other_campaign_dirs_are_checked(tmp_path: Path) -> None:
+    a, b = _two_campaigns(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"campaign 'b': .*missing: no such directory"):
+        query(a, "SELECT 1", others={"b": tmp_path / "missing"})
+    with pytest.raises(FileNotFoundError, match=r"campaign 'b': .*no campaign state here"):
+        query(a, "SELECT 1", others={"b": b / "tables"})
+    with pytest.raises(ValueError, match="given twice"):
+        query(a, "SELECT 1", others={"b": b, "B": b})
