@@ -5,14 +5,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
+import pyarrow as pa
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
 from seqedit.methods.arch import module_names_for_type
 from seqedit.pipeline.driver import run_campaign
-from seqedit.pipeline.plots import plot_degradation, plot_health
+from seqedit.pipeline.plot_data import layer_drift, update_norms
+from seqedit.pipeline.plots import plot_degradation, plot_health, plot_norm_growth
 from seqedit.pipeline.state import CampaignState
 from seqedit.pipeline.store import query
 from seqedit.schemas.campaign import load_spec
@@ -138,27 +140,81 @@ def run_campaign_command(spec_file: Path, out: Path, *, progress: bool) -> Campa
         return run_campaign(spec, out, progress=update)
 
 
-def plot_campaign(campaign_dir: Path, out: Path | None = None) -> list[Path]:
-    """Write a campaign's plots: the degradation curve (when it has evaluation rows,
-    `out` or <campaign>/degradation.png) and the health panels (<stem>-health.png or
-    <campaign>/health.png). Raises when there is nothing to plot yet."""
-    state = CampaignState.load(campaign_dir)
-    curve_png = out or Path(campaign_dir) / "degradation.png"
-    written = []
+def trend_rows(campaign_dir: Path) -> tuple[pa.Table, int]:
+    """HEALTH_PER_EDIT_SQL rolling over 1/20 of the campaign's edits (at least 50: the
+    default health window), so that a trend over 10,000 edits stays readable; the window."""
+    (edits,) = query(campaign_dir, "SELECT count(*) AS n FROM edits").column("n").to_pylist()
+    window = max(50, edits // 20)
+    return query(campaign_dir, HEALTH_PER_EDIT_SQL.format(window=window - 1)), window
+
+
+def _draw_degradation(campaign_dir: Path, name: str, png: Path) -> Path | None:
+    """The degradation plot, when the campaign has evaluation rows."""
     curve = query(campaign_dir, curve_sql())
-    if curve.num_rows:
-        title = f"{state.campaign}: edits applied vs. CounterFact scores"
-        written.append(plot_degradation(curve, curve_png, title=title))
+    if not curve.num_rows:
+        return None
+    per_edit, window = trend_rows(campaign_dir)
+    periodic = query(campaign_dir, HEALTH_PERIODIC_SQL)
+    title = f"{name}: CounterFact scores against edits applied"
+    return plot_degradation(curve, per_edit, periodic, png, title=title, window=window)
+
+
+def _draw_health(campaign_dir: Path, name: str, png: Path) -> Path | None:
+    """The health panels, when the campaign has edit rows."""
     per_edit = query(campaign_dir, HEALTH_PER_EDIT_SQL.format(window=49))
-    if per_edit.num_rows:
-        health_png = (
-            curve_png.with_name(curve_png.stem + "-health.png")
-            if out
-            else Path(campaign_dir) / "health.png"
-        )
-        periodic = query(campaign_dir, HEALTH_PERIODIC_SQL)
-        title = f"{state.campaign}: health against edits applied"
-        written.append(plot_health(per_edit, periodic, health_png, title=title))
+    if not per_edit.num_rows:
+        return None
+    periodic = query(campaign_dir, HEALTH_PERIODIC_SQL)
+    return plot_health(per_edit, periodic, png, title=f"{name}: health against edits applied")
+
+
+def _draw_norm_growth(campaign_dir: Path, name: str, png: Path) -> Path | None:
+    """Update norms and per-layer weight drift, when the campaign has edit rows."""
+    norms = update_norms(campaign_dir)
+    if not norms.num_rows:
+        return None
+    runs = {name: (norms, layer_drift(campaign_dir))}
+    return plot_norm_growth(runs, png, title=f"{name}: norm growth against edits applied")
+
+
+class CampaignPlot(NamedTuple):
+    """One plot of a campaign: file name, caption, and how it is drawn (None: no data)."""
+
+    name: str
+    caption: str
+    draw: Callable[[Path, str, Path], Path | None]
+
+
+CAMPAIGN_PLOTS = (
+    CampaignPlot("degradation", "ES/PS/NS at the evaluation points, with the rolling immediate "
+                 "efficacy and the periodic retention of earlier edits.", _draw_degradation),
+    CampaignPlot("health", "Health signals: edits that hold, P(target_new) after each edit, "
+                 "damage outside the edits, weight drift.", _draw_health),
+    CampaignPlot("norm-growth", "Norm growth: the update norm of each edit and the relative "
+                 "drift ‖W_t − W_0‖/‖W_0‖ of each edited layer.", _draw_norm_growth),
+)  # fmt: skip
+"""The plots of one campaign, in the order `seqedit plot` and `seqedit report` write them."""
+
+
+def campaign_plots(campaign_dir: Path, out: Path | None = None) -> list[tuple[str, Path]]:
+    """Write a campaign's plots; (caption, path) of each. Files: `<campaign>/<name>.png`,
+    or with `out` the first plot at `out` and the others at `<out stem>-<name>.png`.
+    Raises when there is nothing to plot yet."""
+    state = CampaignState.load(campaign_dir)
+    written = []
+    for plot in CAMPAIGN_PLOTS:
+        if out is None:
+            png = Path(campaign_dir) / f"{plot.name}.png"
+        else:
+            first = plot is CAMPAIGN_PLOTS[0]
+            png = out if first else out.with_name(f"{out.stem}-{plot.name}.png")
+        if path := plot.draw(campaign_dir, state.campaign, png):
+            written.append((plot.caption, path))
     if not written:
         raise ValueError(f"{campaign_dir}: no finished shard yet; nothing to plot")
     return written
+
+
+def plot_campaign(campaign_dir: Path, out: Path | None = None) -> list[Path]:
+    """`seqedit plot`: the paths campaign_plots writes."""
+    return [path for _, path in campaign_plots(campaign_dir, out)]

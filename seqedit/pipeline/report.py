@@ -3,13 +3,16 @@ summary table, written next to the PNGs it shows. Everything comes from the Duck
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 from pathlib import Path
 
 from seqedit.files import write_text_atomic
-from seqedit.pipeline.commands import plot_campaign
-from seqedit.pipeline.plots import plot_compare
+from seqedit.pipeline.commands import HEALTH_PERIODIC_SQL, campaign_plots, trend_rows
+from seqedit.pipeline.plot_data import layer_drift, update_norms
+from seqedit.pipeline.plots import plot_norm_growth
+from seqedit.pipeline.plots_compare import CompareRun, plot_compare
 from seqedit.pipeline.state import CampaignState
 from seqedit.pipeline.store import query
 
@@ -57,36 +60,61 @@ def _cell(value: object) -> str:
     return html.escape("" if value is None else str(value))
 
 
+def _by_name(summaries: list[dict[str, object]], campaigns: list[Path]) -> dict[str, Path]:
+    """{legend name: directory}: the campaign names, with the directory where two clash."""
+    names = [str(s["campaign"]) for s in summaries]
+    return {
+        name if names.count(name) == 1 else f"{name} ({c.name})": c
+        for name, c in zip(names, campaigns, strict=True)
+    }
+
+
+def compare_plots(campaigns: dict[str, Path], folder: Path) -> list[tuple[str, Path]]:
+    """(caption, path) of the plots comparing `campaigns` (name -> directory), written to
+    `folder`: degradation over the run with the CounterFact scores, and norm growth."""
+    runs = {
+        name: CompareRun(
+            query(c, "SELECT * FROM curves ORDER BY n_edits_applied"),
+            *trend_rows(c),
+            query(c, HEALTH_PERIODIC_SQL),
+        )
+        for name, c in campaigns.items()
+    }
+    norms = {name: (update_norms(c), layer_drift(c)) for name, c in campaigns.items()}
+    return [
+        ("Campaigns compared: immediate efficacy, retention and P(target_new) over the run, "
+         "and the CounterFact scores.", plot_compare(runs, folder / "compare.png")),
+        ("Campaigns compared: update norm of each edit and relative drift of each edited layer.",
+         plot_norm_growth(norms, folder / "compare-norm-growth.png",
+                          title="campaigns compared: norm growth against edits applied")),
+    ]  # fmt: skip
+
+
 def write_report(
     campaign_dir: Path, *, out: Path | None = None, compare: list[Path] | None = None
 ) -> Path:
     """Write `index.html` and its PNGs into `out` (default `<campaign>/report`): the
-    degradation curve and health panels of `campaign_dir`, and with `compare` one more
-    plot of every campaign's curves; the summary table has one row per campaign."""
+    plots of `campaign_dir` (commands.CAMPAIGN_PLOTS), and with `compare` the plots of
+    compare_plots; the summary table has one row per campaign."""
     others = compare or []
     folder = out or campaign_dir / "report"
     folder.mkdir(parents=True, exist_ok=True)
     campaigns = [campaign_dir, *others]
     summaries = [campaign_summary(c) for c in campaigns]
     images: list[tuple[str, Path]] = []
-    try:
-        pngs = plot_campaign(campaign_dir, folder / "degradation.png")
-        images += [("Degradation and health", p) for p in pngs]
-    except ValueError:  # nothing finished yet: the table says so
-        pass
+    with contextlib.suppress(ValueError):  # nothing finished yet: the table says so
+        images += campaign_plots(campaign_dir, folder / "degradation.png")
     if others:
-        curves = {str(s["campaign"]): query(c, "SELECT * FROM curves ORDER BY n_edits_applied")
-                  for s, c in zip(summaries, campaigns, strict=True)}  # fmt: skip
-        images.append(("Campaigns compared", plot_compare(curves, folder / "compare.png")))
+        images += compare_plots(_by_name(summaries, campaigns), folder)
     head = "".join(f"<th>{html.escape(label)}</th>" for label in COLUMNS.values())
     body = "".join(
         "<tr>" + "".join(f"<td>{_cell(s.get(key))}</td>" for key in COLUMNS) + "</tr>"
         for s in summaries
     )
     figures = "".join(
-        f'<figure><img src="{html.escape(p.name)}" alt="{html.escape(title)}">'
-        f"<figcaption>{html.escape(p.name)}</figcaption></figure>"
-        for title, p in images
+        f'<figure><img src="{html.escape(p.name)}" alt="{html.escape(caption)}">'
+        f"<figcaption>{html.escape(caption)} ({html.escape(p.name)})</figcaption></figure>"
+        for caption, p in images
     )
     title = html.escape(f"seqedit report: {summaries[0]['campaign']}")
     page = (

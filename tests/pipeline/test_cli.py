@@ -62,6 +62,45 @@ def test_bad_sql_names_the_problem(campaign: Path, capsys: pytest.CaptureFixture
     assert "nope" in capsys.readouterr().err
 
 
+def test_query_with_another_campaign(
+    campaign: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = tmp_path / "other"
+    shard = ShardState(index=0, start=0, stop=1, status="done", done_attempt=0)
+    CampaignState(campaign="o", spec_hash="h", shards=[shard]).save(other)
+    write_part(other, "edits", 0, 0, 0, [edit_row(0, 7)])
+    sql = "SELECT e.step, e.case_id, o.case_id AS b_case FROM edits e JOIN b.edits o USING (step)"
+    code = main(["query", str(campaign), sql, "--with", f"b={other}", "--format", "json"])
+    assert code == 0
+    assert json.loads(capsys.readouterr().out) == [{"step": 0, "case_id": 100, "b_case": 7}]
+    code = main(["query", str(campaign), "DELETE FROM b.edits", "--with", f"b={other}"])
+    assert code == 2 and "DELETE statements are not allowed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("with_", "error"),
+    [("curves={}", "'curves' is a view name"), ("2b={}", "letters, digits"),
+     ("b={}/missing", "campaign 'b': "), ("b={}/tables", "no campaign state here")],
+)  # fmt: skip
+def test_query_with_a_bad_other_campaign_is_one_clear_line(
+    campaign: Path, capsys: pytest.CaptureFixture[str], with_: str, error: str
+) -> None:
+    assert main(["query", str(campaign), "SELECT 1", "--with", with_.format(campaign)]) == 2
+    err = capsys.readouterr().err
+    assert error in err and err.count("\n") == 1
+
+
+def test_query_with_needs_name_equals_dir(
+    campaign: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["query", str(campaign), "SELECT 1", "--with", str(campaign)])
+    assert exit_info.value.code == 2 and "expected NAME=DIR" in capsys.readouterr().err
+    code = main(["query", str(campaign), "SELECT 1", "--with", f"b={campaign}",
+                 "--with", f"b={campaign}"])  # fmt: skip
+    assert code == 2 and "given twice" in capsys.readouterr().err
+
+
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
@@ -94,8 +133,10 @@ def test_plot_writes_the_health_panels_from_edits_and_periodic_checks(
     ]  # fmt: skip
     write_part(campaign, "health", 0, 0, 0, periodic)
     assert main(["plot", str(campaign)]) == 0
-    assert capsys.readouterr().out.strip() == f"plot -> {campaign / 'health.png'}"
-    assert (campaign / "health.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    written = [campaign / "health.png", campaign / "norm-growth.png"]
+    assert capsys.readouterr().out.split("\n")[:-1] == [f"plot -> {p}" for p in written]
+    for png in written:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     per_edit = query(campaign, HEALTH_PER_EDIT_SQL.format(window=49)).to_pylist()
     assert [r["n"] for r in per_edit] == [1, 2, 3]
     assert query(campaign, HEALTH_PERIODIC_SQL).to_pylist() == [
