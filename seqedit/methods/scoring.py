@@ -27,6 +27,7 @@ class TargetScore:
     first_token_prob: probability of the target's first token alone.
     token_accuracy: fraction of target tokens that are the argmax at their position.
     n_tokens: number of target tokens.
+    predicted: the argmax token id at each target position (teacher-forced), n_tokens ids.
     """
 
     mean_nll: float
@@ -34,6 +35,7 @@ class TargetScore:
     first_token_prob: float
     token_accuracy: float
     n_tokens: int
+    predicted: tuple[int, ...] = ()
 
 
 def _encode_all(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
@@ -176,14 +178,23 @@ def _score_batch(
     token_log_probs = log_probs.gather(2, target_ids[..., None])[..., 0] * valid  # (P, L)
     counts = torch.tensor(n_target, device=device, dtype=token_log_probs.dtype)  # (P,)
     mean_nll = -token_log_probs.sum(dim=1) / counts  # (P,)
-    hits = (log_probs.argmax(dim=-1) == target_ids) & valid  # (P, L)
+    predicted = log_probs.argmax(dim=-1)  # (P, L)
+    hits = (predicted == target_ids) & valid  # (P, L)
     columns = (
         mean_nll.tolist(),
         torch.exp(-mean_nll).tolist(),
         token_log_probs[:, 0].exp().tolist(),
         (hits.sum(dim=1) / counts).tolist(),
+        predicted.tolist(),
     )
     return [
-        TargetScore(mean_nll=nll, prob=prob, first_token_prob=first, token_accuracy=acc, n_tokens=n)
-        for nll, prob, first, acc, n in zip(*columns, n_target, strict=True)
+        TargetScore(
+            mean_nll=nll,
+            prob=prob,
+            first_token_prob=first,
+            token_accuracy=acc,
+            n_tokens=n,
+            predicted=tuple(ids[:n]),
+        )
+        for nll, prob, first, acc, ids, n in zip(*columns, n_target, strict=True)
     ]

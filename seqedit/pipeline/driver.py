@@ -22,6 +22,8 @@ import yaml
 from seqedit.files import write_text_atomic
 from seqedit.methods.config import validate_config
 from seqedit.methods.registry import get_method
+from seqedit.pipeline.eval_plan import crossed, due_tasks, shard_tasks
+from seqedit.pipeline.eval_pool import EvalPool
 from seqedit.pipeline.health_steps import (
     checked_step,
     heldout_texts,
@@ -31,14 +33,15 @@ from seqedit.pipeline.health_steps import (
     retention_sample,
 )
 from seqedit.pipeline.state import CampaignState, CampaignStatus, ShardState, driver_lock, now
-from seqedit.pipeline.store import clear_attempt, write_part
+from seqedit.pipeline.store import clear_attempt, partition_dir, write_part
 from seqedit.schemas.campaign import CampaignSpec
 from seqedit.schemas.loaders import load_requests, write_quarantine
 from seqedit.schemas.requests import EditRequest
-from seqedit.schemas.tables import EditRow, EvalRow, HealthRow
+from seqedit.schemas.tables import EditRow, HealthRow
 from seqedit.workers.editor import SequentialEditor
+from seqedit.workers.evaluator import EvalResult, EvalTask
 from seqedit.workers.health import HealthMonitor
-from seqedit.workers.tensor_files import write_safetensors
+from seqedit.workers.tensor_files import read_safetensors, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -141,40 +144,133 @@ def run_campaign(
     with driver_lock(root):
         state = prepare_dir(spec, root)  # as the last driver left it
         todo = _select_shards(state, shards)
-        if not todo:
-            return state
+        first = todo[0] if todo else len(state.shards)
         requests = select_requests(spec, root)
+        missing = missing_evals(spec, root, state, requests, before=first)
+        if not todo and not missing:
+            return state
         _ensure_ray()
-        editor, monitor = _start_editor(spec, root, state, requests, todo[0])
-        state.status = "running"
-        state.save(root)
+        _check_resources(spec)
+        pool = EvalPool(spec, heldout_texts(spec.health))
+        editor = None
         try:
-            for previous, index in zip([todo[0] - 1, *todo], todo, strict=False):
+            _seed_log(pool, root, state, first)
+            for tag, task in missing:  # rows a past driver did not live to write
+                pool.submit(task, tag)
+            if todo:
+                editor, monitor = _start_editor(spec, root, state, requests, pool, todo[0])
+                state.status = "running"
+                state.save(root)
+            for previous, index in zip([first - 1, *todo], todo, strict=False):
                 shard = state.shards[index]
                 _check_predecessor_done(root, state, index)
                 if index != previous + 1:  # the editor stands after another shard
                     ray.kill(editor)
-                    editor, monitor = _start_editor(spec, root, state, requests, index)
+                    editor, monitor = _start_editor(spec, root, state, requests, pool, index)
                 for tries in itertools.count(1):
                     try:
-                        _run_shard(spec, root, state, shard, editor, requests, progress, monitor)
+                        _run_shard(
+                            spec, root, state, shard, editor, requests, progress, monitor, pool
+                        )
                         break
                     except EDITOR_DIED as exc:
                         if tries >= spec.max_attempts:
                             raise
                         log.warning("shard %d: editor died (%s); retrying", shard.index, exc)
                         ray.kill(editor)
-                        editor, monitor = _start_editor(spec, root, state, requests, index)
+                        editor, monitor = _start_editor(spec, root, state, requests, pool, index)
                 if shard.status == "stopped":
                     break
+            write_results(root, state, pool.drain())
             state.status = _overall_status(state)
         except BaseException:
             state.status = "failed"
             raise
         finally:
             state.save(root)
-            ray.kill(editor)
+            if editor is not None:
+                ray.kill(editor)
+            pool.close()
     return state
+
+
+EvalTag = tuple[int, int, int]
+"""Where a task's rows go: (shard, attempt, part)."""
+
+
+def write_results(
+    root: Path, state: CampaignState, results: list[tuple[EvalTag, EvalResult]]
+) -> None:
+    """Write each result's rows as parts of its shard attempt's partitions; results of an
+    attempt that has since been replaced (the shard ran again) are dropped."""
+    for (shard, attempt, part), result in results:
+        if state.shards[shard].attempt != attempt:
+            log.info("dropping evaluation rows of shard %d attempt %d (superseded)", shard, attempt)
+            continue
+        if result.rows:
+            write_part(root, "evals", shard, attempt, part, result.rows)
+        if result.model_rows:
+            write_part(root, "model_evals", shard, attempt, part, result.model_rows)
+
+
+def missing_evals(
+    spec: CampaignSpec,
+    root: Path,
+    state: CampaignState,
+    requests: list[EditRequest],
+    *,
+    before: int,
+) -> list[tuple[EvalTag, EvalTask]]:
+    """The planned evaluation tasks of done shards before shard `before` whose rows were
+    never written (a driver died while they ran): (tag, task) to submit again."""
+    missing: list[tuple[EvalTag, EvalTask]] = []
+    for shard in state.shards[:before]:
+        if shard.status != "done":
+            break
+        attempt = shard.done_attempt if shard.done_attempt is not None else shard.attempt
+        folder = partition_dir(root, "evals", shard.index, attempt)
+        for part, task in shard_tasks(spec, requests, shard.start, shard.stop):
+            if not (folder / f"part-{part:05d}.parquet").exists():
+                missing.append(((shard.index, attempt, part), task))
+    return missing
+
+
+def _check_resources(spec: CampaignSpec) -> None:
+    """Refuse a campaign whose editor and evaluators cannot all be placed at once (their
+    actors would wait for resources forever)."""
+    evaluation = spec.evaluation
+    available = ray.cluster_resources()
+    for resource, editor_needs, each in (
+        ("CPU", spec.resources.num_cpus, evaluation.resources.num_cpus),
+        ("GPU", spec.resources.num_gpus, evaluation.resources.num_gpus),
+    ):
+        needed = editor_needs + evaluation.actors * each
+        if needed > available.get(resource, 0) + 1e-9:
+            raise ValueError(
+                f"campaign {spec.name!r}: the editor ({editor_needs} {resource}) and "
+                f"{evaluation.actors} evaluator(s) ({each} {resource} each) need {needed:g} "
+                f"{resource}, the cluster has {available.get(resource, 0):g}; lower "
+                f"evaluation.actors or evaluation.resources.num_{resource.lower()}s"
+            )
+
+
+def _seed_log(pool: EvalPool, root: Path, state: CampaignState, first: int) -> None:
+    """Give the pool the edit log of the steps before shard `first`: from the edit-log
+    files of the done shards before it (the log of later steps is forgotten)."""
+    start = state.shards[first].start if first < len(state.shards) else state.shards[-1].stop
+    pool.rewind(start)
+    for shard in state.shards[:first]:
+        if shard.stop <= pool.log_stop:
+            continue
+        if shard.status != "done":
+            break
+        tensors, _ = read_safetensors(editlog_path(root, shard.index))
+        pool.add_segment(shard.start, shard.stop, ray.put(tensors))
+
+
+def editlog_path(campaign_dir: Path, shard: int) -> Path:
+    """Where the edit log of shard `shard` is kept."""
+    return campaign_dir / "editlog" / f"shard={shard}.safetensors"
 
 
 def _overall_status(state: CampaignState) -> CampaignStatus:
@@ -220,10 +316,13 @@ def _start_editor(
     root: Path,
     state: CampaignState,
     requests: list[EditRequest],
+    pool: EvalPool,
     first_shard: int,
 ) -> tuple[ray.actor.ActorHandle, HealthMonitor]:
     """A new editor actor placed before `first_shard` (at the checkpoint of the shard
-    before it), and a health monitor whose trend window is where it was there."""
+    before it), a health monitor whose trend window is where it was there, and the
+    evaluators' edit log cut back to there."""
+    _seed_log(pool, root, state, first_shard)
     actor_cls = ray.remote(SequentialEditor).options(
         num_cpus=spec.resources.num_cpus, num_gpus=spec.resources.num_gpus, max_restarts=0
     )
@@ -257,11 +356,6 @@ def checkpoint_path(campaign_dir: Path, shard: int) -> Path:
     return campaign_dir / "checkpoints" / f"shard={shard}.safetensors"
 
 
-def _crossed(every: int | None, before: int, after: int) -> bool:
-    """Whether the edit count passed a multiple of `every` going from `before` to `after`."""
-    return bool(every) and after // every > before // every  # type: ignore[operator]
-
-
 def _run_shard(
     spec: CampaignSpec,
     root: Path,
@@ -271,6 +365,7 @@ def _run_shard(
     requests: list[EditRequest],
     progress: ProgressCallback | None,
     monitor: HealthMonitor,
+    pool: EvalPool,
 ) -> None:
     if shard.status != "pending":
         shard.attempt += 1
@@ -281,7 +376,6 @@ def _run_shard(
     shard.worker_pid = ray.get(editor.pid.remote())
     state.save(root)
     edit_rows: list[EditRow] = []
-    eval_rows: list[EvalRow] = []
     health_rows: list[HealthRow] = []
     stopped: str | None = None
     try:
@@ -296,9 +390,8 @@ def _run_shard(
             applied = positions.stop  # requests edited so far (rolled back ones included)
             if progress is not None:
                 progress(applied, spec.n_edits)
-            last = applied == spec.n_edits
             stops = [c for c in checks if c.action == "stop"]
-            if not stops and _crossed(spec.health.every, positions.start, applied):
+            if not stops and crossed(spec.health.every, positions.start, applied):
                 sample = [requests[i] for i in retention_sample(applied, spec.health.n_retention)]
                 started = time.perf_counter()
                 metrics = ray.get(editor.periodic_health.remote(sample))
@@ -310,27 +403,31 @@ def _run_shard(
                 stopped = f"health stop after step {step}: " + "; ".join(
                     f"{c.check_name} {c.value:.4g} (limit {c.threshold})" for c in stops
                 )
-            if last or stopped or _crossed(spec.eval_every, positions.start, applied):
-                edited_at = [i // spec.edits_per_step for i in range(applied)]
-                eval_rows.extend(
-                    ray.get(
-                        editor.evaluate.remote(
-                            requests[:applied],
-                            edited_at,
-                            protocol="final" if last else "retention",
-                            batch_size=spec.eval_batch_size,
-                        )
-                    )
+            tasks = due_tasks(
+                spec,
+                requests,
+                step,
+                shard_start=shard.start,
+                shard_stop=shard.stop,
+                stopped=stopped is not None,
+            )
+            if tasks:  # the evaluators score them while the editor goes on
+                pool.add_segment(
+                    pool.log_stop, step + 1, editor.edit_log_since.remote(pool.log_stop)
                 )
+                for part, task in tasks:
+                    pool.submit(task, (shard.index, shard.attempt, part))
+            write_results(root, state, pool.collect())
             if stopped:
                 break
-        for table, rows in (("edits", edit_rows), ("evals", eval_rows), ("health", health_rows)):
+        for table, rows in (("edits", edit_rows), ("health", health_rows)):
             if rows:
                 write_part(root, table, shard.index, shard.attempt, 0, rows)
+        ran_to = shard.start + shard.steps_done
+        if pool.log_stop < ran_to:
+            pool.add_segment(pool.log_stop, ran_to, editor.edit_log_since.remote(pool.log_stop))
         tensors = ray.get(editor.take_edit_log.remote())
-        write_safetensors(
-            root / "editlog" / f"shard={shard.index}.safetensors", tensors, {"campaign": spec.name}
-        )
+        write_safetensors(editlog_path(root, shard.index), tensors, {"campaign": spec.name})
         shard.weights_fingerprint = ray.get(
             editor.save_checkpoint.remote(str(checkpoint_path(root, shard.index)))
         )

@@ -165,19 +165,20 @@ def _create_views(
             for shard, attempt in state.done_partitions()
             for f in list_parts(root, table, shard, attempt)
         ]
+        arrow = arrow_schema(row_model)
+        arrow = arrow.append(pa.field("shard", pa.int64())).append(pa.field("attempt", pa.int64()))
+        empty = f"{tag}_empty_{table}"
+        con.register(empty, arrow.empty_table())
         if files:
+            # every column of today's schema, NULL in parts written before it had that column
             listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
             con.execute(
-                f"CREATE VIEW {prefix}{table} AS SELECT * FROM read_parquet([{listed}], "
-                "hive_partitioning = true, union_by_name = true)"
+                f"CREATE VIEW {prefix}{table} AS SELECT * FROM {empty} UNION ALL BY NAME "
+                f"SELECT * FROM read_parquet([{listed}], hive_partitioning = true, "
+                "union_by_name = true)"
             )
         else:
-            arrow = arrow_schema(row_model)
-            arrow = arrow.append(pa.field("shard", pa.int64())).append(
-                pa.field("attempt", pa.int64())
-            )
-            con.register(f"{tag}_empty_{table}", arrow.empty_table())
-            con.execute(f"CREATE VIEW {prefix}{table} AS SELECT * FROM {tag}_empty_{table}")
+            con.execute(f"CREATE VIEW {prefix}{table} AS SELECT * FROM {empty}")
     shards = pa.Table.from_pylist(
         [s.model_dump() for s in state.shards], schema=arrow_schema(ShardState)
     )
@@ -212,25 +213,51 @@ PERIODIC_SQL = _periodic_sql("")
 layer drift as `weight_drift`, and the seconds they took."""
 
 
+IMMEDIATE_BUCKETS = 20
+"""Immediate rows (one edit count each) are averaged over this many equal buckets."""
+
+
 def _curves_sql(prefix: str) -> str:
-    """The statement creating `curves` over the `evals` view, both behind `prefix`."""
+    """The statement creating `curves` over `evals` and `model_evals`, behind `prefix`."""
     return f"""
 CREATE VIEW {prefix}curves AS
-SELECT protocol, n_edits_applied, count(*) AS records,
-       avg(es) AS es, avg(ps) AS ps, avg(ns) AS ns,
-       CASE WHEN avg(es) IS NULL OR avg(ps) IS NULL OR avg(ns) IS NULL THEN NULL
-            WHEN least(avg(es), avg(ps), avg(ns)) > 0
-            THEN 3 / (1 / avg(es) + 1 / avg(ps) + 1 / avg(ns)) ELSE 0 END AS score,
-       avg(em) AS em, avg(pm) AS pm, avg(nm) AS nm, avg(rewrite_acc) AS rewrite_acc
-FROM {prefix}evals
-GROUP BY protocol, n_edits_applied
+WITH width AS (
+    SELECT greatest(1, ceil(max(n_edits_applied) / {IMMEDIATE_BUCKETS}))::BIGINT AS w
+    FROM {prefix}evals WHERE protocol = 'immediate'
+), bucketed AS (
+    SELECT e.*, CASE WHEN protocol = 'immediate'
+                     THEN least(ceil(n_edits_applied / w)::BIGINT * w,
+                                max(n_edits_applied) OVER ())
+                     ELSE n_edits_applied END AS point
+    FROM {prefix}evals e, width
+), metrics AS (
+    SELECT protocol, point AS n_edits_applied, count(*) AS records,
+           avg(es) AS es, avg(ps) AS ps, avg(ns) AS ns,
+           CASE WHEN avg(es) IS NULL OR avg(ps) IS NULL OR avg(ns) IS NULL THEN NULL
+                WHEN least(avg(es), avg(ps), avg(ns)) > 0
+                THEN 3 / (1 / avg(es) + 1 / avg(ps) + 1 / avg(ns)) ELSE 0 END AS score,
+           avg(em) AS em, avg(pm) AS pm, avg(nm) AS nm, avg(rewrite_acc) AS rewrite_acc,
+           avg(rephrase_acc) AS rephrase_acc, avg(locality_acc) AS locality_acc,
+           avg(locality_agreement) AS locality_agreement,
+           avg(portability_acc) AS portability_acc, avg(fluency) AS fluency
+    FROM bucketed
+    GROUP BY protocol, point
+)
+SELECT m.*, p.value AS perplexity
+FROM metrics m
+LEFT JOIN (SELECT protocol, n_edits_applied, any_value(value) AS value
+           FROM {prefix}model_evals WHERE metric = 'perplexity'
+           GROUP BY protocol, n_edits_applied) p
+USING (protocol, n_edits_applied)
 """
 
 
 CURVES_SQL = _curves_sql("")
-"""Campaign metrics at each evaluation point: means over the records scored there, and
-the score (harmonic mean of ES, PS, NS; 0 when one is 0, NULL when one is missing), as
-`methods.metrics.score` defines it."""
+"""Campaign metrics at each evaluation point: means over the records scored there, the
+score (harmonic mean of ES, PS, NS; 0 when one is 0, NULL when one is missing), as
+`methods.metrics.score` defines it, and the held-out perplexity measured there. Immediate
+rows are bucketed (`IMMEDIATE_BUCKETS` equal spans of edits; `n_edits_applied` is a
+bucket's last edit count)."""
 
 
 def check_read_only(sql: str) -> None:

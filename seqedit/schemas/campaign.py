@@ -42,6 +42,29 @@ class ResourcesSpec(BaseModel):
     torch_threads: int | None = Field(default=None, ge=1, description="None: Ray's default.")
 
 
+class EvaluationSpec(BaseModel):
+    """The evaluator pool: actors that score edits beside the editor (pipelined)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    actors: int = Field(default=1, ge=1, description="Evaluator actors in the pool.")
+    chunk: int = Field(default=256, ge=1, description="Records per evaluation task.")
+    immediate: bool = Field(
+        default=False,
+        description="Also score every record right after its own step (protocol "
+        "`immediate`: paraphrases and neighbours too, not just the rewrite prompt).",
+    )
+    fluency_records: int = Field(
+        default=0,
+        ge=0,
+        description="Records per evaluation point (evenly spaced, among those with "
+        "generation prompts) whose generations are scored for fluency.",
+    )
+    resources: ResourcesSpec = Field(
+        default_factory=ResourcesSpec, description="Ray resources of each evaluator actor."
+    )
+
+
 class HealthSpec(BaseModel):
     """Health checks after every edit and what a failure does (`record`, `skip`: roll the
     edit back, `stop`: stop the campaign at the last healthy state)."""
@@ -137,6 +160,7 @@ class CampaignSpec(BaseModel):
         default=None, gt=0, description="Retention evaluation of all edits so far every K edits."
     )
     eval_batch_size: int = Field(default=64, gt=0)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     seed: int = 0
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     health: HealthSpec = Field(default_factory=HealthSpec)

@@ -75,8 +75,29 @@ class EvalRow(BaseModel):
     pm: float | None = Field(description="Paraphrase magnitude: mean P(new) - P(true).")
     nm: float | None = Field(description="Neighbourhood magnitude: mean P(true) - P(new).")
     rewrite_acc: float = Field(description="Teacher-forced token accuracy of target_new.")
+    rephrase_acc: float | None = Field(
+        default=None, description="Mean token accuracy of target_new on the paraphrases."
+    )
+    locality_acc: float | None = Field(
+        default=None,
+        description="Mean token accuracy of each neighbour's own answer (zsRE specificity).",
+    )
+    locality_agreement: float | None = Field(
+        default=None,
+        description="EasyEdit locality: mean share of neighbour-answer positions whose "
+        "argmax token is the base model's (agreement, not accuracy).",
+    )
+    portability_acc: float | None = Field(
+        default=None, description="Mean token accuracy of the portability answers."
+    )
+    fluency: float | None = Field(
+        default=None,
+        description="Weighted bi/tri-gram entropy (bits) of the record's generations "
+        "(ROME's fluency / 100); only for the records sampled for generation.",
+    )
     n_paraphrases: int
     n_neighbors: int
+    n_portability: int = 0
 
 
 _ARROW_TYPES: dict[type, pa.DataType] = {
@@ -146,5 +167,25 @@ class HealthRow(BaseModel):
     )
 
 
-TABLES: dict[str, type[BaseModel]] = {"edits": EditRow, "evals": EvalRow, "health": HealthRow}
+class ModelEvalRow(BaseModel):
+    """A metric of the whole model (not of one record) at one evaluation point."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    campaign: str
+    protocol: Protocol
+    n_edits_applied: int
+    metric: str = Field(description="perplexity: held-out text; see methods.metrics.METRICS.")
+    value: float
+    metric_version: str
+    n_items: int = Field(description="Texts (or prompts) the value is computed over.")
+    seconds: float = Field(description="Wall time of the measurement.")
+
+
+TABLES: dict[str, type[BaseModel]] = {
+    "edits": EditRow,
+    "evals": EvalRow,
+    "health": HealthRow,
+    "model_evals": ModelEvalRow,
+}
 """Every table of a campaign, by name: the DuckDB view of the same name reads it."""

@@ -83,6 +83,19 @@ def parse_edit_log(tensors: dict[str, torch.Tensor]) -> dict[int, list[LowRankDe
     return steps
 
 
+def edit_log_tensors(entries: Sequence[tuple[int, list[LowRankDelta]]]) -> dict[str, torch.Tensor]:
+    """(step, deltas) entries as "step<N>.<module>.left|right" tensors (`parse_edit_log`'s
+    input); a rolled-back step (no deltas) is "step<N>.rolled_back"."""
+    tensors: dict[str, torch.Tensor] = {}
+    for step, deltas in entries:
+        if not deltas:  # rolled back by a health policy: the step happened, changed nothing
+            tensors[f"step{step}.rolled_back"] = torch.zeros(0)
+        for delta in deltas:
+            tensors[f"step{step}.{delta.module}.left"] = delta.left.contiguous()
+            tensors[f"step{step}.{delta.module}.right"] = delta.right.contiguous()
+    return tensors
+
+
 class EditError(RuntimeError):
     """An edit that produced an unusable update (NaN/Inf), naming the step and case."""
 
@@ -423,15 +436,14 @@ class SequentialEditor:
 
     def take_edit_log(self) -> dict[str, torch.Tensor]:
         """The factors of the edits applied since the last call, keyed for safetensors."""
-        tensors: dict[str, torch.Tensor] = {}
-        for step, deltas in self.edit_log:
-            if not deltas:  # rolled back by a health policy: the step happened, changed nothing
-                tensors[f"step{step}.rolled_back"] = torch.zeros(0)
-            for delta in deltas:
-                tensors[f"step{step}.{delta.module}.left"] = delta.left.contiguous()
-                tensors[f"step{step}.{delta.module}.right"] = delta.right.contiguous()
+        tensors = edit_log_tensors(self.edit_log)
         self.edit_log = []
         return tensors
+
+    def edit_log_since(self, step: int) -> dict[str, torch.Tensor]:
+        """The logged factors of steps `step`.. not yet taken (`take_edit_log` keys); the
+        log stays as it is (evaluators read it while the shard runs on)."""
+        return edit_log_tensors([entry for entry in self.edit_log if entry[0] >= step])
 
     def evaluate(
         self,

@@ -53,6 +53,7 @@ def test_batched_equals_one_at_a_time(tiny, padding_side: str) -> None:
         assert b.prob == pytest.approx(s.prob, abs=1e-5)
         assert b.first_token_prob == pytest.approx(s.first_token_prob, abs=1e-5)
         assert b.token_accuracy == s.token_accuracy and b.n_tokens == s.n_tokens
+        assert b.predicted == s.predicted
 
 
 def test_pack_rows_shares_a_row_only_where_the_tokens_match() -> None:
@@ -77,3 +78,7 @@ def test_matches_hand_computed_nll(tiny) -> None:
     assert score.mean_nll == pytest.approx(expected, abs=1e-5)
     assert score.prob == pytest.approx(math.exp(-expected), rel=1e-5)
     assert score.n_tokens == 2
+    predicted = log_probs[len(prompt_ids) - 1 : len(prompt_ids) + 1].argmax(-1).tolist()
+    assert score.predicted == tuple(predicted)
+    hits = sum(p == t for p, t in zip(predicted, target_ids, strict=True))
+    assert score.token_accuracy == hits / 2
