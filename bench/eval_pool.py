@@ -1,7 +1,7 @@
 """Evaluation throughput of the evaluator pool: 2 actors against 1, same tasks, same run.
 
     .venv/bin/python bench/eval_pool.py [--edits 200] [--every 20] [--chunk 32]
-        [--out runs/bench-scale]
+        [--repeats 3] [--out runs/bench-scale]
 
 Applies `--edits` ROME edits to the synthetic-300 testbed with the editor, then has pools
 of evaluator actors score what a campaign with `eval_every: --every` asks for: at every
@@ -16,12 +16,13 @@ count rounds sums in another order).
 Then the same evaluation inside a campaign: the campaign's wall time with its evaluation
 points (editor and one evaluator side by side) against the same campaign scored only at
 the end; if evaluation blocked the editor, the first would take about the second plus
-the 1-actor evaluation time above.
+the 1-actor evaluation time above (median of `--repeats` runs of each).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -93,13 +94,16 @@ def pipelined(args: argparse.Namespace, model_dir: Path, stats: Path, eval_secon
             "eval_every": every, "resources": {"torch_threads": 1},
             "evaluation": {"chunk": args.chunk, "resources": {"torch_threads": 1}},
         })  # fmt: skip
-        with tempfile.TemporaryDirectory() as folder:
-            started = time.perf_counter()
-            run_campaign(spec, Path(folder) / "c")
-            seconds = time.perf_counter() - started
-            scored = query(Path(folder) / "c", "SELECT count(*) AS n FROM evals").to_pylist()
+        walls = []
+        for _ in range(args.repeats):  # campaign wall times vary by seconds: the median
+            with tempfile.TemporaryDirectory() as folder:
+                started = time.perf_counter()
+                run_campaign(spec, Path(folder) / "c")
+                walls.append(time.perf_counter() - started)
+                scored = query(Path(folder) / "c", "SELECT count(*) AS n FROM evals").to_pylist()
         rows.append({"campaign": name, "records_scored": scored[0]["n"],
-                     "wall_seconds": round(seconds, 2)})  # fmt: skip
+                     "wall_seconds": round(statistics.median(walls), 2),
+                     "runs": " ".join(f"{w:.1f}" for w in walls)})  # fmt: skip
     # the points the end-only campaign lacks, at the 1-actor rate measured above
     extra = eval_seconds * (rows[1]["records_scored"] - rows[0]["records_scored"]) / eval_records
     added = rows[1]["wall_seconds"] - rows[0]["wall_seconds"]
@@ -129,6 +133,7 @@ def main() -> None:
     parser.add_argument("--edits", type=int, default=200)
     parser.add_argument("--every", type=int, default=20)
     parser.add_argument("--chunk", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3, help="campaign runs per setting")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-scale"))
     args = parser.parse_args()
     model_dir = args.out / "testbed"

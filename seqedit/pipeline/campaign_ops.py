@@ -19,7 +19,9 @@ import yaml
 from seqedit.methods.config import validate_config
 from seqedit.methods.registry import get_method
 from seqedit.pipeline.driver import ProgressCallback, run_campaign
-from seqedit.pipeline.state import CampaignState, driver_running
+from seqedit.pipeline.eval_plan import shard_plan
+from seqedit.pipeline.state import CampaignState, ShardState, driver_running
+from seqedit.pipeline.store import partition_dir
 from seqedit.schemas.campaign import CampaignSpec, SpecError, load_spec
 from seqedit.schemas.loaders import load_requests
 from seqedit.workers.editor import SequentialEditor
@@ -72,6 +74,7 @@ def status_table(campaign_dir: Path) -> tuple[CampaignState, pa.Table, bool]:
     whether a live driver is running it now (a "running" campaign without one was
     interrupted: its driver was killed)."""
     state = CampaignState.load(campaign_dir)
+    spec = frozen_spec(campaign_dir)
     rows = [
         {
             "shard": s.index,
@@ -79,12 +82,24 @@ def status_table(campaign_dir: Path) -> tuple[CampaignState, pa.Table, bool]:
             "status": s.status,
             "attempt": s.attempt,
             "done": f"{s.steps_done}/{s.stop - s.start}",
+            "evals": _evals_written(campaign_dir, spec, s),
             "finished_at": s.finished_at or "",
             "error": (s.error or "")[:60],
         }
         for s in state.shards
     ]
     return state, pa.Table.from_pylist(rows), driver_running(campaign_dir)
+
+
+def _evals_written(campaign_dir: Path, spec: CampaignSpec, shard: ShardState) -> str:
+    """"written/planned" evaluation tasks of a done shard (a rerun writes what is missing:
+    its driver died before the evaluators answered); of another shard, those written."""
+    folder = partition_dir(campaign_dir, "evals", shard.index, shard.attempt)
+    written = {p.name for p in folder.glob("part-*.parquet")} if folder.is_dir() else set()
+    if shard.status != "done":
+        return str(len(written)) if written else ""
+    planned = {f"part-{p.part:05d}.parquet" for p in shard_plan(spec, shard.start, shard.stop)}
+    return f"{len(planned & written)}/{len(planned)}"
 
 
 def rerun_selection(campaign_dir: Path, *, failed: bool, shard: int | None) -> list[int] | None:

@@ -39,6 +39,7 @@ SELECT e.n_edits_applied,
        avg(e.ns) AS ns,
        any_value(i.immediate_es) AS immediate_es
 FROM evals e LEFT JOIN immediate i ON i.n = e.n_edits_applied
+WHERE e.protocol <> 'immediate'
 GROUP BY e.n_edits_applied
 ORDER BY e.n_edits_applied
 """

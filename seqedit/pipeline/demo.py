@@ -57,6 +57,9 @@ def run_demo(out: Path, *, n_edits: int, n_facts: int, seed: int) -> None:
                 "stats": stats_dir.name,
                 "n_edits": min(n_edits, report.n_facts),
                 "eval_every": max(1, n_edits // 8),
+                # scored beside the editor: each record right after its edit too, and the
+                # generations of a few records per point for fluency
+                "evaluation": {"immediate": True, "fluency_records": 5},
                 "seed": seed,
                 "health": {"heldout": write_heldout(out / "heldout.jsonl", seed).name},
             },

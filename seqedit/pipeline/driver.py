@@ -22,7 +22,7 @@ import yaml
 from seqedit.files import write_text_atomic
 from seqedit.methods.config import validate_config
 from seqedit.methods.registry import get_method
-from seqedit.pipeline.eval_plan import crossed, due_tasks, shard_tasks
+from seqedit.pipeline.eval_plan import build_task, crossed, due_tasks, shard_plan
 from seqedit.pipeline.eval_pool import EvalPool
 from seqedit.pipeline.health_steps import (
     checked_step,
@@ -229,9 +229,10 @@ def missing_evals(
             break
         attempt = shard.done_attempt if shard.done_attempt is not None else shard.attempt
         folder = partition_dir(root, "evals", shard.index, attempt)
-        for part, task in shard_tasks(spec, requests, shard.start, shard.stop):
-            if not (folder / f"part-{part:05d}.parquet").exists():
-                missing.append(((shard.index, attempt, part), task))
+        for planned in shard_plan(spec, shard.start, shard.stop):
+            if not (folder / f"part-{planned.part:05d}.parquet").exists():
+                task = build_task(spec, requests, planned)
+                missing.append(((shard.index, attempt, planned.part), task))
     return missing
 
 

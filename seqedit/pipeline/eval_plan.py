@@ -14,8 +14,11 @@ Protocols (every row says which, `schemas.tables.Protocol`):
 
 from __future__ import annotations
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from seqedit.schemas.campaign import CampaignSpec
 from seqedit.schemas.requests import EditRequest
+from seqedit.schemas.tables import Protocol
 from seqedit.workers.evaluator import EvalTask
 
 IMMEDIATE, AT_POINT = 1, 2
@@ -42,6 +45,51 @@ def is_point(spec: CampaignSpec, step: int, *, stopped: bool) -> bool:
     return last or stopped or crossed(spec.eval_every, positions.start, positions.stop)
 
 
+class PlannedTask(BaseModel):
+    """One evaluation task before its records are looked up: what `due_tasks` builds."""
+
+    model_config = ConfigDict(frozen=True)
+
+    part: int
+    protocol: Protocol
+    first_step: int = Field(description="immediate: the block's first step; else its step")
+    step: int = Field(description="The step after which the task falls due.")
+    chunk: int = 0
+
+
+def plan(
+    spec: CampaignSpec, step: int, *, shard_start: int, shard_stop: int, stopped: bool = False
+) -> list[PlannedTask]:
+    """The tasks due once `step` is applied (in shard [`shard_start`, `shard_stop`));
+    `stopped`: a health policy ends the campaign here."""
+    planned: list[PlannedTask] = []
+    evaluation = spec.evaluation
+    if evaluation.immediate:
+        block = max(1, evaluation.chunk // spec.edits_per_step)
+        if (step + 1 - shard_start) % block == 0 or step == shard_stop - 1 or stopped:
+            first = shard_start + (step - shard_start) // block * block
+            part = part_number(step, IMMEDIATE)
+            planned.append(PlannedTask(part=part, protocol="immediate", first_step=first,
+                                       step=step))  # fmt: skip
+    if is_point(spec, step, stopped=stopped):
+        applied = spec.step_edits(step).stop
+        protocol: Protocol = "final" if applied == spec.n_edits else "retention"
+        for chunk in range(-(-applied // evaluation.chunk)):
+            part = part_number(step, AT_POINT, chunk)
+            planned.append(PlannedTask(part=part, protocol=protocol, first_step=step, step=step,
+                                       chunk=chunk))  # fmt: skip
+    return planned
+
+
+def shard_plan(spec: CampaignSpec, shard_start: int, shard_stop: int) -> list[PlannedTask]:
+    """Every task of a shard that ran to its end (not stopped), in step order."""
+    return [
+        planned
+        for step in range(shard_start, shard_stop)
+        for planned in plan(spec, step, shard_start=shard_start, shard_stop=shard_stop)
+    ]
+
+
 def due_tasks(
     spec: CampaignSpec,
     requests: list[EditRequest],
@@ -51,32 +99,24 @@ def due_tasks(
     shard_stop: int,
     stopped: bool = False,
 ) -> list[tuple[int, EvalTask]]:
-    """(part number, task) of the tasks due once `step` is applied (in shard
-    [`shard_start`, `shard_stop`)); `stopped`: a health policy ends the campaign here."""
-    tasks: list[tuple[int, EvalTask]] = []
-    evaluation = spec.evaluation
-    if evaluation.immediate:
-        block = max(1, evaluation.chunk // spec.edits_per_step)
-        if (step + 1 - shard_start) % block == 0 or step == shard_stop - 1 or stopped:
-            first = shard_start + (step - shard_start) // block * block
-            tasks.append((part_number(step, IMMEDIATE), _immediate(spec, requests, first, step)))
-    if is_point(spec, step, stopped=stopped):
-        for chunk, task in enumerate(_at_point(spec, requests, step)):
-            tasks.append((part_number(step, AT_POINT, chunk), task))
-    return tasks
+    """(part number, task) of the tasks due once `step` is applied (`plan`)."""
+    planned = plan(spec, step, shard_start=shard_start, shard_stop=shard_stop, stopped=stopped)
+    return [(p.part, build_task(spec, requests, p)) for p in planned]
 
 
 def shard_tasks(
     spec: CampaignSpec, requests: list[EditRequest], shard_start: int, shard_stop: int
 ) -> list[tuple[int, EvalTask]]:
-    """Every task of a shard that ran to its end (not stopped), in step order."""
-    return [
-        planned
-        for step in range(shard_start, shard_stop)
-        for planned in due_tasks(
-            spec, requests, step, shard_start=shard_start, shard_stop=shard_stop
-        )
-    ]
+    """(part number, task) of every task of a shard that ran to its end."""
+    return [(p.part, build_task(spec, requests, p)) for p in shard_plan(spec, shard_start,
+                                                                        shard_stop)]  # fmt: skip
+
+
+def build_task(spec: CampaignSpec, requests: list[EditRequest], planned: PlannedTask) -> EvalTask:
+    """The task `planned` stands for, with its records."""
+    if planned.protocol == "immediate":
+        return _immediate(spec, requests, planned.first_step, planned.step)
+    return _at_point(spec, requests, planned.step, planned.chunk)
 
 
 def _immediate(spec: CampaignSpec, requests: list[EditRequest], first: int, last: int) -> EvalTask:
@@ -92,29 +132,24 @@ def _immediate(spec: CampaignSpec, requests: list[EditRequest], first: int, last
     )
 
 
-def _at_point(spec: CampaignSpec, requests: list[EditRequest], step: int) -> list[EvalTask]:
-    """All records edited up to `step`, in chunks of `evaluation.chunk`, scored after it."""
+def _at_point(spec: CampaignSpec, requests: list[EditRequest], step: int, chunk: int) -> EvalTask:
+    """Chunk `chunk` (of `evaluation.chunk` records) of all records edited up to `step`,
+    scored after it; the first chunk also measures held-out perplexity."""
     applied = spec.step_edits(step).stop
-    protocol = "final" if applied == spec.n_edits else "retention"
+    size = spec.evaluation.chunk
+    positions = range(chunk * size, min((chunk + 1) * size, applied))
     sampled = set(fluency_sample(requests[:applied], spec.evaluation.fluency_records))
-    chunk = spec.evaluation.chunk
-    tasks = []
-    for start in range(0, applied, chunk):
-        positions = range(start, min(start + chunk, applied))
-        chosen = [requests[i] for i in positions]
-        tasks.append(
-            EvalTask(
-                protocol=protocol,
-                requests=chosen,
-                edit_steps=[i // spec.edits_per_step for i in positions],
-                scored_after=[step + 1] * len(chosen),
-                n_edits_applied=[applied] * len(chosen),
-                edits_per_step=spec.edits_per_step,
-                perplexity=start == 0,
-                fluency_case_ids=[r.case_id for r in chosen if r.case_id in sampled],
-            )
-        )
-    return tasks
+    chosen = [requests[i] for i in positions]
+    return EvalTask(
+        protocol="final" if applied == spec.n_edits else "retention",
+        requests=chosen,
+        edit_steps=[i // spec.edits_per_step for i in positions],
+        scored_after=[step + 1] * len(chosen),
+        n_edits_applied=[applied] * len(chosen),
+        edits_per_step=spec.edits_per_step,
+        perplexity=chunk == 0,
+        fluency_case_ids=[r.case_id for r in chosen if r.case_id in sampled],
+    )
 
 
 def fluency_sample(requests: list[EditRequest], n: int) -> list[int]:

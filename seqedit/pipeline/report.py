@@ -23,11 +23,16 @@ SELECT
   (SELECT avg(success::INT) FILTER (WHERE NOT rolled_back) FROM edits) AS immediate_es,
   (SELECT median(p_new_after) FROM edits) AS median_p_new,
   (SELECT max(weight_drift) FROM edits) AS max_weight_drift,
-  (SELECT es FROM curves ORDER BY n_edits_applied DESC LIMIT 1) AS last_es,
-  (SELECT ps FROM curves ORDER BY n_edits_applied DESC LIMIT 1) AS last_ps,
-  (SELECT ns FROM curves ORDER BY n_edits_applied DESC LIMIT 1) AS last_ns,
-  (SELECT score FROM curves ORDER BY n_edits_applied DESC LIMIT 1) AS last_score,
-  (SELECT protocol FROM curves ORDER BY n_edits_applied DESC LIMIT 1) AS last_protocol,
+  (SELECT es FROM curves WHERE protocol <> 'immediate'
+   ORDER BY n_edits_applied DESC LIMIT 1) AS last_es,
+  (SELECT ps FROM curves WHERE protocol <> 'immediate'
+   ORDER BY n_edits_applied DESC LIMIT 1) AS last_ps,
+  (SELECT ns FROM curves WHERE protocol <> 'immediate'
+   ORDER BY n_edits_applied DESC LIMIT 1) AS last_ns,
+  (SELECT score FROM curves WHERE protocol <> 'immediate'
+   ORDER BY n_edits_applied DESC LIMIT 1) AS last_score,
+  (SELECT protocol FROM curves WHERE protocol <> 'immediate'
+   ORDER BY n_edits_applied DESC LIMIT 1) AS last_protocol,
   (SELECT count(*) FILTER (WHERE NOT passed) FROM health) AS failed_checks,
   (SELECT sum(seconds) FROM edits) AS edit_seconds,
   (SELECT sum(check_seconds) FROM edits) + (SELECT coalesce(sum(seconds), 0) FROM health)
@@ -74,7 +79,7 @@ def compare_plots(campaigns: dict[str, Path], folder: Path) -> list[tuple[str, P
     `folder`: degradation over the run with the CounterFact scores, and norm growth."""
     runs = {
         name: CompareRun(
-            query(c, "SELECT * FROM curves ORDER BY n_edits_applied"),
+            query(c, "SELECT * FROM curves WHERE protocol <> 'immediate' ORDER BY n_edits_applied"),
             *trend_rows(c),
             query(c, HEALTH_PERIODIC_SQL),
         )

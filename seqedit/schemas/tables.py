@@ -66,6 +66,9 @@ class EvalRow(BaseModel):
     protocol: Protocol
     n_edits_applied: int = Field(description="Edits applied to the model when it was scored.")
     case_id: int
+    relation_id: str | None = Field(
+        default=None, description="The record's relation (CounterFact's P-id), if known."
+    )
     edit_step: int = Field(description="Step at which this record was edited.")
     metric_version: str
     es: float | None = Field(description="Efficacy: [P(new) > P(true)] on the rewrite prompt.")

@@ -136,6 +136,7 @@ def evaluate_records(
                 protocol=protocol,
                 n_edits_applied=counts[index],
                 case_id=request.case_id,
+                relation_id=request.relation_id,
                 edit_step=step,
                 metric_version=METRIC_VERSION,
                 es=wins(rewrite_new, rewrite_true) if rewrite_true else None,

@@ -23,9 +23,10 @@ def ray_local() -> Iterator[None]:
 
 
 def _eval(case_id: int, protocol: str, n: int, es: float) -> EvalRow:
+    relation = "P17" if case_id == 0 else "P103"
     return EvalRow(campaign="c", protocol=protocol, n_edits_applied=n, case_id=case_id,
-                   edit_step=case_id, metric_version="1", es=es, ps=0.5, ns=es / 2, em=0.1,
-                   pm=0.1, nm=0.1, rewrite_acc=1.0, n_paraphrases=1,
+                   relation_id=relation, edit_step=case_id, metric_version="1", es=es, ps=0.5,
+                   ns=es / 2, em=0.1, pm=0.1, nm=0.1, rewrite_acc=1.0, n_paraphrases=1,
                    n_neighbors=1)  # fmt: skip
 
 
@@ -37,7 +38,8 @@ def _check(step: int, name: str, value: float, passed: bool = True) -> HealthRow
 
 @pytest.fixture(scope="session")
 def small_campaign(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """3 edits (case 1 later forgotten, case 2 rolled back), retention at 2, final at 3."""
+    """3 edits (case 1 later forgotten, case 2 rolled back), each scored right after its
+    edit (immediate), retention at 2, final at 3."""
     root = tmp_path_factory.mktemp("cookbook")
     shard = ShardState(index=0, start=0, stop=3, status="done", done_attempt=0, steps_done=3)
     CampaignState(campaign="c", spec_hash="h", shards=[shard]).save(root)
@@ -48,6 +50,7 @@ def small_campaign(tmp_path_factory: pytest.TempPathFactory) -> Path:
         _eval(0, "final", 3, 1.0),
         _eval(1, "final", 3, 0.0),
         _eval(2, "final", 3, 0.0),
+        *(_eval(case, "immediate", case + 1, 1.0) for case in range(3)),  # right after each
     ]
     health = [_check(0, "verified", 1.0), _check(1, "verified", 1.0),
               _check(2, "verified", 0.0, passed=False), _check(1, "retention", 0.5),

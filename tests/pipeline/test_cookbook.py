@@ -62,6 +62,13 @@ def test_the_answers_are_right(small_campaign: Path, other_campaign: Path) -> No
     assert query(small_campaign, lost).to_pylist() == [{"case_id": 1, "lost_after": 2}]
     below = by_title["The first evaluation point where specificity falls below 0.5"]
     assert query(small_campaign, below).to_pylist() == [{"first_below": 2}]  # NS 0.25 at 2 edits
+    worst = query(small_campaign, by_title["The worst relations by the end"]).to_pylist()
+    found = [(r["relation_id"], r["records"], r["es"]) for r in worst]
+    assert found == [("P103", 2, 0.0), ("P17", 1, 1.0)]
+    gap = by_title["The protocol gap: each edit right after it was made, and after all edits"]
+    assert query(small_campaign, gap).to_pylist() == [
+        {"records": 3, "immediate_es": 1.0, "final_es": 0.333, "immediate_ns": 0.5,
+         "final_ns": round(1 / 6, 3)}]  # fmt: skip
     compare = query(small_campaign, by_title["Compare two campaigns"], {"b": other_campaign})
     assert compare.column_names == [
         "protocol", "n_edits_applied", "score", "b_score", "ns", "b_ns", "score_gain"

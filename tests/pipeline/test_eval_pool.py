@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import ray
 
+from seqedit.pipeline.campaign_ops import status_table
 from seqedit.pipeline.driver import run_campaign
 from seqedit.pipeline.eval_plan import due_tasks, part_number, shard_tasks
 from seqedit.pipeline.eval_pool import EvalPool
@@ -63,9 +64,17 @@ def test_two_evaluators_write_what_one_writes_and_lost_rows_are_recomputed(
     lost = list_parts(tmp_path / "two", "evals", 0, 0)[-1]
     lost.unlink()
     kept = {p.name for p in list_parts(tmp_path / "two", "evals", 0, 0)}
+    planned = len(kept) + 1
+    assert _evals_column(tmp_path / "two") == [f"{planned - 1}/{planned}", f"{planned}/{planned}"]
     assert run_campaign(two, tmp_path / "two").status == "done"
+    assert _evals_column(tmp_path / "two") == [f"{planned}/{planned}"] * 2
     assert {p.name for p in list_parts(tmp_path / "two", "evals", 0, 0)} == kept | {lost.name}
     assert_same_rows(tmp_path / "two", tmp_path / "one")
+
+
+def _evals_column(campaign: Path) -> list[str]:
+    """`seqedit status`'s evals column: written/planned evaluation tasks per shard."""
+    return status_table(campaign)[1].column("evals").to_pylist()
 
 
 def test_plan_gives_every_task_its_own_part(tiny_testbed: Path, tiny_stats: Path,
