@@ -64,10 +64,12 @@ def test_two_evaluators_write_what_one_writes_and_lost_rows_are_recomputed(
     lost = list_parts(tmp_path / "two", "evals", 0, 0)[-1]
     lost.unlink()
     kept = {p.name for p in list_parts(tmp_path / "two", "evals", 0, 0)}
-    planned = len(kept) + 1
-    assert _evals_column(tmp_path / "two") == [f"{planned - 1}/{planned}", f"{planned}/{planned}"]
+    # shard 0: immediate blocks of steps 0-3 and 4, retention at 5 in 2 chunks of <= 4;
+    # shard 1: immediate 5-8 and 9, final at 10 in 3 chunks
+    assert len(kept) + 1 == 4
+    assert _evals_column(tmp_path / "two") == ["3/4", "5/5"]
     assert run_campaign(two, tmp_path / "two").status == "done"
-    assert _evals_column(tmp_path / "two") == [f"{planned}/{planned}"] * 2
+    assert _evals_column(tmp_path / "two") == ["4/4", "5/5"]
     assert {p.name for p in list_parts(tmp_path / "two", "evals", 0, 0)} == kept | {lost.name}
     assert_same_rows(tmp_path / "two", tmp_path / "one")
 
