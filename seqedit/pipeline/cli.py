@@ -47,7 +47,7 @@ def cmd_testbed_build(args: argparse.Namespace) -> None:
 def cmd_stats_build(args: argparse.Namespace) -> None:
     from seqedit.pipeline.commands import build_stats_command
 
-    meta = build_stats_command(
+    meta, report = build_stats_command(
         args.model,
         args.layers,
         args.corpus,
@@ -55,9 +55,25 @@ def cmd_stats_build(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         max_length=args.max_length,
         dtype=args.dtype,
+        n_samples=args.samples,
+        seed=args.seed,
+        text_column=args.text_column,
+        shards=args.shards,
+        actors=args.actors,
         progress=not args.quiet,
     )
     print(f"stats: layers {args.layers}, {meta.token_count} tokens -> {args.out}")
+    if report is not None:
+        print(f"shards: {report.shards} ({report.computed} computed, {report.reused} reused "
+              f"from an earlier run, {report.retried} handed out again), "
+              f"{report.tokens_per_second:.0f} tokens/s")  # fmt: skip
+
+
+def cmd_stats_ls(args: argparse.Namespace) -> None:
+    from seqedit.pipeline.commands import list_stats
+    from seqedit.pipeline.tables_format import format_table
+
+    print(format_table(list_stats(args.root), args.format))
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -241,13 +257,26 @@ def build_parser() -> argparse.ArgumentParser:
     sbuild = stats.add_parser("build", help="second moments of the rewrite modules' inputs")
     sbuild.add_argument("--model", required=True, type=Path, help="HF model directory")
     sbuild.add_argument("--layers", required=True, type=_layers, help="e.g. 1,2")
-    sbuild.add_argument("--corpus", required=True, nargs="+", type=Path, help="text/JSONL files")
+    sbuild.add_argument("--corpus", required=True, nargs="+",
+                        help="text, JSONL or Parquet files (paths or pyarrow URIs), or a "
+                        "Hugging Face dataset saved on disk")  # fmt: skip
+    sbuild.add_argument("--text-column", default="text", help="JSONL/Parquet/dataset column")
+    sbuild.add_argument("--samples", type=int, default=None,
+                        help="a seeded sample of N documents (default: all)")  # fmt: skip
+    sbuild.add_argument("--seed", type=int, default=0, help="seed of --samples")
+    sbuild.add_argument("--shards", type=int, default=1,
+                        help=">1: sharded on Ray actors, resumable (OUT/shards)")  # fmt: skip
+    sbuild.add_argument("--actors", type=int, default=2, help="actors for --shards > 1")
     sbuild.add_argument("--out", required=True, type=Path, help="stats directory to write")
     sbuild.add_argument("--batch-size", type=int, default=32)
     sbuild.add_argument("--max-length", type=int, default=None, help="default: model context")
     sbuild.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     sbuild.add_argument("--quiet", action="store_true")
     sbuild.set_defaults(func=cmd_stats_build)
+    sls = stats.add_parser("ls", help="the stats directories under ROOT, checked")
+    sls.add_argument("root", type=Path)
+    sls.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    sls.set_defaults(func=cmd_stats_ls)
 
     run = sub.add_parser("run", help="run a campaign spec locally (embedded Ray)")
     run.add_argument("spec", type=Path, help="campaign YAML")

@@ -18,10 +18,11 @@ from seqedit.pipeline.plots import plot_degradation, plot_health, plot_norm_grow
 from seqedit.pipeline.state import CampaignState
 from seqedit.pipeline.store import query
 from seqedit.schemas.campaign import load_spec
-from seqedit.workers.stats import StatsConfig, StatsMeta, compute_stats
-from seqedit.workers.stats_store import save_stats
+from seqedit.workers.stats import META_FILE, StatsConfig, StatsMeta, compute_stats
+from seqedit.workers.stats_store import load_accumulators, save_stats
 
 if TYPE_CHECKING:
+    from seqedit.pipeline.stats_job import StatsJobReport
     from seqedit.testbed.build import TestbedReport
 
 CURVE_SQL = """
@@ -111,27 +112,71 @@ def build_testbed_command(
 def build_stats_command(
     model: Path,
     layers: list[int],
-    corpus: list[Path],
+    corpus: list[str],
     out: Path,
     *,
     batch_size: int,
     max_length: int | None,
     dtype: str,
+    n_samples: int | None = None,
+    seed: int = 0,
+    text_column: str = "text",
+    shards: int = 1,
+    actors: int = 2,
     progress: bool,
-) -> StatsMeta:
-    """`seqedit stats build`: every layer's second moment in one pass, saved with provenance."""
+) -> tuple[StatsMeta, StatsJobReport | None]:
+    """`seqedit stats build`: every layer's second moment in one pass, saved with provenance;
+    with `shards` > 1, sharded across `actors` Ray actors and resumable."""
     model_type = AutoConfig.from_pretrained(model, local_files_only=True).model_type
     config = StatsConfig(
         layers=layers,
         corpus=corpus,
+        text_column=text_column,
         module_tmp=module_names_for_type(model_type).rewrite_module_tmp,
         batch_size=batch_size,
         max_length=max_length,
         dtype=dtype,  # type: ignore[arg-type]
+        n_samples=n_samples,
+        seed=seed,
     )
+    if shards > 1:
+        from seqedit.pipeline.stats_job import build_stats_sharded
+
+        result, report = build_stats_sharded(
+            model, config, out, shards=shards, actors=actors, progress=progress
+        )
+        return result.meta, report
     result = compute_stats(model, config, progress=progress)
     save_stats(out, result)
-    return result.meta
+    return result.meta, None
+
+
+def list_stats(root: Path) -> pa.Table:
+    """`seqedit stats ls`: every stats directory under `root` (one holding stats.json), with
+    its provenance and whether its file checks out (corrupt files are listed, not used)."""
+    rows = []
+    for sidecar in sorted(root.rglob(META_FILE)):
+        folder = sidecar.parent
+        row: dict[str, object] = {"dir": str(folder.relative_to(root)) or "."}
+        try:
+            meta = load_accumulators(folder).meta
+            row.update(
+                layers=",".join(str(layer) for layer in meta.layers),
+                model=Path(meta.model_dir).name,
+                model_fp=meta.model_fingerprint[:12],
+                corpus_fp=meta.corpus_fingerprint[:12],
+                documents=meta.n_documents,
+                tokens=meta.token_count,
+                dtype=meta.dtype,
+                version=meta.seqedit_version,
+                status="ok",
+            )
+        except (ValueError, OSError) as exc:
+            row["status"] = f"refused: {exc}"[:120]
+        rows.append(row)
+    columns = ["dir", "layers", "model", "model_fp", "corpus_fp", "documents", "tokens",
+               "dtype", "version", "status"]  # fmt: skip
+    return pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in rows])
 
 
 def run_campaign_command(spec_file: Path, out: Path, *, progress: bool) -> CampaignState:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -22,6 +21,7 @@ import yaml
 from seqedit.files import write_text_atomic
 from seqedit.methods.config import validate_config
 from seqedit.methods.registry import get_method
+from seqedit.pipeline.campaign_stats import ensure_campaign_stats
 from seqedit.pipeline.eval_plan import build_task, crossed, due_tasks, shard_plan
 from seqedit.pipeline.eval_pool import EvalPool
 from seqedit.pipeline.health_steps import (
@@ -32,6 +32,7 @@ from seqedit.pipeline.health_steps import (
     rebuild_window,
     retention_sample,
 )
+from seqedit.pipeline.ray_init import ensure_ray
 from seqedit.pipeline.state import CampaignState, CampaignStatus, ShardState, driver_lock, now
 from seqedit.pipeline.store import clear_attempt, partition_dir, write_part
 from seqedit.schemas.campaign import CampaignSpec
@@ -108,19 +109,6 @@ def prepare_dir(spec: CampaignSpec, campaign_dir: Path) -> CampaignState:
     return state
 
 
-def _ensure_ray() -> None:
-    """Join the cluster at RAY_ADDRESS, or start an embedded local Ray instance."""
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS") or None
-        ray.init(
-            address=address,
-            include_dashboard=False,
-            log_to_driver=False,
-            # the embedded instance is private to this process: keep its start-up quiet
-            logging_level=logging.WARNING if address else logging.ERROR,
-        )
-
-
 def run_campaign(
     spec: CampaignSpec,
     campaign_dir: str | Path,
@@ -149,8 +137,9 @@ def run_campaign(
         missing = missing_evals(spec, root, state, requests, before=first)
         if not todo and not missing:
             return state
-        _ensure_ray()
+        ensure_ray()
         _check_resources(spec)
+        ensure_campaign_stats(spec)  # before an editor loads them
         pool = EvalPool(spec, heldout_texts(spec.health))
         editor = None
         try:

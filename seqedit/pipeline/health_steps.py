@@ -15,9 +15,9 @@ from seqedit.pipeline.store import partition_dir
 from seqedit.schemas.campaign import CampaignSpec, HealthSpec
 from seqedit.schemas.requests import EditRequest
 from seqedit.schemas.tables import EditRow, HealthRow
+from seqedit.workers.corpus import iter_documents
 from seqedit.workers.health import HealthMonitor
 from seqedit.workers.health import action as health_action
-from seqedit.workers.stats import iter_documents
 
 ROLLBACK = {"retry", "skip", "stop"}
 """Health policies that may roll an edit back (retry: before trying it again, or when every

@@ -65,6 +65,23 @@ class EvaluationSpec(BaseModel):
     )
 
 
+class StatsBuildSpec(BaseModel):
+    """How to build the campaign's covariance stats when `stats` does not hold them yet
+    (sharded on Ray actors, resumable; `seqedit stats build` with the same fields)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    corpus: list[str] = Field(min_length=1, description="Text, JSONL, Parquet or HF dataset.")
+    text_column: str = "text"
+    n_samples: int | None = Field(default=None, gt=0, description="None: every document.")
+    seed: int = 0
+    batch_size: int = Field(default=32, gt=0)
+    max_length: int | None = Field(default=None, gt=0, description="None: model context.")
+    dtype: Literal["float32", "float64"] = "float64"
+    shards: int = Field(default=4, ge=1)
+    actors: int = Field(default=1, ge=1)
+
+
 class HealthSpec(BaseModel):
     """Health checks after every edit and what a failure does (`record`, `skip`: roll the
     edit back, `stop`: stop the campaign at the last healthy state)."""
@@ -148,6 +165,11 @@ class CampaignSpec(BaseModel):
     method: str = Field(default="rome", description="Registered editing method.")
     hparams: dict[str, Any] = Field(default_factory=dict, description="Method config fields.")
     stats: str | None = Field(default=None, description="Covariance stats dir (seqedit stats).")
+    stats_build: StatsBuildSpec | None = Field(
+        default=None,
+        description="Build the stats into `stats` when they are not there (a mismatching "
+        "stats dir is refused, never rebuilt over).",
+    )
     n_edits: int = Field(gt=0, description="Number of edits (requests), applied in order.")
     edits_per_step: int = Field(
         default=1,
@@ -182,6 +204,12 @@ class CampaignSpec(BaseModel):
         return range(start, min(start + self.edits_per_step, self.n_edits))
 
     @model_validator(mode="after")
+    def _stats_build_has_a_place(self) -> CampaignSpec:
+        if self.stats_build is not None and self.stats is None:
+            raise ValueError("stats_build needs `stats:`, the directory to build the stats in")
+        return self
+
+    @model_validator(mode="after")
     def _shard_fits(self) -> CampaignSpec:
         if self.shard_size is not None and self.shard_size > self.n_steps:
             raise ValueError(
@@ -207,12 +235,16 @@ class CampaignSpec(BaseModel):
 
         dataset = self.dataset.model_copy(update={"path": fix(self.dataset.path)})
         health = self.health.model_copy(update={"heldout": fix(self.health.heldout)})
+        build = self.stats_build
+        if build is not None:
+            build = build.model_copy(update={"corpus": [fix(c) or c for c in build.corpus]})
         return self.model_copy(
             update={
                 "model": fix(self.model),
                 "stats": fix(self.stats),
                 "dataset": dataset,
                 "health": health,
+                "stats_build": build,
             }
         )
 

@@ -7,9 +7,8 @@ forward pass per batch (:func:`seqedit.methods.covariance.accumulate_second_mome
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
+import os
 import random
 import time
 from collections.abc import Iterator
@@ -24,13 +23,17 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from seqedit import __version__
-from seqedit.files import file_sha256
 from seqedit.methods.covariance import (
     GPT2_REWRITE_MODULE_TMP,
     SecondMomentAccumulator,
-    accumulate_second_moments,
 )
-from seqedit.workers.model_io import load_model, model_fingerprint
+from seqedit.workers.corpus import (
+    CorpusError,
+    corpus_fingerprint,
+    count_documents,
+    source_name,
+)
+from seqedit.workers.model_io import model_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +44,7 @@ _SORT_WINDOW = 32  # batches per length-sorting window
 _CONFIG_IN_META = set(
     ["layers", "n_samples", "seed", "batch_size", "add_special_tokens", "sort_by_length", "dtype"]
 )
-_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
-
-
-class CorpusError(ValueError):
-    """A corpus file that cannot be read; the message names the file (and line)."""
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
 
 
 class StatsStoreError(ValueError):
@@ -58,11 +57,13 @@ class StatsConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     layers: list[int] = Field(min_length=1)
-    corpus: list[Path] = Field(
+    corpus: list[str] = Field(
         min_length=1,
-        description=".txt: one doc per non-empty line; "
-        ".jsonl: one {'text': ...} object per non-empty line",
+        description="Sources in order (`workers.corpus`): .txt (a document per non-empty "
+        "line), .jsonl / .parquet (column `text_column`), a Hugging Face dataset saved on "
+        "disk; local paths or pyarrow filesystem URIs.",
     )
+    text_column: str = Field(default="text", min_length=1)
     module_tmp: str = GPT2_REWRITE_MODULE_TMP
     max_length: int | None = Field(default=None, gt=0, description="None: model context")
     batch_size: int = Field(default=64, gt=0)
@@ -75,6 +76,13 @@ class StatsConfig(BaseModel):
     sort_by_length: bool = Field(
         default=True, description="batch documents of similar length (less padding)"
     )
+
+    @field_validator("corpus", mode="before")
+    @classmethod
+    def _paths_as_text(cls, v: object) -> object:
+        if not isinstance(v, list):
+            return v
+        return [str(p) if isinstance(p, os.PathLike) else p for p in v]
 
     @field_validator("layers")
     @classmethod
@@ -135,50 +143,6 @@ class StatsResult(BaseModel):
 # ----------------------------------------------------------------------------- corpus
 
 
-def iter_documents(paths: list[Path]) -> Iterator[str]:
-    """Yield documents in file order: a line of a text file, or the "text" of a JSONL line.
-
-    Empty (whitespace-only) lines are skipped; a JSONL line that is not an object with a
-    string "text" raises :class:`CorpusError` naming the file and line number.
-    """
-    for path in paths:
-        jsonl = path.suffix.lower() == ".jsonl"
-        try:
-            handle = path.open(encoding="utf-8")
-        except OSError as exc:
-            raise CorpusError(f"{path}: cannot open corpus file: {exc}") from exc
-        with handle:
-            try:
-                for lineno, raw in enumerate(handle, start=1):
-                    line = raw.rstrip("\r\n")
-                    if not line.strip():
-                        continue
-                    if not jsonl:
-                        yield line
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise CorpusError(f"{path}:{lineno}: invalid JSON: {exc}") from exc
-                    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                        raise CorpusError(
-                            f"{path}:{lineno}: expected an object with a string 'text' field"
-                        )
-                    if obj["text"].strip():
-                        yield obj["text"]
-            except UnicodeDecodeError as exc:
-                raise CorpusError(f"{path}: not UTF-8 text: {exc}") from exc
-
-
-def corpus_fingerprint(paths: list[Path]) -> str:
-    """sha256 over each corpus file's name (not directory) and bytes, in the given order."""
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.name.encode() + b"\0")
-        digest.update(file_sha256(path).encode())
-    return digest.hexdigest()
-
-
 def select_documents(n_documents: int, n_samples: int | None, seed: int) -> list[int] | None:
     """Sorted indices of a deterministic ``n_samples`` subset (None: keep every document)."""
     if n_samples is None or n_samples >= n_documents:
@@ -197,7 +161,7 @@ def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor
     return ids, mask
 
 
-def _batches(
+def document_batches(
     docs: Iterator[str], tokenizer: PreTrainedTokenizerBase, config: StatsConfig, max_length: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Right-padded (B, T) ids and mask of ``batch_size`` documents truncated to ``max_length``.
@@ -221,10 +185,15 @@ def _batches(
             yield _pad(rows[i : i + config.batch_size], pad_id)
 
 
-def _model_context(model: torch.nn.Module) -> int:
-    cfg = getattr(model, "config", None)
+def model_context(model: torch.nn.Module) -> int:
+    """The context length of a loaded model (what documents are truncated to by default)."""
+    return context_length(getattr(model, "config", None))
+
+
+def context_length(model_config: object) -> int:
+    """The context length a Hugging Face model config declares."""
     for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
-        value = getattr(cfg, attr, None)
+        value = getattr(model_config, attr, None)
         if isinstance(value, int) and value > 0:
             return value
     raise ValueError("cannot tell the model context length; set max_length")
@@ -240,23 +209,13 @@ def compute_stats(
     progress: bool = True,
     device: str | torch.device = "cpu",
 ) -> StatsResult:
-    """One pass over the corpus accumulating Σ k kᵀ of every configured layer's rewrite input."""
-    corpus = [Path(p) for p in config.corpus]
-    n_docs = sum(1 for _ in iter_documents(corpus))  # also validates every line up front
-    if n_docs == 0:
-        raise CorpusError(f"{[str(p) for p in corpus]}: corpus has no documents")
-    keep = select_documents(n_docs, config.n_samples, config.seed)
-    n_used = n_docs if keep is None else len(keep)
+    """One pass over the corpus accumulating Σ k kᵀ of every configured layer's rewrite
+    input, in this process (`pipeline.stats_job` shards the same work across actors)."""
+    from seqedit.workers.covariance_worker import CovarianceWorker  # it imports this module
 
-    model, tokenizer = load_model(model_dir, device=device)
-    max_length = config.max_length or _model_context(model)
-    names = {layer: config.module_tmp.format(layer) for layer in config.layers}
-    dtype = _DTYPES[config.dtype]
-
-    kept = None if keep is None else set(keep)
-    docs = (d for i, d in enumerate(iter_documents(corpus)) if kept is None or i in kept)
-
-    bar = tqdm(total=n_used, unit="doc", desc="second moments", disable=not progress)
+    chosen = selected_documents(config)
+    worker = CovarianceWorker(model_dir, config, device=device)
+    bar = tqdm(total=len(chosen), unit="doc", desc="second moments", disable=not progress)
     tokens = 0
     start = time.perf_counter()
 
@@ -267,37 +226,46 @@ def compute_stats(
         bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - start, 1e-9):.0f}")
 
     try:
-        accs = accumulate_second_moments(
-            model,
-            _batches(docs, tokenizer, config, max_length),
-            list(names.values()),
-            dtype,
-            on_batch=on_batch,
-        )
+        shard = worker.run_shard(0, chosen, on_batch=on_batch)
     finally:
         bar.close()
     seconds = time.perf_counter() - start
-    rate = tokens / max(seconds, 1e-9)
-    log.info(
-        "layers %s: %d docs, %d tok, %.1f s, %.0f tok/s",
-        config.layers,
-        n_used,
-        tokens,
-        seconds,
-        rate,
-    )
-    meta = StatsMeta(
+    log.info("layers %s: %d docs, %d tok, %.1f s, %.0f tok/s", config.layers, len(chosen),
+             shard.tokens, seconds, shard.tokens / max(seconds, 1e-9))  # fmt: skip
+    meta = stats_meta(model_dir, config, worker.max_length, len(chosen), shard.tokens, seconds)
+    return StatsResult(accumulators=shard.accumulators(), meta=meta)
+
+
+def selected_documents(config: StatsConfig) -> list[int]:
+    """Indices of the corpus documents the stats are computed over: every document, or the
+    seeded sample of `n_samples` (sorted). Reads the whole corpus once (and so validates it)."""
+    n_docs = count_documents(config.corpus, text_column=config.text_column)
+    if n_docs == 0:
+        raise CorpusError(f"{[str(p) for p in config.corpus]}: corpus has no documents")
+    keep = select_documents(n_docs, config.n_samples, config.seed)
+    return list(range(n_docs)) if keep is None else keep
+
+
+def stats_meta(
+    model_dir: str | Path,
+    config: StatsConfig,
+    max_length: int,
+    n_documents: int,
+    tokens: int,
+    seconds: float,
+) -> StatsMeta:
+    """The provenance of stats computed with `config` over `n_documents` documents."""
+    return StatsMeta(
         seqedit_version=__version__,
         created_at=datetime.now(UTC),
         model_fingerprint=model_fingerprint(model_dir),
         model_dir=str(model_dir),
-        module_names=names,
-        corpus_files=[p.name for p in corpus],
-        corpus_fingerprint=corpus_fingerprint(corpus),
-        n_documents=n_used,
+        module_names={layer: config.module_tmp.format(layer) for layer in config.layers},
+        corpus_files=[source_name(p) for p in config.corpus],
+        corpus_fingerprint=corpus_fingerprint(config.corpus, text_column=config.text_column),
+        n_documents=n_documents,
         max_length=max_length,
         token_count=tokens,
         seconds=seconds,
         **config.model_dump(include=_CONFIG_IN_META),
     )
-    return StatsResult(accumulators={k: accs[v] for k, v in names.items()}, meta=meta)

@@ -12,16 +12,15 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from seqedit.workers.corpus import CorpusError, iter_documents
 from seqedit.workers.model_io import model_fingerprint
 from seqedit.workers.stats import (
     META_FILE,
     STATS_FILE,
-    CorpusError,
     StatsConfig,
     StatsResult,
     StatsStoreError,
     compute_stats,
-    iter_documents,
 )
 from seqedit.workers.stats_store import load_accumulators, load_stats, save_stats
 
