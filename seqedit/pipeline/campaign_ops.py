@@ -24,6 +24,7 @@ from seqedit.pipeline.state import CampaignState, ShardState, driver_running
 from seqedit.pipeline.store import partition_dir
 from seqedit.schemas.campaign import CampaignSpec, SpecError, load_spec
 from seqedit.schemas.loaders import load_requests
+from seqedit.workers.corpus import CorpusError, iter_documents
 from seqedit.workers.editor import SequentialEditor
 from seqedit.workers.tensor_files import read_safetensors
 
@@ -41,8 +42,15 @@ def validate_spec(spec_file: Path, *, schema_only: bool = False) -> CampaignSpec
         raise SpecError(f"{spec_file}: field 'model': no model directory at {spec.model}")
     if method.uses_second_moment(config) and spec.stats is None:
         raise SpecError(f"{spec_file}: field 'stats': method {method.name} needs covariance stats")
-    if spec.stats is not None and not Path(spec.stats).is_dir():
-        raise SpecError(f"{spec_file}: field 'stats': no stats directory at {spec.stats}")
+    if spec.stats is not None and not Path(spec.stats).is_dir() and spec.stats_build is None:
+        raise SpecError(f"{spec_file}: field 'stats': no stats directory at {spec.stats} "
+                        "(add `stats_build:` to build them there)")  # fmt: skip
+    if spec.stats_build is not None:
+        try:  # the corpus must be readable (it is read in full when the stats are built)
+            for source in spec.stats_build.corpus:
+                next(iter_documents([source], text_column=spec.stats_build.text_column), None)
+        except CorpusError as exc:
+            raise SpecError(f"{spec_file}: field 'stats_build.corpus': {exc}") from exc
     # strict unless the spec quarantines: a bad record then fails here, named
     loaded = load_requests(
         spec.dataset.path, spec.dataset.format, quarantine=spec.dataset.quarantine

@@ -64,9 +64,9 @@ def cmd_stats_build(args: argparse.Namespace) -> None:
     )
     print(f"stats: layers {args.layers}, {meta.token_count} tokens -> {args.out}")
     if report is not None:
+        rate = f", {report.tokens_per_second:.0f} tokens/s" if report.computed else ""
         print(f"shards: {report.shards} ({report.computed} computed, {report.reused} reused "
-              f"from an earlier run, {report.retried} handed out again), "
-              f"{report.tokens_per_second:.0f} tokens/s")  # fmt: skip
+              f"from an earlier run, {report.retried} handed out again){rate}")  # fmt: skip
 
 
 def cmd_stats_ls(args: argparse.Namespace) -> None:

@@ -172,7 +172,7 @@ def list_stats(root: Path) -> pa.Table:
                 status="ok",
             )
         except (ValueError, OSError) as exc:
-            row["status"] = f"refused: {exc}"[:120]
+            row["status"] = "refused: " + " ".join(str(exc).split())[:160]
         rows.append(row)
     columns = ["dir", "layers", "model", "model_fp", "corpus_fp", "documents", "tokens",
                "dtype", "version", "status"]  # fmt: skip

@@ -3,7 +3,9 @@ resumable after an actor or the driver dies, never recomputing a finished shard.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -11,12 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from seqedit.pipeline.campaign_ops import validate_spec
+from seqedit.pipeline.cli import main
+from seqedit.pipeline.driver import run_campaign
 from seqedit.pipeline.stats_job import build_stats_sharded, shard_path, split
+from seqedit.schemas.campaign import load_spec
 from seqedit.testbed.build import CORPUS_FILE
 from seqedit.workers.corpus import iter_documents
 from seqedit.workers.model_io import load_model
-from seqedit.workers.stats import StatsConfig, compute_stats
+from seqedit.workers.stats import StatsConfig, StatsStoreError, compute_stats
 from seqedit.workers.stats_store import load_accumulators
+from tests.pipeline.specs import write_spec
 
 LAYERS = [1, 2, 3]
 
@@ -158,3 +165,44 @@ def test_a_corrupt_partial_is_recomputed_and_another_jobs_partials_dropped(
     _, report = build_stats_sharded(tiny_testbed, other, tmp_path / "s", shards=2, actors=1,
                                     progress=False)  # fmt: skip
     assert report.reused == 0  # partials of another job are never merged in
+
+
+@pytest.mark.slow
+def test_a_campaign_builds_its_stats_then_refuses_stats_of_another_corpus(
+    ray_local: None, tiny_testbed: Path, tmp_path: Path
+) -> None:
+    corpus = str(tiny_testbed / CORPUS_FILE)
+    build = {"corpus": [corpus], "shards": 2, "actors": 1}
+    spec_file = write_spec(tmp_path, tiny_testbed, tmp_path / "stats", n_edits=2,
+                           hparams={"layer": 0, "context_templates": ["{}"]},
+                           stats_build=build)  # fmt: skip
+    validate_spec(spec_file)  # no stats yet: fine, the campaign builds them
+    assert run_campaign(load_spec(spec_file), tmp_path / "c").status == "done"
+    built = load_accumulators(tmp_path / "stats").meta
+    assert (built.layers, built.corpus_files) == ([0], [CORPUS_FILE])
+    single = compute_stats(tiny_testbed, StatsConfig(layers=[0], corpus=[corpus],
+                                                     batch_size=32), progress=False)  # fmt: skip
+    _assert_close(_sums(load_accumulators(tmp_path / "stats")), _sums(single))
+
+    other = tmp_path / "other.txt"
+    other.write_text("a different corpus\nof two documents\n", encoding="utf-8")
+    again = tmp_path / "again"
+    again.mkdir()
+    spec_file = write_spec(again, tiny_testbed, tmp_path / "stats", n_edits=2,
+                           hparams={"layer": 0, "context_templates": ["{}"]},
+                           stats_build={**build, "corpus": [str(other)]})  # fmt: skip
+    with pytest.raises(StatsStoreError, match="corpus_fingerprint"):
+        run_campaign(load_spec(spec_file), tmp_path / "c2")
+
+
+def test_stats_ls_lists_and_checks(tiny_stats: Path, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    root = tmp_path / "cache"
+    shutil.copytree(tiny_stats, root / "good")
+    shutil.copytree(tiny_stats, root / "bad")
+    data = root / "bad" / "stats.safetensors"
+    data.write_bytes(data.read_bytes()[:-4] + b"\0\0\0\0")
+    assert main(["stats", "ls", str(root), "--format", "json"]) in (0, None)
+    rows = {r["dir"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["good"]["status"] == "ok" and rows["good"]["layers"] == "0"
+    assert rows["bad"]["status"].startswith("refused:")
