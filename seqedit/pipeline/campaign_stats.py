@@ -52,8 +52,11 @@ def ensure_campaign_stats(spec: CampaignSpec) -> None:
         log.info("campaign %s: using the stats in %s", spec.name, stats_dir)
         return
     log.info("campaign %s: building the stats of layers %s in %s", spec.name, layers, stats_dir)
+    resources = build.resources
     build_stats_sharded(spec.model, stats_config, stats_dir, shards=build.shards,
-                        actors=build.actors, progress=False)  # fmt: skip
+                        actors=build.actors, num_cpus=resources.num_cpus,
+                        num_gpus=resources.num_gpus, torch_threads=resources.torch_threads,
+                        progress=False)  # fmt: skip
 
 
 def _check_found(stats_dir: Path, spec: CampaignSpec, config: StatsConfig) -> None:

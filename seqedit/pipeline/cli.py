@@ -60,6 +60,8 @@ def cmd_stats_build(args: argparse.Namespace) -> None:
         text_column=args.text_column,
         shards=args.shards,
         actors=args.actors,
+        cpus_per_actor=args.cpus_per_actor,
+        gpus_per_actor=args.gpus_per_actor,
         progress=not args.quiet,
     )
     print(f"stats: layers {args.layers}, {meta.token_count} tokens -> {args.out}")
@@ -267,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     sbuild.add_argument("--shards", type=int, default=1,
                         help=">1: sharded on Ray actors, resumable (OUT/shards)")  # fmt: skip
     sbuild.add_argument("--actors", type=int, default=2, help="actors for --shards > 1")
+    sbuild.add_argument("--cpus-per-actor", type=float, default=1)
+    sbuild.add_argument("--gpus-per-actor", type=float, default=0)
     sbuild.add_argument("--out", required=True, type=Path, help="stats directory to write")
     sbuild.add_argument("--batch-size", type=int, default=32)
     sbuild.add_argument("--max-length", type=int, default=None, help="default: model context")

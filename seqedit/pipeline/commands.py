@@ -123,10 +123,13 @@ def build_stats_command(
     text_column: str = "text",
     shards: int = 1,
     actors: int = 2,
+    cpus_per_actor: float = 1,
+    gpus_per_actor: float = 0,
     progress: bool,
 ) -> tuple[StatsMeta, StatsJobReport | None]:
     """`seqedit stats build`: every layer's second moment in one pass, saved with provenance;
-    with `shards` > 1, sharded across `actors` Ray actors and resumable."""
+    with `shards` > 1, sharded across `actors` Ray actors (each with `cpus_per_actor` CPUs
+    and `gpus_per_actor` GPUs) and resumable."""
     model_type = AutoConfig.from_pretrained(model, local_files_only=True).model_type
     config = StatsConfig(
         layers=layers,
@@ -143,8 +146,9 @@ def build_stats_command(
         from seqedit.pipeline.stats_job import build_stats_sharded
 
         result, report = build_stats_sharded(
-            model, config, out, shards=shards, actors=actors, progress=progress
-        )
+            model, config, out, shards=shards, actors=actors, num_cpus=cpus_per_actor,
+            num_gpus=gpus_per_actor, progress=progress,
+        )  # fmt: skip
         return result.meta, report
     result = compute_stats(model, config, progress=progress)
     save_stats(out, result)

@@ -18,7 +18,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +82,7 @@ def job_key(model_dir: str | Path, config: StatsConfig, shards: int) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-def split(documents: list[int], shards: int) -> list[list[int]]:
+def split(documents: Sequence[int], shards: int) -> list[Sequence[int]]:
     """`documents` in `shards` contiguous runs of near-equal size (none empty)."""
     shards = max(1, min(shards, len(documents)))
     size, extra = divmod(len(documents), shards)
@@ -276,14 +276,14 @@ class _Pool:
         ).remote(str(model_dir), config, device="cuda" if num_gpus > 0 else "cpu",
                  torch_threads=torch_threads)  # fmt: skip
         self.idle = [self.make() for _ in range(actors)]
-        self.queue: list[tuple[int, list[int]]] = []
+        self.queue: list[tuple[int, Sequence[int]]] = []
         self.running: dict[ray.ObjectRef, tuple[int, Any]] = {}
 
     @property
     def pending(self) -> bool:
         return bool(self.queue or self.running)
 
-    def submit(self, index: int, documents: list[int]) -> None:
+    def submit(self, index: int, documents: Sequence[int]) -> None:
         self.queue.append((index, documents))
         self._dispatch()
 

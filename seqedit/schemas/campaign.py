@@ -80,6 +80,9 @@ class StatsBuildSpec(BaseModel):
     dtype: Literal["float32", "float64"] = "float64"
     shards: int = Field(default=4, ge=1)
     actors: int = Field(default=1, ge=1)
+    resources: ResourcesSpec = Field(
+        default_factory=ResourcesSpec, description="Ray resources of each stats actor."
+    )
 
 
 class HealthSpec(BaseModel):

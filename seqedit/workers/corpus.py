@@ -104,10 +104,14 @@ def read_documents(
     Streams the corpus and stops as soon as the last index is read, so a shard reads only
     up to its last document. An index past the end raises :class:`CorpusError`.
     """
-    wanted = [int(i) for i in indices]
-    for k, (a, b) in enumerate(pairwise(wanted)):
-        if b <= a:
-            raise ValueError(f"indices must be strictly increasing: indices[{k + 1}]={b} <= {a}")
+    # a range (a shard of every document) stays a range: memory does not follow the shard
+    wanted = indices if isinstance(indices, range) else [int(i) for i in indices]
+    if not (isinstance(wanted, range) and wanted.step > 0):
+        for k, (a, b) in enumerate(pairwise(wanted)):
+            if b <= a:
+                raise ValueError(
+                    f"indices must be strictly increasing: indices[{k + 1}]={b} <= {a}"
+                )
     if wanted and wanted[0] < 0:
         raise ValueError(f"indices must be >= 0, got indices[0]={wanted[0]}")
     return _select(_resolve_all(sources), wanted, text_column)
@@ -259,7 +263,9 @@ def _iter_resolved(resolved: list[_Source], column: str) -> Iterator[str]:
                 yield from _arrow_stream_documents(src.fs, path, label, column)
 
 
-def _select(resolved: list[_Source], wanted: list[int], column: str) -> Iterator[tuple[int, str]]:
+def _select(
+    resolved: list[_Source], wanted: Sequence[int], column: str
+) -> Iterator[tuple[int, str]]:
     """The documents at ``wanted`` (sorted), closing the reader after the last one."""
     if not wanted:
         return

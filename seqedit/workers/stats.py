@@ -11,7 +11,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from itertools import islice
 from pathlib import Path
@@ -236,14 +236,15 @@ def compute_stats(
     return StatsResult(accumulators=shard.accumulators(), meta=meta)
 
 
-def selected_documents(config: StatsConfig) -> list[int]:
-    """Indices of the corpus documents the stats are computed over: every document, or the
-    seeded sample of `n_samples` (sorted). Reads the whole corpus once (and so validates it)."""
+def selected_documents(config: StatsConfig) -> Sequence[int]:
+    """Indices of the corpus documents the stats are computed over: every document (a
+    range, whatever the corpus size), or the seeded sample of `n_samples` (sorted). Reads
+    the whole corpus once (and so validates it)."""
     n_docs = count_documents(config.corpus, text_column=config.text_column)
     if n_docs == 0:
         raise CorpusError(f"{[str(p) for p in config.corpus]}: corpus has no documents")
     keep = select_documents(n_docs, config.n_samples, config.seed)
-    return list(range(n_docs)) if keep is None else keep
+    return range(n_docs) if keep is None else keep
 
 
 def stats_meta(

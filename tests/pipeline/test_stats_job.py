@@ -88,6 +88,7 @@ def test_sharded_equals_one_process_and_a_plain_pass(
 
 def test_split_is_contiguous_and_covers_everything() -> None:
     assert split(list(range(10)), 4) == [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]]
+    assert split(range(10), 4) == [range(0, 3), range(3, 6), range(6, 8), range(8, 10)]
     assert split([3, 5], 4) == [[3], [5]]
 
 
