@@ -1,8 +1,9 @@
-"""The campaign driver: the one place that talks to Ray.
+"""The campaign driver: plans shards, runs the editor actor, feeds the evaluator pool.
 
-It plans the campaign into shards of consecutive steps, starts a SequentialEditor actor,
-feeds it the requests in order, writes each shard's rows as Parquet parts, and records
-progress in the campaign state so `seqedit query` can read the finished shards meanwhile.
+It plans the campaign into shards of consecutive steps, starts a SequentialEditor actor
+(`actors.EditorActor`), feeds it the requests in order, hands evaluation to the evaluator
+pool (`eval_pool`), writes each shard's rows as Parquet parts, and records progress in the
+campaign state so `seqedit query` can read the finished shards meanwhile.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import yaml
 from seqedit.files import write_text_atomic
 from seqedit.methods.config import validate_config
 from seqedit.methods.registry import get_method
+from seqedit.pipeline.actors import EditorActor
 from seqedit.pipeline.campaign_stats import ensure_campaign_stats
 from seqedit.pipeline.eval_plan import build_task, crossed, due_tasks, shard_plan
 from seqedit.pipeline.eval_pool import EvalPool
@@ -39,7 +41,6 @@ from seqedit.schemas.campaign import CampaignSpec
 from seqedit.schemas.loaders import load_requests, write_quarantine
 from seqedit.schemas.requests import EditRequest
 from seqedit.schemas.tables import EditRow, HealthRow
-from seqedit.workers.editor import SequentialEditor
 from seqedit.workers.evaluator import EvalResult, EvalTask
 from seqedit.workers.health import HealthMonitor
 from seqedit.workers.tensor_files import read_safetensors, write_safetensors
@@ -313,7 +314,7 @@ def _start_editor(
     before it), a health monitor whose trend window is where it was there, and the
     evaluators' edit log cut back to there."""
     _seed_log(pool, root, state, first_shard)
-    actor_cls = ray.remote(SequentialEditor).options(
+    actor_cls = ray.remote(EditorActor).options(
         num_cpus=spec.resources.num_cpus, num_gpus=spec.resources.num_gpus, max_restarts=0
     )
     editor = actor_cls.remote(
@@ -364,6 +365,7 @@ def _run_shard(
     shard.status, shard.started_at, shard.error = "running", now(), None
     shard.steps_done = 0
     shard.worker_pid = ray.get(editor.pid.remote())
+    node = ray.get(editor.node_id.remote())
     state.save(root)
     edit_rows: list[EditRow] = []
     health_rows: list[HealthRow] = []
@@ -373,7 +375,7 @@ def _run_shard(
             positions = spec.step_edits(step)
             batch = [requests[i] for i in positions]
             rows, checks = checked_step(editor, batch, step, monitor, spec.health)
-            edit_rows.extend(rows)
+            edit_rows.extend(row.model_copy(update={"node": node}) for row in rows)
             health_rows.extend(checks)
             shard.steps_done = step + 1 - shard.start
             state.save(root)  # atomic; `seqedit status` reads it while we run

@@ -19,6 +19,7 @@ from typing import Any
 
 import ray
 
+from seqedit.pipeline.actors import node_id
 from seqedit.schemas.campaign import CampaignSpec
 from seqedit.workers.editor import parse_edit_log
 from seqedit.workers.evaluator import EvalResult, EvalTask, Evaluator
@@ -53,7 +54,10 @@ class EvaluatorActor(Evaluator):
         steps: dict[int, Any] = {}
         for tensors in ray.get(needed):
             steps.update(parse_edit_log(tensors))
-        return self.run(task, steps)
+        result = self.run(task, steps)
+        node = node_id()
+        rows = [row.model_copy(update={"node": node}) for row in result.rows]
+        return result.model_copy(update={"rows": rows})
 
 
 @dataclass
@@ -81,7 +85,10 @@ class EvalPool:
     def _start_actor(self) -> Any:
         resources = self.spec.evaluation.resources
         actor_cls = ray.remote(EvaluatorActor).options(
-            num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, max_restarts=0
+            num_cpus=resources.num_cpus,
+            num_gpus=resources.num_gpus,
+            max_restarts=0,
+            scheduling_strategy="SPREAD",  # over the nodes of a cluster
         )
         return actor_cls.remote(
             self.spec.model,

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig
 
 from seqedit.files import write_text_atomic
+from seqedit.pipeline.actors import node_id
 from seqedit.pipeline.ray_init import ensure_ray
 from seqedit.workers.corpus import corpus_fingerprint
 from seqedit.workers.covariance_worker import CovarianceWorker, ShardSums
@@ -64,6 +65,9 @@ class StatsJobReport(BaseModel):
     computed: int
     reused: int
     retried: int = Field(description="Shards handed out again because their actor died.")
+    nodes: dict[int, str] = Field(
+        default_factory=dict, description="Ray node of each shard computed in this run."
+    )
     tokens: int
     computed_tokens: int
     seconds: float
@@ -132,6 +136,7 @@ def build_stats_sharded(
     bar = tqdm(total=len(documents), unit="doc", desc="second moments", disable=not progress)
     bar.update(sum(len(runs[i]) for i in done))
     computed_tokens, retried = 0, 0
+    nodes: dict[int, str] = {}
     if todo:
         ensure_ray()
         pool = _Pool(model_dir, config, min(actors, len(todo)), num_cpus, num_gpus,
@@ -155,6 +160,8 @@ def build_stats_sharded(
                 assert result is not None
                 _write_partial(root, result, key)
                 done[index] = result
+                if result.node is not None:
+                    nodes[index] = result.node
                 computed_tokens += result.tokens
                 bar.update(result.documents)
                 elapsed = time.perf_counter() - started
@@ -182,6 +189,7 @@ def build_stats_sharded(
         computed_tokens=computed_tokens,
         seconds=seconds,
         tokens_per_second=computed_tokens / max(seconds, 1e-9),
+        nodes=nodes,
     )
     return result, report
 
@@ -259,6 +267,14 @@ def _read_partial(root: Path, index: int, key: str) -> ShardSums | None:
                      seconds=float(metadata["seconds"]))  # fmt: skip
 
 
+class CovarianceActor(CovarianceWorker):
+    """A CovarianceWorker actor whose shard sums say which Ray node computed them."""
+
+    def run_shard(self, index: int, documents: Sequence[int], **kwargs: Any) -> ShardSums:
+        """`CovarianceWorker.run_shard`, stamped with this actor's node."""
+        return super().run_shard(index, documents, **kwargs).model_copy(update={"node": node_id()})
+
+
 class _Pool:
     """CovarianceWorker actors fed one shard each at a time."""
 
@@ -271,8 +287,9 @@ class _Pool:
         num_gpus: float,
         torch_threads: int | None,
     ) -> None:
-        self.make = lambda: ray.remote(CovarianceWorker).options(
-            num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0
+        self.make = lambda: ray.remote(CovarianceActor).options(
+            num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0,
+            scheduling_strategy="SPREAD",  # over the nodes of a cluster
         ).remote(str(model_dir), config, device="cuda" if num_gpus > 0 else "cpu",
                  torch_threads=torch_threads)  # fmt: skip
         self.idle = [self.make() for _ in range(actors)]

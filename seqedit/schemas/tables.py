@@ -55,6 +55,7 @@ class EditRow(BaseModel):
     retries: int = Field(
         default=0, description="Times a health policy redid this edit before this result."
     )
+    node: str | None = Field(default=None, description="Ray node id of the editor.")
 
 
 class EvalRow(BaseModel):
@@ -101,6 +102,7 @@ class EvalRow(BaseModel):
     n_paraphrases: int
     n_neighbors: int
     n_portability: int = 0
+    node: str | None = Field(default=None, description="Ray node id of the evaluator.")
 
 
 _ARROW_TYPES: dict[type, pa.DataType] = {

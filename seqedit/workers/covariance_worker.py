@@ -33,6 +33,7 @@ class ShardSums(BaseModel):
     tokens: int = Field(description="Non-pad tokens of the shard (the count of every layer).")
     documents: int
     seconds: float
+    node: str | None = Field(default=None, description="Where it was computed (Ray node).")
 
     def accumulators(self) -> dict[int, SecondMomentAccumulator]:
         """Layer -> an accumulator holding this shard's sum and count (copies)."""

@@ -140,14 +140,14 @@ FAULT_HEALTH = {"window": 4, "every": 5, "n_probes": 4, "n_retention": 4}
 
 
 def assert_same_rows(campaign: Path, reference: Path) -> None:
-    """Every table of `campaign` holds exactly the rows of `reference` (timings and attempt
-    numbers aside), and no (step, case) appears twice."""
+    """Every table of `campaign` holds exactly the rows of `reference` (timings, attempt
+    numbers and Ray node ids aside), and no (step, case) appears twice."""
     for table, key in (("edits", "step, case_id"),
                        ("evals", "protocol, n_edits_applied, case_id"),
                        ("health", "step, case_id, retry, check_name"),
                        ("model_evals", "protocol, n_edits_applied, metric")):  # fmt: skip
-        timings = {"edits": ", seconds, check_seconds", "health": ", seconds", "evals": "",
-                   "model_evals": ", seconds"}  # fmt: skip
+        timings = {"edits": ", seconds, check_seconds, node", "health": ", seconds",
+                   "evals": ", node", "model_evals": ", seconds"}  # fmt: skip
         sql = f"SELECT * EXCLUDE (attempt{timings[table]}) FROM {table} ORDER BY {key}"
         rows = query(campaign, sql).to_pylist()
         assert rows == query(reference, sql).to_pylist(), table
