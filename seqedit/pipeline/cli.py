@@ -85,6 +85,45 @@ def cmd_run(args: argparse.Namespace) -> None:
     print(f"campaign {state.campaign}: {state.status} -> {args.out}")
 
 
+def cmd_submit(args: argparse.Namespace) -> None:
+    if args.address is None:  # no cluster: run it here, as `seqedit run`
+        cmd_run(args)
+        return
+    from seqedit.pipeline.submit import submit_campaign
+
+    job = submit_campaign(args.spec, args.out, args.address)
+    print(f"submitted {job.job_id} to {job.address}: {job.entrypoint}")
+    _maybe_wait(job, args.wait)
+
+
+def _maybe_wait(job: object, wait: bool) -> None:
+    from seqedit.pipeline.submit import SubmittedJob, job_logs, wait_for
+
+    assert isinstance(job, SubmittedJob)
+    if not wait:
+        print(f"follow it: seqedit status DIR / seqedit logs DIR (job {job.job_id})")
+        return
+    status = wait_for(job)
+    print(job_logs(job), end="")
+    print(f"job {job.job_id}: {status}")
+    if str(status) != "SUCCEEDED":
+        raise SystemExit(1)
+
+
+def cmd_logs(args: argparse.Namespace) -> None:
+    from seqedit.pipeline.submit import job_logs, recorded_job
+
+    print(job_logs(recorded_job(args.campaign_dir)), end="")
+
+
+def cmd_cancel(args: argparse.Namespace) -> None:
+    from seqedit.pipeline.submit import cancel_job, recorded_job
+
+    job = recorded_job(args.campaign_dir)
+    stopped = cancel_job(job)
+    print(f"job {job.job_id}: {'stopping' if stopped else 'had already ended'}")
+
+
 def cmd_validate(args: argparse.Namespace) -> None:
     from seqedit.pipeline.campaign_ops import validate_spec
 
@@ -98,8 +137,12 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
 def cmd_status(args: argparse.Namespace) -> None:
     from seqedit.pipeline.campaign_ops import status_table
+    from seqedit.pipeline.submit import JOB_FILE, job_status, recorded_job
     from seqedit.pipeline.tables_format import format_table
 
+    if (args.campaign_dir / JOB_FILE).is_file():
+        job = recorded_job(args.campaign_dir)
+        print(f"job {job.job_id} at {job.address}: {job_status(job)}")
     state, table, live = status_table(args.campaign_dir)
     done = sum(s.steps_done if s.status != "done" else s.stop - s.start for s in state.shards)
     total = state.shards[-1].stop if state.shards else 0
@@ -115,6 +158,15 @@ def cmd_rerun(args: argparse.Namespace) -> None:
     from seqedit.pipeline.campaign_ops import frozen_spec, rerun_campaign, rerun_selection
     from seqedit.pipeline.commands import progress_bar
 
+    if args.address is not None:
+        from seqedit.pipeline.submit import submit_rerun
+
+        flags = ["--failed"] if args.failed else []
+        flags += ["--shard", str(args.shard)] if args.shard is not None else []
+        job = submit_rerun(args.campaign_dir, args.address, flags)
+        print(f"submitted {job.job_id} to {job.address}: {job.entrypoint}")
+        _maybe_wait(job, args.wait)
+        return
     spec = frozen_spec(args.campaign_dir)
     shards = rerun_selection(args.campaign_dir, failed=args.failed, shard=args.shard)
     with progress_bar(spec.n_edits, spec.name, not args.quiet) as update:
@@ -288,6 +340,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true")
     run.set_defaults(func=cmd_run)
 
+    submit = sub.add_parser(
+        "submit", help="submit a campaign to a Ray cluster as a job (no --address: run here)"
+    )
+    submit.add_argument("spec", type=Path, help="campaign YAML (on storage every node sees)")
+    submit.add_argument("--out", required=True, type=Path, help="campaign directory (shared)")
+    submit.add_argument("--address", default=None,
+                        help="the cluster's job server, e.g. http://head:8265")  # fmt: skip
+    submit.add_argument("--wait", action="store_true", help="follow the job to its end")
+    submit.add_argument("--quiet", action="store_true")
+    submit.set_defaults(func=cmd_submit)
+
+    logs = sub.add_parser("logs", help="what a submitted campaign's job has printed")
+    logs.add_argument("campaign_dir", type=Path)
+    logs.set_defaults(func=cmd_logs)
+
+    cancel = sub.add_parser("cancel", help="stop a submitted campaign's job")
+    cancel.add_argument("campaign_dir", type=Path)
+    cancel.set_defaults(func=cmd_cancel)
+
     edit = sub.add_parser("edit", help="edit a model once, in order, and save the deltas")
     edit.add_argument("--model", required=True, type=Path, help="HF model directory")
     edit.add_argument(
@@ -355,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
         "pending if K's weights come out different",
     )
     rerun.add_argument("--quiet", action="store_true", help="no progress bar")
+    rerun.add_argument("--address", default=None,
+                       help="submit the rerun to this cluster's job server")  # fmt: skip
+    rerun.add_argument("--wait", action="store_true", help="with --address: follow the job")
     rerun.set_defaults(func=cmd_rerun)
 
     rebuild = sub.add_parser(
@@ -420,7 +494,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, FileNotFoundError, RuntimeError, ConnectionError) as exc:
         if args.verbose:
             raise
         print(f"seqedit: error: {exc}", file=sys.stderr)

@@ -1,0 +1,101 @@
+"""Campaigns as Ray jobs: submit to a running cluster, follow, cancel, rerun.
+
+`seqedit submit SPEC --out DIR --address ADDR` hands `seqedit run SPEC --out DIR` to the
+cluster's job server (the Ray Jobs API, at the dashboard address, e.g.
+http://head:8265); the job's driver runs on the head node and places the editor,
+evaluator and covariance actors on the workers. The campaign directory (and the paths in
+the spec) must be on storage every node sees: a shared file system mounted at the same
+path. The submission is recorded in `DIR/job.json`, so `seqedit logs DIR`, `seqedit
+cancel DIR` and `seqedit status DIR` find the job again; `seqedit rerun DIR --address`
+submits the rerun the same way. Without an address, `submit` runs the campaign here.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+from pathlib import Path
+
+from pydantic import BaseModel
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+from seqedit.files import write_text_atomic
+
+JOB_FILE = "job.json"
+"""The last job submitted for a campaign directory (`SubmittedJob`)."""
+
+
+class SubmittedJob(BaseModel):
+    """A campaign job on a cluster: its id and the job server it was submitted to."""
+
+    job_id: str
+    address: str
+    entrypoint: str
+    submitted_at: float
+
+
+class SubmitError(ValueError):
+    """A job that cannot be found or submitted; the message names the directory or job."""
+
+
+def submit_command(
+    command: list[str], campaign_dir: Path, address: str, *, runtime_env: dict | None = None
+) -> SubmittedJob:
+    """Submit `seqedit <command>` as a Ray job at `address`; recorded in `campaign_dir`."""
+    client = JobSubmissionClient(address)
+    entrypoint = shlex.join(["seqedit", *command])
+    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+    job = SubmittedJob(job_id=job_id, address=address, entrypoint=entrypoint,
+                       submitted_at=time.time())  # fmt: skip
+    campaign_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(campaign_dir / JOB_FILE, job.model_dump_json(indent=1) + "\n")
+    return job
+
+
+def submit_campaign(spec_file: Path, campaign_dir: Path, address: str) -> SubmittedJob:
+    """Submit `seqedit run SPEC --out DIR` (absolute paths: the job runs elsewhere)."""
+    command = ["run", str(spec_file.resolve()), "--out", str(campaign_dir.resolve()), "--quiet"]
+    return submit_command(command, campaign_dir, address)
+
+
+def submit_rerun(campaign_dir: Path, address: str, flags: list[str]) -> SubmittedJob:
+    """Submit `seqedit rerun DIR [flags]` to the cluster at `address`."""
+    command = ["rerun", str(campaign_dir.resolve()), *flags, "--quiet"]
+    return submit_command(command, campaign_dir, address)
+
+
+def recorded_job(campaign_dir: Path) -> SubmittedJob:
+    """The job last submitted for `campaign_dir`."""
+    path = campaign_dir / JOB_FILE
+    if not path.is_file():
+        raise SubmitError(f"{campaign_dir}: no job was submitted for it (no {JOB_FILE})")
+    return SubmittedJob.model_validate_json(path.read_text(encoding="utf-8"))
+
+
+def job_status(job: SubmittedJob) -> JobStatus:
+    """The job's status on its cluster (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
+    return JobSubmissionClient(job.address).get_job_status(job.job_id)
+
+
+def job_logs(job: SubmittedJob) -> str:
+    """Everything the job's driver has printed so far."""
+    return JobSubmissionClient(job.address).get_job_logs(job.job_id)
+
+
+def cancel_job(job: SubmittedJob) -> bool:
+    """Ask the cluster to stop the job; whether it was still running."""
+    return JobSubmissionClient(job.address).stop_job(job.job_id)
+
+
+def wait_for(job: SubmittedJob, *, poll_s: float = 1.0, timeout_s: float | None = None
+             ) -> JobStatus:  # fmt: skip
+    """Poll until the job ends; its final status."""
+    client = JobSubmissionClient(job.address)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        status = client.get_job_status(job.job_id)
+        if status.is_terminal():
+            return status
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"job {job.job_id} still {status} after {timeout_s} s")
+        time.sleep(poll_s)
