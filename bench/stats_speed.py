@@ -35,6 +35,7 @@ from seqedit.methods.covariance import accumulate_second_moments
 from seqedit.pipeline.prepared import ensure_testbed
 from seqedit.pipeline.stats_job import build_stats_sharded
 from seqedit.pipeline.tables_format import format_table
+from seqedit.schemas.campaign import ResourcesSpec
 from seqedit.testbed.build import CORPUS_FILE
 from seqedit.workers.corpus import iter_documents
 from seqedit.workers.model_io import load_model
@@ -109,7 +110,8 @@ def actors_wall(model_dir: Path, config: StatsConfig, folder: Path) -> list[dict
     for actors in (1, 2):
         started = time.perf_counter()
         _, report = build_stats_sharded(model_dir, config, folder / f"a{actors}", shards=4,
-                                        actors=actors, torch_threads=1, progress=False)  # fmt: skip
+                                        actors=actors, resources=ResourcesSpec(torch_threads=1),
+                                        progress=False)  # fmt: skip
         wall = time.perf_counter() - started
         base = base or wall
         rows.append({"actors": actors, "shards": report.shards, "tokens": report.tokens,

@@ -6,9 +6,31 @@ its editing, evaluation and covariance shards ran.
 
 from __future__ import annotations
 
+from typing import Any
+
 import ray
 
+from seqedit.schemas.campaign import ResourcesSpec
 from seqedit.workers.editor import SequentialEditor
+
+
+def actor_options(resources: ResourcesSpec, **more: Any) -> dict[str, Any]:
+    """`.options(...)` of an actor with these resources (a process per actor, no restarts:
+    the pipeline replaces a dead actor itself)."""
+    options: dict[str, Any] = {
+        "num_cpus": resources.num_cpus,
+        "num_gpus": resources.num_gpus,
+        "max_restarts": 0,
+        **more,
+    }
+    if resources.memory is not None:
+        options["memory"] = resources.memory
+    return options
+
+
+def device_for(resources: ResourcesSpec) -> str:
+    """Where an actor with these resources runs its model."""
+    return "cuda" if resources.num_gpus > 0 else "cpu"
 
 
 def node_id() -> str:

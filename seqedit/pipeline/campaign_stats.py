@@ -52,10 +52,8 @@ def ensure_campaign_stats(spec: CampaignSpec) -> None:
         log.info("campaign %s: using the stats in %s", spec.name, stats_dir)
         return
     log.info("campaign %s: building the stats of layers %s in %s", spec.name, layers, stats_dir)
-    resources = build.resources
     build_stats_sharded(spec.model, stats_config, stats_dir, shards=build.shards,
-                        actors=build.actors, num_cpus=resources.num_cpus,
-                        num_gpus=resources.num_gpus, torch_threads=resources.torch_threads,
+                        actors=build.actors, resources=build.resources,
                         progress=False)  # fmt: skip
 
 

@@ -17,7 +17,7 @@ from seqedit.pipeline.plot_data import layer_drift, update_norms
 from seqedit.pipeline.plots import plot_degradation, plot_health, plot_norm_growth
 from seqedit.pipeline.state import CampaignState
 from seqedit.pipeline.store import query
-from seqedit.schemas.campaign import load_spec
+from seqedit.schemas.campaign import ResourcesSpec, load_spec
 from seqedit.workers.stats import META_FILE, StatsConfig, StatsMeta, compute_stats
 from seqedit.workers.stats_store import load_accumulators, save_stats
 
@@ -145,9 +145,10 @@ def build_stats_command(
     if shards > 1:
         from seqedit.pipeline.stats_job import build_stats_sharded
 
+        resources = ResourcesSpec(num_cpus=cpus_per_actor, num_gpus=gpus_per_actor)
         result, report = build_stats_sharded(
-            model, config, out, shards=shards, actors=actors, num_cpus=cpus_per_actor,
-            num_gpus=gpus_per_actor, progress=progress,
+            model, config, out, shards=shards, actors=actors, resources=resources,
+            progress=progress,
         )  # fmt: skip
         return result.meta, report
     result = compute_stats(model, config, progress=progress)

@@ -22,7 +22,7 @@ import yaml
 from seqedit.files import write_text_atomic
 from seqedit.methods.config import validate_config
 from seqedit.methods.registry import get_method
-from seqedit.pipeline.actors import EditorActor
+from seqedit.pipeline.actors import EditorActor, actor_options, device_for
 from seqedit.pipeline.campaign_stats import ensure_campaign_stats
 from seqedit.pipeline.eval_plan import build_task, crossed, due_tasks, shard_plan
 from seqedit.pipeline.eval_pool import EvalPool
@@ -314,9 +314,7 @@ def _start_editor(
     before it), a health monitor whose trend window is where it was there, and the
     evaluators' edit log cut back to there."""
     _seed_log(pool, root, state, first_shard)
-    actor_cls = ray.remote(EditorActor).options(
-        num_cpus=spec.resources.num_cpus, num_gpus=spec.resources.num_gpus, max_restarts=0
-    )
+    actor_cls = ray.remote(EditorActor).options(**actor_options(spec.resources))
     editor = actor_cls.remote(
         spec.model,
         spec.method,
@@ -325,7 +323,7 @@ def _start_editor(
         campaign=spec.name,
         seed=spec.seed,
         torch_threads=spec.resources.torch_threads,
-        device="cuda" if spec.resources.num_gpus > 0 else "cpu",
+        device=device_for(spec.resources),
         keep_undo=needs_undo(spec.health),
         retry_factor=spec.health.retry_steps_factor,
     )

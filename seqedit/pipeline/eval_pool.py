@@ -19,7 +19,7 @@ from typing import Any
 
 import ray
 
-from seqedit.pipeline.actors import node_id
+from seqedit.pipeline.actors import actor_options, device_for, node_id
 from seqedit.schemas.campaign import CampaignSpec
 from seqedit.workers.editor import parse_edit_log
 from seqedit.workers.evaluator import EvalResult, EvalTask, Evaluator
@@ -85,17 +85,14 @@ class EvalPool:
     def _start_actor(self) -> Any:
         resources = self.spec.evaluation.resources
         actor_cls = ray.remote(EvaluatorActor).options(
-            num_cpus=resources.num_cpus,
-            num_gpus=resources.num_gpus,
-            max_restarts=0,
-            scheduling_strategy="SPREAD",  # over the nodes of a cluster
+            **actor_options(resources, scheduling_strategy="SPREAD")  # over a cluster's nodes
         )
         return actor_cls.remote(
             self.spec.model,
             self.spec.method,
             self.spec.hparams,
             campaign=self.spec.name,
-            device="cuda" if resources.num_gpus > 0 else "cpu",
+            device=device_for(resources),
             torch_threads=resources.torch_threads,
             heldout=self.heldout,
             batch_size=self.spec.eval_batch_size,

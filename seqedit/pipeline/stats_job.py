@@ -29,8 +29,9 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig
 
 from seqedit.files import write_text_atomic
-from seqedit.pipeline.actors import node_id
+from seqedit.pipeline.actors import actor_options, device_for, node_id
 from seqedit.pipeline.ray_init import ensure_ray
+from seqedit.schemas.campaign import ResourcesSpec
 from seqedit.workers.corpus import corpus_fingerprint
 from seqedit.workers.covariance_worker import CovarianceWorker, ShardSums
 from seqedit.workers.model_io import model_fingerprint
@@ -110,14 +111,13 @@ def build_stats_sharded(
     *,
     shards: int,
     actors: int,
-    num_cpus: float = 1,
-    num_gpus: float = 0,
-    torch_threads: int | None = None,
+    resources: ResourcesSpec | None = None,
     progress: bool = True,
     max_attempts: int = 3,
     on_shard_done: Callable[[int], None] | None = None,
 ) -> tuple[StatsResult, StatsJobReport]:
-    """Compute the stats of `config` over `shards` shards on `actors` actors, resuming from
+    """Compute the stats of `config` over `shards` shards on `actors` actors (each with
+    `resources`: 1 CPU by default), resuming from
     the partials of an earlier run of the same job in `out/shards`, and save them in `out`.
     `on_shard_done(index)` is called after each shard's partial is written."""
     root = Path(out)
@@ -139,8 +139,7 @@ def build_stats_sharded(
     nodes: dict[int, str] = {}
     if todo:
         ensure_ray()
-        pool = _Pool(model_dir, config, min(actors, len(todo)), num_cpus, num_gpus,
-                     torch_threads)  # fmt: skip
+        pool = _Pool(model_dir, config, min(actors, len(todo)), resources or ResourcesSpec())
         try:
             attempts = dict.fromkeys(todo, 0)
             for index in todo:
@@ -279,19 +278,13 @@ class _Pool:
     """CovarianceWorker actors fed one shard each at a time."""
 
     def __init__(
-        self,
-        model_dir: str | Path,
-        config: StatsConfig,
-        actors: int,
-        num_cpus: float,
-        num_gpus: float,
-        torch_threads: int | None,
+        self, model_dir: str | Path, config: StatsConfig, actors: int, resources: ResourcesSpec
     ) -> None:
-        self.make = lambda: ray.remote(CovarianceActor).options(
-            num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0,
-            scheduling_strategy="SPREAD",  # over the nodes of a cluster
-        ).remote(str(model_dir), config, device="cuda" if num_gpus > 0 else "cpu",
-                 torch_threads=torch_threads)  # fmt: skip
+        options = actor_options(resources, scheduling_strategy="SPREAD")  # over the nodes
+        self.make = lambda: ray.remote(CovarianceActor).options(**options).remote(
+            str(model_dir), config, device=device_for(resources),
+            torch_threads=resources.torch_threads,
+        )  # fmt: skip
         self.idle = [self.make() for _ in range(actors)]
         self.queue: list[tuple[int, Sequence[int]]] = []
         self.running: dict[ray.ObjectRef, tuple[int, Any]] = {}

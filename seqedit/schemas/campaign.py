@@ -33,12 +33,15 @@ class DatasetSpec(BaseModel):
 
 
 class ResourcesSpec(BaseModel):
-    """Ray resources of the editor actor."""
+    """Ray resources of an actor (the editor, each evaluator, each stats actor)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     num_cpus: float = Field(default=1, gt=0)
     num_gpus: float = Field(default=0, ge=0)
+    memory: int | None = Field(
+        default=None, gt=0, description="Bytes of memory Ray reserves for the actor."
+    )
     torch_threads: int | None = Field(default=None, ge=1, description="None: Ray's default.")
 
 

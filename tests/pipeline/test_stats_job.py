@@ -76,7 +76,7 @@ def test_sharded_equals_one_process_and_a_plain_pass(
     config = _config(tiny_testbed)
     single = compute_stats(tiny_testbed, config, progress=False)
     sharded, report = build_stats_sharded(tiny_testbed, config, tmp_path / "s", shards=4,
-                                          actors=2, num_cpus=1, progress=False)  # fmt: skip
+                                          actors=2, progress=False)  # fmt: skip
     assert (report.shards, report.computed, report.reused) == (4, 4, 0)
     assert sharded.meta.token_count == single.meta.token_count
     assert {acc.count for acc in sharded.accumulators.values()} == {single.meta.token_count}
@@ -93,7 +93,7 @@ def test_split_is_contiguous_and_covers_everything() -> None:
 
 
 def _busy_worker_pid() -> int:
-    """The process of a CovarianceWorker actor computing a shard (Ray titles an actor's
+    """The process of a covariance actor computing a shard (Ray titles an actor's
     process "ray::<Class>.<method>" while the method runs)."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -102,10 +102,10 @@ def _busy_worker_pid() -> int:
                 title = cmdline.read_bytes()
             except OSError:  # the process ended meanwhile
                 continue
-            if b"ray::CovarianceWorker.run_shard" in title:
+            if b"ray::CovarianceActor.run_shard" in title:
                 return int(cmdline.parent.name)
         time.sleep(0.01)
-    raise TimeoutError("no CovarianceWorker was computing a shard")
+    raise TimeoutError("no covariance actor was computing a shard")
 
 
 @pytest.mark.slow
@@ -124,7 +124,7 @@ def test_a_killed_actor_and_a_killed_driver_lose_no_finished_shard(
             os.kill(_busy_worker_pid(), signal.SIGKILL)
 
     killed, report = build_stats_sharded(tiny_testbed, config, tmp_path / "k", shards=8,
-                                         actors=2, num_cpus=1, progress=False,
+                                         actors=2, progress=False,
                                          on_shard_done=kill_a_busy_worker)  # fmt: skip
     assert report.retried == 1 and report.computed == 8
     assert sorted(finished) == list(range(8))  # each shard finished (and was written) once
@@ -144,7 +144,7 @@ def test_a_killed_actor_and_a_killed_driver_lose_no_finished_shard(
                             progress=False, on_shard_done=die_after_two)  # fmt: skip
     assert sum(shard_path(tmp_path / "d", i).is_file() for i in range(4)) == 2
     resumed, report = build_stats_sharded(tiny_testbed, config, tmp_path / "d", shards=4,
-                                          actors=2, num_cpus=1, progress=False)  # fmt: skip
+                                          actors=2, progress=False)  # fmt: skip
     assert (report.reused, report.computed) == (2, 2)  # the finished shards are not redone
     _assert_close(_sums(resumed), _sums(reference))
 
