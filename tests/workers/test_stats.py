@@ -12,7 +12,6 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from seqedit.workers.corpus import CorpusError, iter_documents
 from seqedit.workers.model_io import model_fingerprint
 from seqedit.workers.stats import (
     META_FILE,
@@ -152,16 +151,6 @@ def test_jsonl_corpus_equals_text_corpus(result: StatsResult, tiny: Path, tmp_pa
     assert res.meta.token_count == result.meta.token_count
     for layer in (0, 2):
         torch.testing.assert_close(res.accumulators[layer].sum, result.accumulators[layer].sum)
-
-
-def test_bad_jsonl_line_names_file_and_line(tmp_path: Path) -> None:
-    path = tmp_path / "bad.jsonl"
-    path.write_text('{"text": "the cat"}\n\n{"txt": "no text field"}\n')
-    with pytest.raises(CorpusError, match=r"bad\.jsonl:3: .*'text'"):
-        list(iter_documents([path]))
-    path.write_text('{"text": "the cat"}\n{not json\n')
-    with pytest.raises(CorpusError, match=r"bad\.jsonl:2: invalid JSON"):
-        list(iter_documents([path]))
 
 
 def test_n_samples_is_deterministic(tiny: Path, corpus: Path) -> None:
