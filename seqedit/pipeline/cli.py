@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -86,10 +87,15 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> None:
-    if args.address is None:  # no cluster: run it here, as `seqedit run`
+    from seqedit.pipeline.submit import is_job_server, submit_campaign
+
+    if args.address is None or not is_job_server(args.address):
+        # no cluster: run it here; `auto`, `ray://HEAD:10001` or `HEAD:6379`: the driver
+        # runs here and places its actors on that cluster
+        if args.address is not None:
+            os.environ["RAY_ADDRESS"] = args.address
         cmd_run(args)
         return
-    from seqedit.pipeline.submit import submit_campaign
 
     job = submit_campaign(args.spec, args.out, args.address)
     print(f"submitted {job.job_id} to {job.address}: {job.entrypoint}")
@@ -346,7 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("spec", type=Path, help="campaign YAML (on storage every node sees)")
     submit.add_argument("--out", required=True, type=Path, help="campaign directory (shared)")
     submit.add_argument("--address", default=None,
-                        help="the cluster's job server, e.g. http://head:8265")  # fmt: skip
+                        help="a job server (http://HEAD:8265: submitted as a Ray job), or "
+                        "auto / ray://HEAD:10001 / HEAD:6379 (the driver runs here, its "
+                        "actors on that cluster); none: run here")  # fmt: skip
     submit.add_argument("--wait", action="store_true", help="follow the job to its end")
     submit.add_argument("--quiet", action="store_true")
     submit.set_defaults(func=cmd_submit)

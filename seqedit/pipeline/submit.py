@@ -1,13 +1,15 @@
 """Campaigns as Ray jobs: submit to a running cluster, follow, cancel, rerun.
 
-`seqedit submit SPEC --out DIR --address ADDR` hands `seqedit run SPEC --out DIR` to the
-cluster's job server (the Ray Jobs API, at the dashboard address, e.g.
-http://head:8265); the job's driver runs on the head node and places the editor,
-evaluator and covariance actors on the workers. The campaign directory (and the paths in
-the spec) must be on storage every node sees: a shared file system mounted at the same
-path. The submission is recorded in `DIR/job.json`, so `seqedit logs DIR`, `seqedit
-cancel DIR` and `seqedit status DIR` find the job again; `seqedit rerun DIR --address`
-submits the rerun the same way. Without an address, `submit` runs the campaign here.
+`seqedit submit SPEC --out DIR --address http://HEAD:8265` hands `seqedit run SPEC --out
+DIR` to the cluster's job server (the Ray Jobs API, at the dashboard address); the job's
+driver runs on the head node and places the editor, evaluator and covariance actors on the
+workers. With `--address auto`, `ray://HEAD:10001` (Ray Client) or `HEAD:6379`, the driver
+runs in this process and joins that cluster instead (nothing to follow afterwards). The
+campaign directory (and the paths in the spec) must be on storage every node sees: a
+shared file system mounted at the same path. A submission is recorded in `DIR/job.json`,
+so `seqedit logs DIR`, `seqedit cancel DIR` and `seqedit status DIR` find the job again;
+`seqedit rerun DIR --address` submits the rerun the same way. Without an address,
+`submit` runs the campaign here.
 """
 
 from __future__ import annotations
@@ -36,6 +38,12 @@ class SubmittedJob(BaseModel):
 
 class SubmitError(ValueError):
     """A job that cannot be found or submitted; the message names the directory or job."""
+
+
+def is_job_server(address: str) -> bool:
+    """Whether `address` names a job server (the dashboard: http:// or https://), rather
+    than a cluster a driver joins (auto, ray://HEAD:10001, HEAD:6379)."""
+    return address.startswith(("http://", "https://"))
 
 
 def submit_command(

@@ -12,9 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import ray
 
 from seqedit.pipeline.cli import main
 from seqedit.pipeline.state import CampaignState
+from seqedit.pipeline.store import query
 from seqedit.pipeline.submit import job_status, recorded_job
 from tests.pipeline.specs import write_spec
 
@@ -27,15 +29,20 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+CLIENT_PORT = _free_port()
+
+
 @pytest.fixture(scope="module")
 def job_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A one-node Ray cluster with its dashboard (the job server); its address."""
+    """A one-node Ray cluster with its dashboard (the job server) and a Ray Client server
+    (at CLIENT_PORT); the job server's address."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     port = _free_port()
     subprocess.run([str(BIN / "ray"), "start", "--head", "--num-cpus=2", f"--port={_free_port()}",
                     "--include-dashboard=true", f"--dashboard-port={port}",
-                    "--disable-usage-stats"], env=env, check=True, capture_output=True,
+                    f"--ray-client-server-port={CLIENT_PORT}", "--disable-usage-stats"],
+                   env=env, check=True, capture_output=True,
                    cwd=tmp_path_factory.mktemp("head"), timeout=180)  # fmt: skip
     try:
         yield f"http://127.0.0.1:{port}"
@@ -80,6 +87,26 @@ def test_submit_follow_rerun_and_cancel_a_campaign_on_a_cluster(
     while not job_status(job).is_terminal() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert str(job_status(job)) == "STOPPED"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("address", ["auto", f"ray://127.0.0.1:{CLIENT_PORT}"])
+def test_submit_with_the_driver_here_and_the_actors_on_the_cluster(
+    job_server: str, address: str, tiny_testbed: Path, tiny_stats: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # restored (unset) afterwards
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # as the cluster was started
+    spec = write_spec(tmp_path, tiny_testbed, tiny_stats, n_edits=2)
+    try:
+        assert main(["submit", str(spec), "--out", str(tmp_path / "c"), "--address", address,
+                     "--quiet"]) == 0  # fmt: skip
+        cluster_nodes = {n["NodeID"] for n in ray.nodes()}  # the driver joined the cluster
+    finally:
+        ray.shutdown()
+    assert CampaignState.load(tmp_path / "c").status == "done"
+    nodes = query(tmp_path / "c", "SELECT DISTINCT node FROM edits").to_pylist()
+    assert len(cluster_nodes) == 1 and {r["node"] for r in nodes} == cluster_nodes
 
 
 def test_submit_without_a_server_is_one_clear_line(
