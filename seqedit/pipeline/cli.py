@@ -92,9 +92,16 @@ def cmd_submit(args: argparse.Namespace) -> None:
     if args.address is None or not is_job_server(args.address):
         # no cluster: run it here; `auto`, `ray://HEAD:10001` or `HEAD:6379`: the driver
         # runs here and places its actors on that cluster
+        previous = os.environ.get("RAY_ADDRESS")
         if args.address is not None:
             os.environ["RAY_ADDRESS"] = args.address
-        cmd_run(args)
+        try:
+            cmd_run(args)
+        finally:  # `main` may run in a longer-lived process (tests, notebooks)
+            if previous is None:
+                os.environ.pop("RAY_ADDRESS", None)
+            else:
+                os.environ["RAY_ADDRESS"] = previous
         return
 
     job = submit_campaign(args.spec, args.out, args.address)

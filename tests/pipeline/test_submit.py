@@ -95,8 +95,8 @@ def test_submit_with_the_driver_here_and_the_actors_on_the_cluster(
     job_server: str, address: str, tiny_testbed: Path, tiny_stats: Path, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # restored (unset) afterwards
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # as the cluster was started
+    before = os.environ.get("RAY_ADDRESS")
     spec = write_spec(tmp_path, tiny_testbed, tiny_stats, n_edits=2)
     try:
         assert main(["submit", str(spec), "--out", str(tmp_path / "c"), "--address", address,
@@ -104,6 +104,7 @@ def test_submit_with_the_driver_here_and_the_actors_on_the_cluster(
         cluster_nodes = {n["NodeID"] for n in ray.nodes()}  # the driver joined the cluster
     finally:
         ray.shutdown()
+    assert os.environ.get("RAY_ADDRESS") == before  # the process is left as it was
     assert CampaignState.load(tmp_path / "c").status == "done"
     nodes = query(tmp_path / "c", "SELECT DISTINCT node FROM edits").to_pylist()
     assert len(cluster_nodes) == 1 and {r["node"] for r in nodes} == cluster_nodes
@@ -114,8 +115,11 @@ def test_submit_without_a_server_is_one_clear_line(
 ) -> None:
     spec = tmp_path / "spec.yaml"
     spec.write_text("name: x\n")
-    assert main(["submit", str(spec), "--out", str(tmp_path / "c"),
-                 "--address", f"http://127.0.0.1:{_free_port()}"]) == 2  # fmt: skip
+    with socket.socket() as held:  # bound, never listening: connections are refused
+        held.bind(("127.0.0.1", 0))
+        nobody = f"http://127.0.0.1:{held.getsockname()[1]}"
+        assert main(["submit", str(spec), "--out", str(tmp_path / "c"),
+                     "--address", nobody]) == 2  # fmt: skip
     assert "Failed to connect to Ray" in capsys.readouterr().err
     assert main(["logs", str(tmp_path / "c")]) == 2
     assert "no job was submitted" in capsys.readouterr().err
