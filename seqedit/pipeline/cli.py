@@ -156,6 +156,9 @@ def cmd_status(args: argparse.Namespace) -> None:
     if (args.campaign_dir / JOB_FILE).is_file():
         job = recorded_job(args.campaign_dir)
         print(f"job {job.job_id} at {job.address}: {job_status(job)}")
+        if not (args.campaign_dir / "state.json").is_file():
+            print("the campaign has not started yet (no state.json)")
+            return
     state, table, live = status_table(args.campaign_dir)
     done = sum(s.steps_done if s.status != "done" else s.stop - s.start for s in state.shards)
     total = state.shards[-1].stop if state.shards else 0
