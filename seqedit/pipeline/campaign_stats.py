@@ -19,8 +19,8 @@ from seqedit.methods.registry import get_method
 from seqedit.pipeline.stats_job import build_stats_sharded
 from seqedit.schemas.campaign import CampaignSpec
 from seqedit.workers.corpus import corpus_fingerprint
-from seqedit.workers.stats import META_FILE, StatsConfig, StatsStoreError
-from seqedit.workers.stats_store import load_accumulators, load_stats
+from seqedit.workers.stats import META_FILE, StatsConfig, StatsMeta, StatsStoreError
+from seqedit.workers.stats_store import load_stats
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +59,10 @@ def ensure_campaign_stats(spec: CampaignSpec) -> None:
 
 def _check_found(stats_dir: Path, spec: CampaignSpec, config: StatsConfig) -> None:
     """Refuse stats that are not the ones `config` would build for this model."""
+    # checks the model, the layers, the file's checksum and that the sidecar describes it
     load_stats(stats_dir, layers=config.layers, model_dir=spec.model,
                module_tmp=config.module_tmp)  # fmt: skip
-    meta = load_accumulators(stats_dir).meta
+    meta = StatsMeta.model_validate_json((stats_dir / META_FILE).read_text(encoding="utf-8"))
     wanted = corpus_fingerprint(config.corpus, text_column=config.text_column)
     if meta.corpus_fingerprint != wanted:
         raise StatsStoreError(

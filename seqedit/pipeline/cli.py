@@ -9,8 +9,12 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from seqedit import __version__
+
+if TYPE_CHECKING:
+    from seqedit.pipeline.submit import SubmittedJob
 
 
 class CliError(Exception):
@@ -109,10 +113,9 @@ def cmd_submit(args: argparse.Namespace) -> None:
     _maybe_wait(job, args.wait)
 
 
-def _maybe_wait(job: object, wait: bool) -> None:
-    from seqedit.pipeline.submit import SubmittedJob, job_logs, wait_for
+def _maybe_wait(job: SubmittedJob, wait: bool) -> None:
+    from seqedit.pipeline.submit import job_logs, wait_for
 
-    assert isinstance(job, SubmittedJob)
     if not wait:
         print(f"follow it: seqedit status DIR / seqedit logs DIR (job {job.job_id})")
         return

@@ -118,9 +118,12 @@ class EvalPool:
         """Forget the log from `step` on (a shard runs again from its checkpoint): later
         segments are dropped, so are unanswered tasks that read them (their rows would
         describe steps that are being redone), and every actor goes back to the base model
-        before its next task."""
+        before its next task. With nothing registered from `step` on, nothing changes: no
+        actor or task can have gone past what was never registered."""
         if any(s.start < step < s.stop for s in self.segments):
             raise ValueError(f"step {step} is inside a registered segment")
+        if self.log_stop <= step:
+            return
         self.segments = [s for s in self.segments if s.stop <= step]
         for slot in self.slots:
             stale = [ref for ref, (task, _, _) in slot.pending.items() if task.last_step > step]

@@ -75,12 +75,12 @@ class StatsJobReport(BaseModel):
     tokens_per_second: float
 
 
-def job_key(model_dir: str | Path, config: StatsConfig, shards: int) -> str:
-    """What a partial sum depends on: the model, the corpus bytes, every setting that
-    changes a sum, and the shard split."""
+def job_key(model_fp: str, corpus_fp: str, config: StatsConfig, shards: int) -> str:
+    """What a partial sum depends on: the model and corpus (their fingerprints), every
+    setting that changes a sum, and the shard split."""
     identity = {
-        "model": model_fingerprint(model_dir),
-        "corpus": corpus_fingerprint(config.corpus, text_column=config.text_column),
+        "model": model_fp,
+        "corpus": corpus_fp,
         "config": config.model_dump(mode="json", exclude={"corpus"}),
         "shards": shards,
     }
@@ -124,7 +124,8 @@ def build_stats_sharded(
     started = time.perf_counter()
     documents = selected_documents(config)
     runs = split(documents, shards)
-    key = job_key(model_dir, config, len(runs))
+    corpus_fp = corpus_fingerprint(config.corpus, text_column=config.text_column)  # reads it all
+    key = job_key(model_fingerprint(model_dir), corpus_fp, config, len(runs))
     _claim_shard_dir(root, key)
     done: dict[int, ShardSums] = {}
     for index in range(len(runs)):
@@ -176,7 +177,8 @@ def build_stats_sharded(
     seconds = time.perf_counter() - started
     tokens = sum(part.tokens for part in done.values())
     max_length = _max_length(model_dir, config)
-    meta = stats_meta(model_dir, config, max_length, len(documents), tokens, seconds)
+    meta = stats_meta(model_dir, config, max_length, len(documents), tokens, seconds,
+                      corpus_fp=corpus_fp)  # fmt: skip
     result = StatsResult(accumulators=merged, meta=meta)
     save_stats(root, result)
     report = StatsJobReport(

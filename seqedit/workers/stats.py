@@ -254,8 +254,11 @@ def stats_meta(
     n_documents: int,
     tokens: int,
     seconds: float,
+    *,
+    corpus_fp: str | None = None,
 ) -> StatsMeta:
-    """The provenance of stats computed with `config` over `n_documents` documents."""
+    """The provenance of stats computed with `config` over `n_documents` documents
+    (`corpus_fp`: the corpus fingerprint, when the caller has it already)."""
     return StatsMeta(
         seqedit_version=__version__,
         created_at=datetime.now(UTC),
@@ -263,7 +266,8 @@ def stats_meta(
         model_dir=str(model_dir),
         module_names={layer: config.module_tmp.format(layer) for layer in config.layers},
         corpus_files=[source_name(p) for p in config.corpus],
-        corpus_fingerprint=corpus_fingerprint(config.corpus, text_column=config.text_column),
+        corpus_fingerprint=corpus_fp
+        or corpus_fingerprint(config.corpus, text_column=config.text_column),
         n_documents=n_documents,
         max_length=max_length,
         token_count=tokens,
