@@ -9,27 +9,27 @@ inputs that are transformed before use (the stats sums) may skip this.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from seqedit.files import write_atomic
+from seqedit.storage import Location, Where, location
 
 
 def write_safetensors(
-    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
-) -> Path:
-    """Write `tensors` (as contiguous CPU tensors) with `metadata`, atomically."""
+    path: Where, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> Location:
+    """Write `tensors` (as contiguous CPU tensors) with `metadata`, atomically, to a local
+    path or any storage URI (`seqedit.storage`)."""
     ready = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-    return write_atomic(path, lambda tmp: save_file(ready, str(tmp), metadata=metadata))
+    return location(path).write_with(lambda tmp: save_file(ready, str(tmp), metadata=metadata))
 
 
-def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors in fresh allocations, metadata) of a safetensors file. Raises
-    `safetensors.SafetensorError` or `OSError` for a missing or malformed file."""
-    with safe_open(str(path), framework="pt") as handle:
+def read_safetensors(path: Where) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors in fresh allocations, metadata) of a safetensors file, local or on any
+    storage URI. Raises `safetensors.SafetensorError` or `OSError` for a missing or
+    malformed file."""
+    with location(path).local_copy() as local, safe_open(str(local), framework="pt") as handle:
         metadata = handle.metadata() or {}
         tensors = {name: handle.get_tensor(name).clone() for name in handle.keys()}  # noqa: SIM118
     return tensors, metadata
