@@ -18,12 +18,14 @@ import yaml
 
 from seqedit.methods.config import validate_config
 from seqedit.methods.registry import get_method
-from seqedit.pipeline.driver import ProgressCallback, run_campaign
+from seqedit.pipeline.campaign_lock import driver_running
+from seqedit.pipeline.driver import ProgressCallback, editlog_path, run_campaign
 from seqedit.pipeline.eval_plan import shard_plan
-from seqedit.pipeline.state import CampaignState, ShardState, driver_running
-from seqedit.pipeline.store import partition_dir
+from seqedit.pipeline.state import CampaignState, ShardState
+from seqedit.pipeline.store import list_parts
 from seqedit.schemas.campaign import CampaignSpec, SpecError, load_spec
 from seqedit.schemas.loaders import load_requests
+from seqedit.storage import Where, location
 from seqedit.workers.corpus import CorpusError, iter_documents
 from seqedit.workers.editor import SequentialEditor
 from seqedit.workers.tensor_files import read_safetensors
@@ -42,7 +44,7 @@ def validate_spec(spec_file: Path, *, schema_only: bool = False) -> CampaignSpec
         raise SpecError(f"{spec_file}: field 'model': no model directory at {spec.model}")
     if method.uses_second_moment(config) and spec.stats is None:
         raise SpecError(f"{spec_file}: field 'stats': method {method.name} needs covariance stats")
-    if spec.stats is not None and not Path(spec.stats).is_dir() and spec.stats_build is None:
+    if spec.stats is not None and not location(spec.stats).is_dir() and spec.stats_build is None:
         raise SpecError(f"{spec_file}: field 'stats': no stats directory at {spec.stats} "
                         "(add `stats_build:` to build them there)")  # fmt: skip
     if spec.stats_build is not None:
@@ -64,12 +66,13 @@ def validate_spec(spec_file: Path, *, schema_only: bool = False) -> CampaignSpec
     return spec
 
 
-def frozen_spec(campaign_dir: Path) -> CampaignSpec:
+def frozen_spec(campaign_dir: Where) -> CampaignSpec:
     """The spec a campaign directory was created with (`spec.yaml`, hash checked)."""
-    path = campaign_dir / SPEC_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no frozen spec here (is this a campaign dir?)")
-    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    path = location(campaign_dir) / SPEC_FILE
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no frozen spec here (is this a campaign dir?)") from None
     recorded = raw.pop("spec_hash", None)
     spec = CampaignSpec.model_validate(raw)
     if recorded != spec.spec_hash():
@@ -77,7 +80,7 @@ def frozen_spec(campaign_dir: Path) -> CampaignSpec:
     return spec
 
 
-def status_table(campaign_dir: Path) -> tuple[CampaignState, pa.Table, bool]:
+def status_table(campaign_dir: Where) -> tuple[CampaignState, pa.Table, bool]:
     """The campaign state, one row per shard (range, status, attempt, progress, error) and
     whether a live driver is running it now (a "running" campaign without one was
     interrupted: its driver was killed)."""
@@ -99,18 +102,18 @@ def status_table(campaign_dir: Path) -> tuple[CampaignState, pa.Table, bool]:
     return state, pa.Table.from_pylist(rows), driver_running(campaign_dir)
 
 
-def _evals_written(campaign_dir: Path, spec: CampaignSpec, shard: ShardState) -> str:
+def _evals_written(campaign_dir: Where, spec: CampaignSpec, shard: ShardState) -> str:
     """"written/planned" evaluation tasks of a done shard (a rerun writes what is missing:
     its driver died before the evaluators answered); of another shard, those written."""
-    folder = partition_dir(campaign_dir, "evals", shard.index, shard.attempt)
-    written = {p.name for p in folder.glob("part-*.parquet")} if folder.is_dir() else set()
+    parts = list_parts(campaign_dir, "evals", shard.index, shard.attempt)
+    written = {p.name for p in parts}
     if shard.status != "done":
         return str(len(written)) if written else ""
     planned = {f"part-{p.part:05d}.parquet" for p in shard_plan(spec, shard.start, shard.stop)}
     return f"{len(planned & written)}/{len(planned)}"
 
 
-def rerun_selection(campaign_dir: Path, *, failed: bool, shard: int | None) -> list[int] | None:
+def rerun_selection(campaign_dir: Where, *, failed: bool, shard: int | None) -> list[int] | None:
     """The shards `seqedit rerun` runs: None (every shard not done), the failed ones (and
     one left "running" by a killed driver), or `[shard]`. No failed shard is an error."""
     if shard is not None:
@@ -126,7 +129,7 @@ def rerun_selection(campaign_dir: Path, *, failed: bool, shard: int | None) -> l
 
 
 def rerun_campaign(
-    campaign_dir: Path,
+    campaign_dir: Where,
     *,
     progress: ProgressCallback | None = None,
     shards: list[int] | None = None,
@@ -135,7 +138,7 @@ def rerun_campaign(
     return run_campaign(frozen_spec(campaign_dir), campaign_dir, progress=progress, shards=shards)
 
 
-def rebuild_model(campaign_dir: Path, through_step: int, out: Path) -> str:
+def rebuild_model(campaign_dir: Where, through_step: int, out: Path) -> str:
     """Write the campaign's model as it was right after step `through_step` to `out` (a
     Hugging Face model directory): the base model plus the edit log of every step up to
     it, replayed through the editor's own apply path (bit for bit on CPU). Where that step
@@ -157,7 +160,7 @@ def rebuild_model(campaign_dir: Path, through_step: int, out: Path) -> str:
                 f"{campaign_dir}: step {through_step} needs the edit log of shard "
                 f"{shard.index}, which is {shard.status}"
             )
-        log_file = campaign_dir / "editlog" / f"shard={shard.index}.safetensors"
+        log_file = editlog_path(location(campaign_dir), shard.index)
         tensors, _ = read_safetensors(log_file)
         editor.replay(tensors, until_step=through_step + 1)
         ends_shard = through_step == shard.stop - 1 and shard.status == "done"

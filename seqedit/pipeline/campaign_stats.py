@@ -3,13 +3,13 @@
 Found stats are used only if they are what the campaign would build: the same model, the
 method's layers at its rewrite modules, and (when `stats_build` says which) the same
 corpus. Anything else is refused with the field that differs; nothing is rebuilt over a
-stats directory that holds other stats.
+stats directory that holds other stats. `stats` may be a local path or any storage URI
+(`s3://bucket/stats?...`), read and written through `seqedit.storage`.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from transformers import AutoConfig
 
@@ -18,6 +18,7 @@ from seqedit.methods.config import validate_config
 from seqedit.methods.registry import get_method
 from seqedit.pipeline.stats_job import build_stats_sharded
 from seqedit.schemas.campaign import CampaignSpec
+from seqedit.storage import Location, location
 from seqedit.workers.corpus import corpus_fingerprint
 from seqedit.workers.stats import META_FILE, StatsConfig, StatsMeta, StatsStoreError
 from seqedit.workers.stats_store import load_stats
@@ -33,7 +34,7 @@ def ensure_campaign_stats(spec: CampaignSpec) -> None:
     build = spec.stats_build
     if build is None or spec.stats is None or not method.uses_second_moment(config):
         return
-    stats_dir, layers = Path(spec.stats), method.layers(config)
+    stats_dir, layers = location(spec.stats), method.layers(config)
     model_type = AutoConfig.from_pretrained(spec.model, local_files_only=True).model_type
     names = config.module_names or module_names_for_type(model_type)
     stats_config = StatsConfig(
@@ -57,7 +58,7 @@ def ensure_campaign_stats(spec: CampaignSpec) -> None:
                         progress=False)  # fmt: skip
 
 
-def _check_found(stats_dir: Path, spec: CampaignSpec, config: StatsConfig) -> None:
+def _check_found(stats_dir: Location, spec: CampaignSpec, config: StatsConfig) -> None:
     """Refuse stats that are not the ones `config` would build for this model."""
     # checks the model, the layers, the file's checksum and that the sidecar describes it
     load_stats(stats_dir, layers=config.layers, model_dir=spec.model,

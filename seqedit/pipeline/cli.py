@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from seqedit import __version__
+from seqedit.storage import Location, StorageError, location
 
 if TYPE_CHECKING:
     from seqedit.pipeline.submit import SubmittedJob
@@ -243,11 +244,11 @@ def cmd_hparams_import(args: argparse.Namespace) -> None:
     )
 
 
-def _other_campaign(text: str) -> tuple[str, Path]:
+def _other_campaign(text: str) -> tuple[str, Location]:
     name, sep, folder = text.partition("=")
     if not sep or not name or not folder:
         raise argparse.ArgumentTypeError(f"expected NAME=DIR, e.g. b=runs/other — got {text!r}")
-    return name, Path(folder)
+    return name, _where(folder)
 
 
 def cmd_query(args: argparse.Namespace) -> None:
@@ -298,6 +299,17 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"demo finished in {time.perf_counter() - started:.0f}s")
 
 
+WHERE_HELP = "campaign directory: a path or a storage URI (s3://bucket/runs/a?...)"
+
+
+def _where(text: str) -> Location:
+    """A campaign or stats location from the command line (a path or a storage URI)."""
+    try:
+        return location(text)
+    except StorageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="seqedit", description="Sequential knowledge editing of language models on Ray."
@@ -342,20 +354,23 @@ def build_parser() -> argparse.ArgumentParser:
     sbuild.add_argument("--actors", type=int, default=2, help="actors for --shards > 1")
     sbuild.add_argument("--cpus-per-actor", type=float, default=1)
     sbuild.add_argument("--gpus-per-actor", type=float, default=0)
-    sbuild.add_argument("--out", required=True, type=Path, help="stats directory to write")
+    sbuild.add_argument("--out", required=True, type=_where,
+                        help="stats directory to write: a path or a storage URI "
+                        "(s3://bucket/stats?endpoint_override=...)")  # fmt: skip
     sbuild.add_argument("--batch-size", type=int, default=32)
     sbuild.add_argument("--max-length", type=int, default=None, help="default: model context")
     sbuild.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     sbuild.add_argument("--quiet", action="store_true")
     sbuild.set_defaults(func=cmd_stats_build)
     sls = stats.add_parser("ls", help="the stats directories under ROOT, checked")
-    sls.add_argument("root", type=Path)
+    sls.add_argument("root", type=_where,
+                     help="a folder of stats directories: a path or a storage URI")  # fmt: skip
     sls.add_argument("--format", choices=["table", "csv", "json"], default="table")
     sls.set_defaults(func=cmd_stats_ls)
 
     run = sub.add_parser("run", help="run a campaign spec locally (embedded Ray)")
     run.add_argument("spec", type=Path, help="campaign YAML")
-    run.add_argument("--out", required=True, type=Path, help="campaign directory")
+    run.add_argument("--out", required=True, type=_where, help=WHERE_HELP)
     run.add_argument("--quiet", action="store_true")
     run.set_defaults(func=cmd_run)
 
@@ -363,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
         "submit", help="submit a campaign to a Ray cluster as a job (no --address: run here)"
     )
     submit.add_argument("spec", type=Path, help="campaign YAML (on storage every node sees)")
-    submit.add_argument("--out", required=True, type=Path, help="campaign directory (shared)")
+    submit.add_argument("--out", required=True, type=_where,
+                        help="campaign directory every node reaches: a shared path or a URI")
     submit.add_argument("--address", default=None,
                         help="a job server (http://HEAD:8265: submitted as a Ray job), or "
                         "auto / ray://HEAD:10001 / HEAD:6379 (the driver runs here, its "
@@ -373,11 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
     submit.set_defaults(func=cmd_submit)
 
     logs = sub.add_parser("logs", help="what a submitted campaign's job has printed")
-    logs.add_argument("campaign_dir", type=Path)
+    logs.add_argument("campaign_dir", type=_where, help=WHERE_HELP)
     logs.set_defaults(func=cmd_logs)
 
     cancel = sub.add_parser("cancel", help="stop a submitted campaign's job")
-    cancel.add_argument("campaign_dir", type=Path)
+    cancel.add_argument("campaign_dir", type=_where, help=WHERE_HELP)
     cancel.set_defaults(func=cmd_cancel)
 
     edit = sub.add_parser("edit", help="edit a model once, in order, and save the deltas")
@@ -424,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.set_defaults(func=cmd_validate)
 
     status = sub.add_parser("status", help="per-shard state of a campaign (also while it runs)")
-    status.add_argument("campaign_dir", type=Path)
+    status.add_argument("campaign_dir", type=_where, help=WHERE_HELP)
     status.set_defaults(func=cmd_status)
 
     rerun = sub.add_parser(
@@ -432,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue a campaign from its last good checkpoint (default: every shard not "
         "done), or rerun chosen shards",
     )
-    rerun.add_argument("campaign_dir", type=Path)
+    rerun.add_argument("campaign_dir", type=_where, help=WHERE_HELP)
     which = rerun.add_mutually_exclusive_group()
     which.add_argument(
         "--failed",
@@ -455,13 +471,13 @@ def build_parser() -> argparse.ArgumentParser:
     rebuild = sub.add_parser(
         "rebuild", help="the edited model at any step: base model + edit log, as a model dir"
     )
-    rebuild.add_argument("campaign_dir", type=Path)
+    rebuild.add_argument("campaign_dir", type=_where, help=WHERE_HELP)
     rebuild.add_argument("--step", type=int, required=True, help="last step applied (0-based)")
     rebuild.add_argument("--out", type=Path, required=True, help="model directory to write")
     rebuild.set_defaults(func=cmd_rebuild)
 
     q = sub.add_parser("query", help="read-only SQL over a campaign's tables (DuckDB)")
-    q.add_argument("campaign_dir", type=Path)
+    q.add_argument("campaign_dir", type=_where, help=WHERE_HELP)
     q.add_argument("sql", help='e.g. "SELECT count(*) FROM edits"')
     q.add_argument("--format", choices=["table", "csv", "json"], default="table")
     q.add_argument(
@@ -478,21 +494,22 @@ def build_parser() -> argparse.ArgumentParser:
     compact = sub.add_parser(
         "compact", help="merge the parts of each finished shard into one (query results unchanged)"
     )
-    compact.add_argument("campaign_dir", type=Path)
+    compact.add_argument("campaign_dir", type=_where, help=WHERE_HELP)
     compact.set_defaults(func=cmd_compact)
 
     plot = sub.add_parser("plot", help="PNGs of a campaign's degradation curve and health")
-    plot.add_argument("campaign_dir", type=Path)
-    plot.add_argument("--out", type=Path, default=None, help="default: <campaign>/degradation.png")
+    plot.add_argument("campaign_dir", type=_where, help=WHERE_HELP)
+    plot.add_argument("--out", type=_where, default=None,
+                      help="default: <campaign>/degradation.png")
     plot.set_defaults(func=cmd_plot)
 
     report = sub.add_parser(
         "report", help="HTML page with a campaign's plots and summary (optionally compared)"
     )
-    report.add_argument("campaign_dir", type=Path)
-    report.add_argument("--compare", nargs="+", type=Path, default=[], metavar="OTHER",
+    report.add_argument("campaign_dir", type=_where, help=WHERE_HELP)
+    report.add_argument("--compare", nargs="+", type=_where, default=[], metavar="OTHER",
                         help="other campaign dirs to put beside it")  # fmt: skip
-    report.add_argument("--out", type=Path, default=None, help="default: <campaign>/report")
+    report.add_argument("--out", type=_where, default=None, help="default: <campaign>/report")
     report.set_defaults(func=cmd_report)
 
     demo = sub.add_parser("demo", help="testbed + stats + a ROME campaign + table + plot")

@@ -18,6 +18,7 @@ from seqedit.pipeline.plots import plot_degradation, plot_health, plot_norm_grow
 from seqedit.pipeline.state import CampaignState
 from seqedit.pipeline.store import query
 from seqedit.schemas.campaign import ResourcesSpec, load_spec
+from seqedit.storage import Location, Where, location
 from seqedit.workers.stats import META_FILE, StatsConfig, StatsMeta, compute_stats
 from seqedit.workers.stats_store import load_accumulators, save_stats
 
@@ -113,7 +114,7 @@ def build_stats_command(
     model: Path,
     layers: list[int],
     corpus: list[str],
-    out: Path,
+    out: Where,
     *,
     batch_size: int,
     max_length: int | None,
@@ -156,13 +157,16 @@ def build_stats_command(
     return result.meta, None
 
 
-def list_stats(root: Path) -> pa.Table:
-    """`seqedit stats ls`: every stats directory under `root` (one holding stats.json), with
-    its provenance and whether its file checks out (corrupt files are listed, not used)."""
+def list_stats(root: Where) -> pa.Table:
+    """`seqedit stats ls`: every stats directory under `root` (a local path or a storage
+    URI; a stats directory is one holding stats.json), with its provenance and whether its
+    file checks out (corrupt files are listed, not used)."""
+    top = location(root)
     rows = []
-    for sidecar in sorted(root.rglob(META_FILE)):
-        folder = sidecar.parent
-        row: dict[str, object] = {"dir": str(folder.relative_to(root)) or "."}
+    found = {folder.fs_path[len(top.fs_path) :].strip("/"): folder for folder in _stats_dirs(top)}
+    for relative in sorted(found, key=lambda name: name.split("/")):
+        folder = found[relative]
+        row: dict[str, object] = {"dir": relative or "."}
         try:
             meta = load_accumulators(folder).meta
             row.update(
@@ -184,14 +188,25 @@ def list_stats(root: Path) -> pa.Table:
     return pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in rows])
 
 
-def run_campaign_command(spec_file: Path, out: Path, *, progress: bool) -> CampaignState:
+def _stats_dirs(folder: Location) -> Iterator[Location]:
+    """`folder` and every folder under it that holds a stats.json, walked through its
+    location (local or remote). Safetensors files are never folders: not asked about."""
+    entries = folder.iterdir()
+    if any(entry.name == META_FILE for entry in entries):
+        yield folder
+    for entry in entries:
+        if not entry.name.endswith(".safetensors") and entry.is_dir():
+            yield from _stats_dirs(entry)
+
+
+def run_campaign_command(spec_file: Path, out: Where, *, progress: bool) -> CampaignState:
     """`seqedit run`: a campaign spec on the embedded local Ray, with a progress bar."""
     spec = load_spec(spec_file)
     with progress_bar(spec.n_edits, spec.name, progress) as update:
         return run_campaign(spec, out, progress=update)
 
 
-def trend_rows(campaign_dir: Path) -> tuple[pa.Table, int]:
+def trend_rows(campaign_dir: Where) -> tuple[pa.Table, int]:
     """HEALTH_PER_EDIT_SQL rolling over 1/20 of the campaign's edits (at least 50: the
     default health window), so that a trend over 10,000 edits stays readable; the window."""
     (edits,) = query(campaign_dir, "SELECT count(*) AS n FROM edits").column("n").to_pylist()
@@ -199,7 +214,7 @@ def trend_rows(campaign_dir: Path) -> tuple[pa.Table, int]:
     return query(campaign_dir, HEALTH_PER_EDIT_SQL.format(window=window - 1)), window
 
 
-def _draw_degradation(campaign_dir: Path, name: str, png: Path) -> Path | None:
+def _draw_degradation(campaign_dir: Where, name: str, png: Location) -> Location | None:
     """The degradation plot, when the campaign has evaluation rows."""
     curve = query(campaign_dir, curve_sql())
     if not curve.num_rows:
@@ -210,7 +225,7 @@ def _draw_degradation(campaign_dir: Path, name: str, png: Path) -> Path | None:
     return plot_degradation(curve, per_edit, periodic, png, title=title, window=window)
 
 
-def _draw_health(campaign_dir: Path, name: str, png: Path) -> Path | None:
+def _draw_health(campaign_dir: Where, name: str, png: Location) -> Location | None:
     """The health panels, when the campaign has edit rows."""
     per_edit = query(campaign_dir, HEALTH_PER_EDIT_SQL.format(window=49))
     if not per_edit.num_rows:
@@ -219,7 +234,7 @@ def _draw_health(campaign_dir: Path, name: str, png: Path) -> Path | None:
     return plot_health(per_edit, periodic, png, title=f"{name}: health against edits applied")
 
 
-def _draw_norm_growth(campaign_dir: Path, name: str, png: Path) -> Path | None:
+def _draw_norm_growth(campaign_dir: Where, name: str, png: Location) -> Location | None:
     """Update norms and per-layer weight drift, when the campaign has edit rows."""
     norms = update_norms(campaign_dir)
     if not norms.num_rows:
@@ -233,7 +248,7 @@ class CampaignPlot(NamedTuple):
 
     name: str
     caption: str
-    draw: Callable[[Path, str, Path], Path | None]
+    draw: Callable[[Where, str, Location], Location | None]
 
 
 CAMPAIGN_PLOTS = (
@@ -247,7 +262,9 @@ CAMPAIGN_PLOTS = (
 """The plots of one campaign, in the order `seqedit plot` and `seqedit report` write them."""
 
 
-def campaign_plots(campaign_dir: Path, out: Path | None = None) -> list[tuple[str, Path]]:
+def campaign_plots(
+    campaign_dir: Where, out: Where | None = None
+) -> list[tuple[str, Location]]:
     """Write a campaign's plots; (caption, path) of each. Files: `<campaign>/<name>.png`,
     or with `out` the first plot at `out` and the others at `<out stem>-<name>.png`.
     Raises when there is nothing to plot yet."""
@@ -255,10 +272,11 @@ def campaign_plots(campaign_dir: Path, out: Path | None = None) -> list[tuple[st
     written = []
     for plot in CAMPAIGN_PLOTS:
         if out is None:
-            png = Path(campaign_dir) / f"{plot.name}.png"
+            png = location(campaign_dir) / f"{plot.name}.png"
         else:
-            first = plot is CAMPAIGN_PLOTS[0]
-            png = out if first else out.with_name(f"{out.stem}-{plot.name}.png")
+            first = location(out)
+            stem = first.name.rsplit(".", 1)[0]
+            png = first if plot is CAMPAIGN_PLOTS[0] else first.parent / f"{stem}-{plot.name}.png"
         if path := plot.draw(campaign_dir, state.campaign, png):
             written.append((plot.caption, path))
     if not written:
@@ -266,6 +284,6 @@ def campaign_plots(campaign_dir: Path, out: Path | None = None) -> list[tuple[st
     return written
 
 
-def plot_campaign(campaign_dir: Path, out: Path | None = None) -> list[Path]:
+def plot_campaign(campaign_dir: Where, out: Where | None = None) -> list[Location]:
     """`seqedit plot`: the paths campaign_plots writes."""
     return [path for _, path in campaign_plots(campaign_dir, out)]

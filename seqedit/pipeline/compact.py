@@ -47,9 +47,11 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
 from seqedit.files import write_atomic
-from seqedit.pipeline.state import LOCK_FILE, CampaignBusyError, CampaignState, driver_lock
-from seqedit.pipeline.store import list_parts, partition_dir
+from seqedit.pipeline import store
+from seqedit.pipeline.campaign_lock import LOCK_FILE, CampaignBusyError, driver_lock, lock_holder
+from seqedit.pipeline.state import CampaignState
 from seqedit.schemas.tables import TABLES
+from seqedit.storage import Where, location
 
 SIDECAR_PREFIX = ".compact-"
 """Prefix of the folder beside `attempt=<a>` where its merged part is built."""
@@ -91,18 +93,25 @@ class CompactReport(BaseModel):
         return sum(t.partitions_compacted for t in self.tables)
 
 
-def compact(campaign_dir: str | Path) -> CompactReport:
+def compact(campaign_dir: Where) -> CompactReport:
     """Merge the parts of every done partition of every table into one part, atomically,
-    under the campaign's driver lock (refused while a driver runs)."""
-    root = Path(campaign_dir).resolve()
-    CampaignState.load(root)  # a clear error for a folder that is no campaign
+    under the campaign's driver lock (refused while a driver runs). Local and shared paths
+    only: an object store has no atomic exchange of folders."""
+    where = location(campaign_dir)
+    CampaignState.load(where)  # a clear error for a folder that is no campaign
+    if not where.is_local:
+        raise CompactError(
+            f"{where}: compact works on local and shared paths only (it swaps folders "
+            "atomically, which an object store cannot); the parts there stay as written and "
+            "every query reads them as they are"
+        )
+    root = where.local_path.resolve()
     try:
         with driver_lock(root):
             return _compact_locked(root)
     except CampaignBusyError:
-        holder = (root / LOCK_FILE).read_text(encoding="utf-8").strip() or "?"
         raise CampaignBusyError(
-            f"{root}: process {holder} holds {LOCK_FILE} (a driver running this campaign, or "
+            f"{root}: {lock_holder(root)} holds {LOCK_FILE} (a driver running this campaign, or "
             "another compact); compact refuses to touch the lake until it finishes"
         ) from None
 
@@ -141,6 +150,16 @@ def _compact_table(root: Path, table: str, done: list[tuple[int, int]]) -> Table
     return TableCompaction(table=table, partitions_compacted=merged, parts_before=parts_before,
                            parts_after=parts_after, bytes_before=bytes_before,
                            bytes_after=bytes_after)  # fmt: skip
+
+
+def list_parts(root: Path, table: str, shard: int, attempt: int) -> list[Path]:
+    """`store.list_parts` on a local campaign, as OS paths."""
+    return [part.local_path for part in store.list_parts(root, table, shard, attempt)]
+
+
+def partition_dir(root: Path, table: str, shard: int, attempt: int) -> Path:
+    """`store.partition_dir` on a local campaign, as an OS path."""
+    return store.partition_dir(root, table, shard, attempt).local_path
 
 
 def merge_partition(root: Path, table: str, shard: int, attempt: int) -> None:

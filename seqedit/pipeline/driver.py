@@ -13,16 +13,15 @@ import json
 import logging
 import time
 from collections.abc import Callable, Collection
-from pathlib import Path
 
 import ray
 import torch
 import yaml
 
-from seqedit.files import write_text_atomic
 from seqedit.methods.config import validate_config
 from seqedit.methods.registry import get_method
 from seqedit.pipeline.actors import EditorActor, actor_options, device_for
+from seqedit.pipeline.campaign_lock import driver_lock
 from seqedit.pipeline.campaign_stats import ensure_campaign_stats
 from seqedit.pipeline.eval_plan import build_task, crossed, due_tasks, shard_plan
 from seqedit.pipeline.eval_pool import EvalPool
@@ -35,12 +34,13 @@ from seqedit.pipeline.health_steps import (
     retention_sample,
 )
 from seqedit.pipeline.ray_init import ensure_ray
-from seqedit.pipeline.state import CampaignState, CampaignStatus, ShardState, driver_lock, now
+from seqedit.pipeline.state import CampaignState, CampaignStatus, ShardState, now
 from seqedit.pipeline.store import clear_attempt, partition_dir, write_part
 from seqedit.schemas.campaign import CampaignSpec
 from seqedit.schemas.loaders import load_requests, write_quarantine
 from seqedit.schemas.requests import EditRequest
 from seqedit.schemas.tables import EditRow, HealthRow
+from seqedit.storage import Location, Where, location
 from seqedit.workers.evaluator import EvalResult, EvalTask
 from seqedit.workers.health import HealthMonitor
 from seqedit.workers.tensor_files import read_safetensors, write_safetensors
@@ -64,7 +64,7 @@ def plan_shards(n_steps: int, shard_size: int | None) -> list[ShardState]:
     ]
 
 
-def select_requests(spec: CampaignSpec, campaign_dir: Path) -> list[EditRequest]:
+def select_requests(spec: CampaignSpec, campaign_dir: Location) -> list[EditRequest]:
     """The requests the campaign edits, in order; rejected records go to rejects.jsonl."""
     loaded = load_requests(
         spec.dataset.path, spec.dataset.format, quarantine=spec.dataset.quarantine
@@ -87,9 +87,9 @@ def select_requests(spec: CampaignSpec, campaign_dir: Path) -> list[EditRequest]
     return chosen
 
 
-def prepare_dir(spec: CampaignSpec, campaign_dir: Path) -> CampaignState:
+def prepare_dir(spec: CampaignSpec, campaign_dir: Location) -> CampaignState:
     """Create the campaign dir with its frozen spec, or refuse one holding another spec."""
-    campaign_dir.mkdir(parents=True, exist_ok=True)
+    campaign_dir.mkdir()
     spec_file = campaign_dir / "spec.yaml"
     if spec_file.exists():
         state = CampaignState.load(campaign_dir)
@@ -100,7 +100,7 @@ def prepare_dir(spec: CampaignSpec, campaign_dir: Path) -> CampaignState:
             )
         return state
     frozen = {"spec_hash": spec.spec_hash(), **spec.model_dump(mode="json")}
-    write_text_atomic(spec_file, yaml.safe_dump(frozen, sort_keys=False))
+    spec_file.write_text(yaml.safe_dump(frozen, sort_keys=False))
     state = CampaignState(
         campaign=spec.name,
         spec_hash=spec.spec_hash(),
@@ -112,7 +112,7 @@ def prepare_dir(spec: CampaignSpec, campaign_dir: Path) -> CampaignState:
 
 def run_campaign(
     spec: CampaignSpec,
-    campaign_dir: str | Path,
+    campaign_dir: Where,
     *,
     progress: ProgressCallback | None = None,
     shards: Collection[int] | None = None,
@@ -121,7 +121,7 @@ def run_campaign(
     or (`shards`) exactly the shards named, done or not, which then need every shard
     before the first of them done. A rerun shard whose weights come out different makes
     the done shards after it stale (pending again). One driver at a time per directory."""
-    root = Path(campaign_dir)
+    root = location(campaign_dir)
     method = get_method(spec.method)  # unknown names fail here, before anything is written
     validate_config(method.config_cls, spec.hparams, where=f"campaign {spec.name!r} hparams")
     if spec.edits_per_step > 1 and method.edit_batch is None:
@@ -129,7 +129,7 @@ def run_campaign(
             f"campaign {spec.name!r}: edits_per_step is {spec.edits_per_step}, but method "
             f"{method.name!r} edits one request at a time (batched: memit, alphaedit)"
         )
-    root.mkdir(parents=True, exist_ok=True)
+    root.mkdir()
     with driver_lock(root):
         state = prepare_dir(spec, root)  # as the last driver left it
         todo = _select_shards(state, shards)
@@ -189,7 +189,7 @@ EvalTag = tuple[int, int, int]
 
 
 def write_results(
-    root: Path, state: CampaignState, results: list[tuple[EvalTag, EvalResult]]
+    root: Location, state: CampaignState, results: list[tuple[EvalTag, EvalResult]]
 ) -> None:
     """Write each result's rows as parts of its shard attempt's partitions; results of an
     attempt that has since been replaced (the shard ran again) are dropped."""
@@ -205,7 +205,7 @@ def write_results(
 
 def missing_evals(
     spec: CampaignSpec,
-    root: Path,
+    root: Location,
     state: CampaignState,
     requests: list[EditRequest],
     *,
@@ -245,7 +245,7 @@ def _check_resources(spec: CampaignSpec) -> None:
             )
 
 
-def _seed_log(pool: EvalPool, root: Path, state: CampaignState, first: int) -> None:
+def _seed_log(pool: EvalPool, root: Location, state: CampaignState, first: int) -> None:
     """Give the pool the edit log of the steps before shard `first`: from the edit-log
     files of the done shards before it (the log of later steps is forgotten)."""
     start = state.shards[first].start if first < len(state.shards) else state.shards[-1].stop
@@ -259,7 +259,7 @@ def _seed_log(pool: EvalPool, root: Path, state: CampaignState, first: int) -> N
         pool.add_segment(shard.start, shard.stop, ray.put(tensors))
 
 
-def editlog_path(campaign_dir: Path, shard: int) -> Path:
+def editlog_path(campaign_dir: Location, shard: int) -> Location:
     """Where the edit log of shard `shard` is kept."""
     return campaign_dir / "editlog" / f"shard={shard}.safetensors"
 
@@ -285,7 +285,7 @@ def _select_shards(state: CampaignState, chosen: Collection[int] | None) -> list
     return sorted(set(chosen))
 
 
-def _check_predecessor_done(root: Path, state: CampaignState, index: int) -> None:
+def _check_predecessor_done(root: Location, state: CampaignState, index: int) -> None:
     if index > 0 and state.shards[index - 1].status != "done":
         before = state.shards[index - 1]
         raise ValueError(
@@ -304,7 +304,7 @@ EDITOR_DIED = (
 
 def _start_editor(
     spec: CampaignSpec,
-    root: Path,
+    root: Location,
     state: CampaignState,
     requests: list[EditRequest],
     pool: EvalPool,
@@ -328,7 +328,7 @@ def _start_editor(
         retry_factor=spec.health.retry_steps_factor,
     )
     description = ray.get(editor.describe.remote())
-    write_text_atomic(root / "method.json", json.dumps(description, indent=2))
+    (root / "method.json").write_text(json.dumps(description, indent=2))
     if spec.health.every:  # on the base model, before the checkpoint moves it along
         probes = probe_prompts(requests, spec.health.n_probes)
         ray.get(editor.set_probes.remote(probes, heldout_texts(spec.health)))
@@ -340,14 +340,14 @@ def _start_editor(
     return editor, rebuild_window(spec, root, state, first_shard)
 
 
-def checkpoint_path(campaign_dir: Path, shard: int) -> Path:
+def checkpoint_path(campaign_dir: Location, shard: int) -> Location:
     """Where the editor's state after shard `shard` is kept."""
     return campaign_dir / "checkpoints" / f"shard={shard}.safetensors"
 
 
 def _run_shard(
     spec: CampaignSpec,
-    root: Path,
+    root: Location,
     state: CampaignState,
     shard: ShardState,
     editor: ray.actor.ActorHandle,

@@ -7,14 +7,14 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import ray
 
 from seqedit.pipeline.state import CampaignState
-from seqedit.pipeline.store import partition_dir
+from seqedit.pipeline.store import list_parts, read_part
 from seqedit.schemas.campaign import CampaignSpec, HealthSpec
 from seqedit.schemas.requests import EditRequest
 from seqedit.schemas.tables import EditRow, HealthRow
+from seqedit.storage import Where
 from seqedit.workers.corpus import iter_documents
 from seqedit.workers.health import HealthMonitor
 from seqedit.workers.health import action as health_action
@@ -94,7 +94,7 @@ def retention_sample(applied: int, n: int) -> list[int]:
 
 
 def rebuild_window(
-    spec: CampaignSpec, root: Path, state: CampaignState, before_shard: int
+    spec: CampaignSpec, root: Where, state: CampaignState, before_shard: int
 ) -> HealthMonitor:
     """A health monitor whose trend window holds the last kept edits before `before_shard`,
     read from the done shards' edit rows: a restarted editor judges trends exactly as the
@@ -104,8 +104,8 @@ def rebuild_window(
     for shard, attempt in state.done_partitions():
         if shard >= before_shard:
             continue
-        for part in sorted(partition_dir(root, "edits", shard, attempt).glob("part-*.parquet")):
-            kept.extend(r for r in pq.read_table(part).to_pylist() if not r["rolled_back"])
+        for part in list_parts(root, "edits", shard, attempt):
+            kept.extend(r for r in read_part(part).to_pylist() if not r["rolled_back"])
         kept = kept[-spec.health.window :]
     monitor.keep([EditRow(**r) for r in kept])
     return monitor

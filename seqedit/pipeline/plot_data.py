@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pyarrow as pa
 
 from seqedit.pipeline.store import query
+from seqedit.storage import Where
 from seqedit.workers.health import DRIFT_PREFIX
 
 NORM_WINDOW = 50
@@ -45,12 +44,12 @@ ORDER BY step
 """Fallback without periodic drift rows: the edit rows' largest layer drift, per step."""
 
 
-def update_norms(campaign_dir: str | Path, window: int = NORM_WINDOW) -> pa.Table:
+def update_norms(campaign_dir: Where, window: int = NORM_WINDOW) -> pa.Table:
     """UPDATE_NORMS_SQL over a rolling window of `window` edits."""
     return query(campaign_dir, UPDATE_NORMS_SQL.format(preceding=window - 1))
 
 
-def layer_drift(campaign_dir: str | Path) -> pa.Table:
+def layer_drift(campaign_dir: Where) -> pa.Table:
     """Relative drift ||W_t - W_0||_F / ||W_0||_F against edits applied, columns `layer`,
     `n`, `drift`: per edited module from the periodic checks, else from the edit rows."""
     per_layer = query(campaign_dir, LAYER_DRIFT_SQL)

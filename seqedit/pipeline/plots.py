@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import matplotlib
 
@@ -15,6 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from seqedit.pipeline.plot_data import NORM_WINDOW
+from seqedit.storage import Location, Where, location
 
 Points = list[tuple[float, float]]
 
@@ -30,11 +30,11 @@ def plot_degradation(
     curve: pa.Table,
     per_edit: pa.Table,
     periodic: pa.Table,
-    out: str | Path,
+    out: Where,
     *,
     title: str,
     window: int = 50,
-) -> Path:
+) -> Location:
     """Scores (0-1) against edits applied: the immediate efficacy of every edit, rolling
     over `window` edits (`per_edit`: `n`, `success_rate`), the periodic retention of
     earlier edits (`periodic`: `n`, `retention`) and ES/PS/NS at the evaluation points
@@ -98,7 +98,7 @@ HEALTH_PANELS = (
 """Panels of the health plot: title, y label, log scale, {column: legend label}."""
 
 
-def plot_health(per_edit: pa.Table, periodic: pa.Table, out: str | Path, *, title: str) -> Path:
+def plot_health(per_edit: pa.Table, periodic: pa.Table, out: Where, *, title: str) -> Location:
     """Four panels of health against the number of edits applied.
 
     `per_edit`: columns `n` (edits applied), `success_rate`, `median_p_new` (rolling over
@@ -129,8 +129,8 @@ def plot_health(per_edit: pa.Table, periodic: pa.Table, out: str | Path, *, titl
 
 
 def plot_norm_growth(
-    runs: dict[str, tuple[pa.Table, pa.Table]], out: str | Path, *, title: str
-) -> Path:
+    runs: dict[str, tuple[pa.Table, pa.Table]], out: Where, *, title: str
+) -> Location:
     """Two panels against edits applied: the update norm of each edit (faint points, log
     scale) with its rolling median, and the cumulative relative weight drift of each edited
     layer. `runs`: campaign -> (plot_data.update_norms, plot_data.layer_drift) tables. One
@@ -222,11 +222,15 @@ def columns_of(table: pa.Table) -> dict[str, Points]:
     }
 
 
-def save(fig: Figure, out: str | Path) -> Path:
-    """Lay out, write (legends outside the axes included) and close `fig`; the path."""
+def save(fig: Figure, out: Where) -> Location:
+    """Lay out, write (legends outside the axes included, the format named by the file's
+    suffix) atomically to a local path or storage URI, and close `fig`; where it went."""
     fig.tight_layout()
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    target = location(out)
+    image_format = target.name.rsplit(".", 1)[-1] if "." in target.name else "png"
+    try:
+        return target.write_with(
+            lambda tmp: fig.savefig(tmp, format=image_format, bbox_inches="tight")
+        )
+    finally:
+        plt.close(fig)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import NamedTuple
 
 import pyarrow as pa
@@ -10,6 +9,7 @@ from matplotlib.axes import Axes
 from matplotlib.ticker import MaxNLocator
 
 from seqedit.pipeline.plots import columns_of, log_y, marker_for, plot_sampled, plt, save, xy
+from seqedit.storage import Location, Where
 
 
 class CompareRun(NamedTuple):
@@ -39,7 +39,7 @@ window in edits), y label."""
 SCORES = {"es": "ES", "ps": "PS", "ns": "NS", "score": "score"}
 
 
-def plot_compare(runs: dict[str, CompareRun], out: str | Path) -> Path:
+def plot_compare(runs: dict[str, CompareRun], out: Where) -> Location:
     """Four panels against edits applied, one colour per campaign: immediate efficacy,
     retention, median P(new) after the edit, and the CounterFact scores (lines through the
     evaluation points, or bars when every campaign has a single one)."""

@@ -6,15 +6,15 @@ from __future__ import annotations
 import contextlib
 import html
 import json
-from pathlib import Path
+from collections.abc import Sequence
 
-from seqedit.files import write_text_atomic
 from seqedit.pipeline.commands import HEALTH_PERIODIC_SQL, campaign_plots, trend_rows
 from seqedit.pipeline.plot_data import layer_drift, update_norms
 from seqedit.pipeline.plots import plot_norm_growth
 from seqedit.pipeline.plots_compare import CompareRun, plot_compare
 from seqedit.pipeline.state import CampaignState
 from seqedit.pipeline.store import query
+from seqedit.storage import Location, Where, location
 
 SUMMARY_SQL = """
 SELECT
@@ -50,10 +50,10 @@ COLUMNS = {
 }  # fmt: skip
 
 
-def campaign_summary(campaign_dir: Path) -> dict[str, object]:
+def campaign_summary(campaign_dir: Where) -> dict[str, object]:
     """The summary row of one campaign: state, method and SUMMARY_SQL."""
     state = CampaignState.load(campaign_dir)
-    method_file = campaign_dir / "method.json"
+    method_file = location(campaign_dir) / "method.json"
     method = json.loads(method_file.read_text())["method"] if method_file.is_file() else "?"
     (row,) = query(campaign_dir, SUMMARY_SQL).to_pylist()
     return {"campaign": state.campaign, "method": method, "status": state.status, **row}
@@ -65,7 +65,7 @@ def _cell(value: object) -> str:
     return html.escape("" if value is None else str(value))
 
 
-def _by_name(summaries: list[dict[str, object]], campaigns: list[Path]) -> dict[str, Path]:
+def _by_name(summaries: list[dict[str, object]], campaigns: list[Location]) -> dict[str, Location]:
     """{legend name: directory}: the campaign names, with the directory where two clash."""
     names = [str(s["campaign"]) for s in summaries]
     return {
@@ -74,7 +74,9 @@ def _by_name(summaries: list[dict[str, object]], campaigns: list[Path]) -> dict[
     }
 
 
-def compare_plots(campaigns: dict[str, Path], folder: Path) -> list[tuple[str, Path]]:
+def compare_plots(
+    campaigns: dict[str, Location], folder: Location
+) -> list[tuple[str, Location]]:
     """(caption, path) of the plots comparing `campaigns` (name -> directory), written to
     `folder`: degradation over the run with the CounterFact scores, and norm growth."""
     runs = {
@@ -96,19 +98,20 @@ def compare_plots(campaigns: dict[str, Path], folder: Path) -> list[tuple[str, P
 
 
 def write_report(
-    campaign_dir: Path, *, out: Path | None = None, compare: list[Path] | None = None
-) -> Path:
+    campaign_dir: Where, *, out: Where | None = None, compare: Sequence[Where] = ()
+) -> Location:
     """Write `index.html` and its PNGs into `out` (default `<campaign>/report`): the
     plots of `campaign_dir` (commands.CAMPAIGN_PLOTS), and with `compare` the plots of
     compare_plots; the summary table has one row per campaign."""
-    others = compare or []
-    folder = out or campaign_dir / "report"
-    folder.mkdir(parents=True, exist_ok=True)
-    campaigns = [campaign_dir, *others]
+    root = location(campaign_dir)
+    others = [location(c) for c in compare]
+    folder = location(out) if out is not None else root / "report"
+    folder.mkdir()
+    campaigns = [root, *others]
     summaries = [campaign_summary(c) for c in campaigns]
-    images: list[tuple[str, Path]] = []
+    images: list[tuple[str, Location]] = []
     with contextlib.suppress(ValueError):  # nothing finished yet: the table says so
-        images += campaign_plots(campaign_dir, folder / "degradation.png")
+        images += campaign_plots(root, folder / "degradation.png")
     if others:
         images += compare_plots(_by_name(summaries, campaigns), folder)
     head = "".join(f"<th>{html.escape(label)}</th>" for label in COLUMNS.values())
@@ -131,4 +134,4 @@ def write_report(
         "<p>Metric definitions: docs/architecture.md; queries: docs/sql-cookbook.md.</p>"
         "</body></html>\n"
     )
-    return write_text_atomic(folder / "index.html", page)
+    return (folder / "index.html").write_text(page)

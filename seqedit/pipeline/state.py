@@ -6,66 +6,18 @@ The state file is rewritten atomically after every transition, so another proces
 
 from __future__ import annotations
 
-import fcntl
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from seqedit.files import write_text_atomic
+from seqedit.storage import Where, location
 
 ShardStatus = Literal["pending", "running", "done", "failed", "stopped"]
 """stopped: a health check with policy `stop` ended the shard; its rows up to then count."""
 CampaignStatus = Literal["pending", "running", "done", "failed", "stopped"]
 """pending: not started, or some shards still to run (e.g. after `rerun --shard`)."""
 STATE_FILE = "state.json"
-LOCK_FILE = "driver.lock"
-
-
-class CampaignBusyError(RuntimeError):
-    """Another driver process is running this campaign directory."""
-
-
-@contextmanager
-def driver_lock(campaign_dir: str | Path) -> Iterator[None]:
-    """Hold the campaign's driver lock (an exclusive `flock` on `driver.lock`, holding the
-    driver's pid) for the block. The kernel drops it when the process dies, so a killed
-    driver never leaves the campaign locked; a second live driver is refused."""
-    path = Path(campaign_dir) / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise CampaignBusyError(
-                f"{campaign_dir}: a driver (pid {holder}) is running this campaign; "
-                "wait for it, or stop it, before running it again"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def driver_running(campaign_dir: str | Path) -> bool:
-    """Whether a live driver holds the campaign's lock right now."""
-    path = Path(campaign_dir) / LOCK_FILE
-    if not path.exists():
-        return False
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
 
 
 def now() -> str:
@@ -107,19 +59,23 @@ class CampaignState(BaseModel):
     status: CampaignStatus = "pending"
     updated_at: str = Field(default_factory=now)
 
-    def save(self, campaign_dir: str | Path) -> None:
+    def save(self, campaign_dir: Where) -> None:
         """Atomically write the state file."""
         self.updated_at = now()
-        write_text_atomic(Path(campaign_dir) / STATE_FILE, self.model_dump_json(indent=2))
+        (location(campaign_dir) / STATE_FILE).write_text(self.model_dump_json(indent=2))
 
     @classmethod
-    def load(cls, campaign_dir: str | Path) -> CampaignState:
+    def load(cls, campaign_dir: Where) -> CampaignState:
         """Read the state file, naming it in any error."""
-        path = Path(campaign_dir) / STATE_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no campaign state here (is this a campaign dir?)")
+        path = location(campaign_dir) / STATE_FILE
         try:
-            return cls.model_validate_json(path.read_text(encoding="utf-8"))
+            text = path.read_text()
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"{path}: no campaign state here (is this a campaign dir?)"
+            ) from None
+        try:
+            return cls.model_validate_json(text)
         except ValidationError as exc:
             raise ValueError(f"{path}: corrupt campaign state: {exc}") from exc
 

@@ -10,6 +10,8 @@ shard handed out again.
 
 Layout of `<out>`: `stats.safetensors` + `stats.json` (the `stats_store` format, what
 campaigns load) once every shard is in, and `shards/` with `job.json` and the partials.
+`<out>` is a local path or any storage URI (`s3://bucket/stats?...`): the driver reads and
+writes it through `seqedit.storage`, the actors never touch it.
 """
 
 from __future__ import annotations
@@ -28,10 +30,10 @@ from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
-from seqedit.files import write_text_atomic
 from seqedit.pipeline.actors import actor_options, device_for, node_id
 from seqedit.pipeline.ray_init import ensure_ray
 from seqedit.schemas.campaign import ResourcesSpec
+from seqedit.storage import Location, Where, location
 from seqedit.workers.corpus import corpus_fingerprint
 from seqedit.workers.covariance_worker import CovarianceWorker, ShardSums
 from seqedit.workers.model_io import model_fingerprint
@@ -99,15 +101,15 @@ def split(documents: Sequence[int], shards: int) -> list[Sequence[int]]:
     return runs
 
 
-def shard_path(out: Path, index: int) -> Path:
+def shard_path(out: Where, index: int) -> Location:
     """Where shard `index`'s partial sums are kept."""
-    return out / "shards" / f"shard={index}.safetensors"
+    return location(out) / "shards" / f"shard={index}.safetensors"
 
 
 def build_stats_sharded(
     model_dir: str | Path,
     config: StatsConfig,
-    out: str | Path,
+    out: Where,
     *,
     shards: int,
     actors: int,
@@ -118,9 +120,10 @@ def build_stats_sharded(
 ) -> tuple[StatsResult, StatsJobReport]:
     """Compute the stats of `config` over `shards` shards on `actors` actors (each with
     `resources`: 1 CPU by default), resuming from
-    the partials of an earlier run of the same job in `out/shards`, and save them in `out`.
-    `on_shard_done(index)` is called after each shard's partial is written."""
-    root = Path(out)
+    the partials of an earlier run of the same job in `out/shards`, and save them in `out`
+    (a local path or a storage URI). `on_shard_done(index)` is called after each shard's
+    partial is written."""
+    root = location(out)
     started = time.perf_counter()
     documents = selected_documents(config)
     runs = split(documents, shards)
@@ -211,7 +214,7 @@ def _merge(parts: list[ShardSums]) -> dict[int, Any]:
     return merged
 
 
-def _claim_shard_dir(root: Path, key: str) -> None:
+def _claim_shard_dir(root: Location, key: str) -> None:
     """Make `root/shards` belong to job `key`; partials of another job are removed (they
     could never be merged into these stats)."""
     folder = root / "shards"
@@ -225,12 +228,12 @@ def _claim_shard_dir(root: Path, key: str) -> None:
             return
         log.warning("%s holds the partials of another job; starting over", folder)
         for stale in folder.glob("shard=*.safetensors"):
-            stale.unlink()
-    folder.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(marker, json.dumps({"key": key}) + "\n")
+            stale.unlink(missing_ok=True)
+    folder.mkdir()
+    marker.write_text(json.dumps({"key": key}) + "\n")
 
 
-def _write_partial(root: Path, part: ShardSums, key: str) -> None:
+def _write_partial(root: Location, part: ShardSums, key: str) -> None:
     tensors: dict[str, torch.Tensor] = {}
     for layer in sorted(part.sums):
         tensors[f"{layer}.mom2_sum"] = part.sums[layer].contiguous()
@@ -244,7 +247,7 @@ def _write_partial(root: Path, part: ShardSums, key: str) -> None:
     write_safetensors(shard_path(root, part.index), tensors, metadata)
 
 
-def _read_partial(root: Path, index: int, key: str) -> ShardSums | None:
+def _read_partial(root: Location, index: int, key: str) -> ShardSums | None:
     """Shard `index`'s partial of job `key`, or None when it was never written; a partial
     that does not check out is removed (it is recomputed), with a warning naming it."""
     path = shard_path(root, index)
@@ -261,7 +264,7 @@ def _read_partial(root: Path, index: int, key: str) -> ShardSums | None:
         counts = {layer: int(tensors[f"{layer}.count"]) for layer in layers}
     except Exception as exc:  # a truncated file, a foreign file, altered bytes
         log.warning("%s: unusable partial (%s); computing the shard again", path, exc)
-        path.unlink()
+        path.unlink(missing_ok=True)
         return None
     return ShardSums(index=index, sums=sums, counts=counts, tokens=next(iter(counts.values())),
                      documents=int(metadata["documents"]),

@@ -1,7 +1,8 @@
 """The metric lake: immutable Parquet parts per table/shard/attempt, read through DuckDB.
 
-Layout: `<campaign>/tables/<table>/shard=<k>/attempt=<a>/part-<n>.parquet`. Parts are
-written atomically and never modified (`seqedit compact` replaces the parts of a done
+Layout: `<campaign>/tables/<table>/shard=<k>/attempt=<a>/part-<n>.parquet`, on a local
+path or any storage URI (`seqedit.storage`). Parts are written atomically and never
+modified (`seqedit compact` replaces the parts of a done
 partition by one merged part, atomically: `pipeline.compact`). Views expose only the
 attempt of each shard that the campaign state marks done, so a rerun never duplicates or
 loses rows. `connect(..., others=...)` adds other campaigns' views, each in its own schema.
@@ -12,16 +13,16 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from functools import cache
-from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
-from seqedit.files import write_atomic
 from seqedit.pipeline.state import CampaignState, ShardState
 from seqedit.schemas.tables import TABLES, arrow_schema
+from seqedit.storage import Location, Where, location
 from seqedit.workers.health import DRIFT_PREFIX, PERIODIC_CHECKS
 
 READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
@@ -31,19 +32,19 @@ class QueryError(ValueError):
     """A query that may not run (it would modify the lake) or that failed."""
 
 
-def partition_dir(campaign_dir: str | Path, table: str, shard: int, attempt: int) -> Path:
+def partition_dir(campaign_dir: Where, table: str, shard: int, attempt: int) -> Location:
     """Folder of one table's parts for one shard attempt."""
-    return Path(campaign_dir) / "tables" / table / f"shard={shard}" / f"attempt={attempt}"
+    return location(campaign_dir) / "tables" / table / f"shard={shard}" / f"attempt={attempt}"
 
 
 def write_part(
-    campaign_dir: str | Path,
+    campaign_dir: Where,
     table: str,
     shard: int,
     attempt: int,
     part: int,
     rows: Sequence[BaseModel],
-) -> Path:
+) -> Location:
     """Write `rows` (of the table's row model) as one immutable Parquet part, atomically."""
     row_model = TABLES[table]
     for row in rows:
@@ -51,21 +52,25 @@ def write_part(
             raise TypeError(f"table {table!r} takes {row_model.__name__}, got {type(row).__name__}")
     data = pa.Table.from_pylist([r.model_dump() for r in rows], schema=arrow_schema(row_model))
     target = partition_dir(campaign_dir, table, shard, attempt) / f"part-{part:05d}.parquet"
-    return write_atomic(target, lambda tmp: pq.write_table(data, tmp))
+    return target.write_with(lambda tmp: pq.write_table(data, tmp))
 
 
-def clear_attempt(campaign_dir: str | Path, shard: int, attempt: int) -> None:
+def read_part(part: Location) -> pa.Table:
+    """One part's rows (a single file, not a hive dataset: no partition columns)."""
+    with part.fs.open_input_file(part.fs_path) as handle:
+        return pq.ParquetFile(handle).read()
+
+
+def clear_attempt(campaign_dir: Where, shard: int, attempt: int) -> None:
     """Remove the parts of an attempt that did not finish (they are never visible anyway)."""
     for table in TABLES:
-        folder = partition_dir(campaign_dir, table, shard, attempt)
-        if folder.is_dir():
-            for file in folder.iterdir():
-                file.unlink()
+        for file in partition_dir(campaign_dir, table, shard, attempt).iterdir():
+            file.unlink(missing_ok=True)
 
 
-def list_parts(campaign_dir: str | Path, table: str, shard: int, attempt: int) -> list[Path]:
+def list_parts(campaign_dir: Where, table: str, shard: int, attempt: int) -> list[Location]:
     """The parts of one partition in file order, the order every reader takes them in."""
-    return sorted(partition_dir(campaign_dir, table, shard, attempt).glob("part-*.parquet"))
+    return partition_dir(campaign_dir, table, shard, attempt).glob("part-*.parquet")
 
 
 VIEWS = (*TABLES, "shards", "curves", "periodic")
@@ -98,22 +103,22 @@ def check_other_name(name: str) -> None:
         raise ValueError(f"campaign name {name!r} is reserved in DuckDB; pick another, e.g. b")
 
 
-def _resolve_others(others: Mapping[str, str | Path] | None) -> dict[str, Path]:
-    """Validated names of the other campaigns and their resolved dirs."""
-    resolved: dict[str, Path] = {}
+def _resolve_others(others: Mapping[str, Where] | None) -> dict[str, Location]:
+    """Validated names of the other campaigns and their locations."""
+    resolved: dict[str, Location] = {}
     for name, folder in (others or {}).items():
         check_other_name(name)
         if name.lower() in {n.lower() for n in resolved}:
             raise ValueError(f"campaign name {name!r} is given twice")
-        path = Path(folder)
-        if not path.is_dir():
-            raise FileNotFoundError(f"campaign {name!r}: {path}: no such directory")
-        resolved[name] = path.resolve()
+        where = location(folder)
+        if not where.is_dir():
+            raise FileNotFoundError(f"campaign {name!r}: {where}: no such directory")
+        resolved[name] = where
     return resolved
 
 
 def connect(
-    campaign_dir: str | Path, others: Mapping[str, str | Path] | None = None
+    campaign_dir: Where, others: Mapping[str, Where] | None = None
 ) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with one view per table, sandboxed to the campaign's tables,
     plus `shards` (the campaign state, one row per shard), `curves` (`CURVES_SQL`) and
@@ -123,10 +128,11 @@ def connect(
     a schema of that name (`b.curves`, `b.evals`, ...), so one statement can compare
     campaigns; the main campaign's views stay unqualified.
 
-    File access outside the campaigns' `tables` folders is disabled and the configuration
-    is locked, so a query can read the lakes but cannot read or write anything else.
+    The parts are read through pyarrow (`seqedit.storage`), so a campaign on S3 queries
+    like a local one. DuckDB itself gets no file access at all and its configuration is
+    locked: a query can read the lakes but cannot read or write anything else.
     """
-    root = Path(campaign_dir).resolve()
+    root = location(campaign_dir)
     attached = _resolve_others(others)
     state = CampaignState.load(root)
     states: dict[str, CampaignState] = {}
@@ -138,8 +144,6 @@ def connect(
         except ValueError as exc:
             raise ValueError(f"campaign {name!r}: {exc}") from exc
     con = duckdb.connect()
-    lakes = [str(folder / "tables") + "/" for folder in (root, *attached.values())]
-    con.execute("SET allowed_directories = ?", [lakes])
     con.execute("SET enable_external_access = false")
     _create_views(con, root, state, schema=None, tag="")
     for number, (name, folder) in enumerate(attached.items()):
@@ -151,7 +155,7 @@ def connect(
 
 def _create_views(
     con: duckdb.DuckDBPyConnection,
-    root: Path,
+    root: Location,
     state: CampaignState,
     schema: str | None,
     tag: str,
@@ -161,24 +165,24 @@ def _create_views(
     prefix = f'"{schema}".' if schema else ""
     for table, row_model in TABLES.items():
         files = [
-            str(f)
+            part
             for shard, attempt in state.done_partitions()
-            for f in list_parts(root, table, shard, attempt)
+            for part in list_parts(root, table, shard, attempt)
         ]
-        arrow = arrow_schema(row_model)
-        arrow = arrow.append(pa.field("shard", pa.int64())).append(pa.field("attempt", pa.int64()))
-        empty = f"{tag}_empty_{table}"
-        con.register(empty, arrow.empty_table())
-        if files:
-            # every column of today's schema, NULL in parts written before it had that column
-            listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
-            con.execute(
-                f"CREATE VIEW {prefix}{table} AS SELECT * FROM {empty} UNION ALL BY NAME "
-                f"SELECT * FROM read_parquet([{listed}], hive_partitioning = true, "
-                "union_by_name = true)"
-            )
-        else:
-            con.execute(f"CREATE VIEW {prefix}{table} AS SELECT * FROM {empty}")
+        keys = pa.schema([pa.field("shard", pa.int64()), pa.field("attempt", pa.int64())])
+        arrow = pa.unify_schemas([arrow_schema(row_model), keys])
+        # every column of today's schema, NULL in parts written before it had that column
+        parts = ds.dataset(
+            [part.fs_path for part in files],
+            schema=arrow,
+            format="parquet",
+            filesystem=root.fs,
+            partitioning=ds.partitioning(keys, flavor="hive"),
+            partition_base_dir=(root / "tables" / table).fs_path,
+        )
+        name = f"{tag}_parts_{table}"
+        con.register(name, parts)
+        con.execute(f"CREATE VIEW {prefix}{table} AS SELECT * FROM {name}")
     shards = pa.Table.from_pylist(
         [s.model_dump() for s in state.shards], schema=arrow_schema(ShardState)
     )
@@ -277,9 +281,7 @@ def check_read_only(sql: str) -> None:
             )
 
 
-def query(
-    campaign_dir: str | Path, sql: str, others: Mapping[str, str | Path] | None = None
-) -> pa.Table:
+def query(campaign_dir: Where, sql: str, others: Mapping[str, Where] | None = None) -> pa.Table:
     """Run a read-only SQL query over the campaign's views (and those of `others`, each in
     its own schema, as `connect` makes them); the result as an Arrow table."""
     check_read_only(sql)

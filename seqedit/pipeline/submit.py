@@ -21,7 +21,7 @@ from pathlib import Path
 from pydantic import BaseModel
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from seqedit.files import write_text_atomic
+from seqedit.storage import Where, location
 
 JOB_FILE = "job.json"
 """The last job submitted for a campaign directory (`SubmittedJob`)."""
@@ -47,7 +47,7 @@ def is_job_server(address: str) -> bool:
 
 
 def submit_command(
-    command: list[str], campaign_dir: Path, address: str, *, runtime_env: dict | None = None
+    command: list[str], campaign_dir: Where, address: str, *, runtime_env: dict | None = None
 ) -> SubmittedJob:
     """Submit `seqedit <command>` as a Ray job at `address`; recorded in `campaign_dir`."""
     client = JobSubmissionClient(address)
@@ -55,29 +55,30 @@ def submit_command(
     job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
     job = SubmittedJob(job_id=job_id, address=address, entrypoint=entrypoint,
                        submitted_at=time.time())  # fmt: skip
-    campaign_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(campaign_dir / JOB_FILE, job.model_dump_json(indent=1) + "\n")
+    (location(campaign_dir) / JOB_FILE).write_text(job.model_dump_json(indent=1) + "\n")
     return job
 
 
-def submit_campaign(spec_file: Path, campaign_dir: Path, address: str) -> SubmittedJob:
-    """Submit `seqedit run SPEC --out DIR` (absolute paths: the job runs elsewhere)."""
-    command = ["run", str(spec_file.resolve()), "--out", str(campaign_dir.resolve()), "--quiet"]
+def submit_campaign(spec_file: Path, campaign_dir: Where, address: str) -> SubmittedJob:
+    """Submit `seqedit run SPEC --out DIR` (absolute paths or URIs: the job runs elsewhere)."""
+    out = str(location(campaign_dir))
+    command = ["run", str(spec_file.resolve()), "--out", out, "--quiet"]
     return submit_command(command, campaign_dir, address)
 
 
-def submit_rerun(campaign_dir: Path, address: str, flags: list[str]) -> SubmittedJob:
+def submit_rerun(campaign_dir: Where, address: str, flags: list[str]) -> SubmittedJob:
     """Submit `seqedit rerun DIR [flags]` to the cluster at `address`."""
-    command = ["rerun", str(campaign_dir.resolve()), *flags, "--quiet"]
+    command = ["rerun", str(location(campaign_dir)), *flags, "--quiet"]
     return submit_command(command, campaign_dir, address)
 
 
-def recorded_job(campaign_dir: Path) -> SubmittedJob:
+def recorded_job(campaign_dir: Where) -> SubmittedJob:
     """The job last submitted for `campaign_dir`."""
-    path = campaign_dir / JOB_FILE
-    if not path.is_file():
-        raise SubmitError(f"{campaign_dir}: no job was submitted for it (no {JOB_FILE})")
-    return SubmittedJob.model_validate_json(path.read_text(encoding="utf-8"))
+    path = location(campaign_dir) / JOB_FILE
+    try:
+        return SubmittedJob.model_validate_json(path.read_text())
+    except FileNotFoundError:
+        raise SubmitError(f"{campaign_dir}: no job was submitted for it (no {JOB_FILE})") from None
 
 
 def job_status(job: SubmittedJob) -> JobStatus:

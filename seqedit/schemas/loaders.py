@@ -11,8 +11,6 @@ The meaning of each format's fields is documented in `seqedit.schemas.formats`.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Final
 
@@ -32,6 +30,7 @@ from seqedit.schemas.sources import (
     parse_format,
     read_text,
 )
+from seqedit.storage import Location, Where, location
 
 log = logging.getLogger(__name__)
 
@@ -183,26 +182,12 @@ def load_requests(
     )
 
 
-def write_quarantine(result: LoadResult, path: str | Path) -> Path:
-    """Write `result.rejected` as JSON lines (errors + raw record), atomically; returns path.
-
-    The file is always written (empty when nothing was rejected), via a temporary file in the
-    same directory and `os.replace`, so readers never see a partial file.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for reject in result.rejected:
-                handle.write(reject.model_dump_json() + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+def write_quarantine(result: LoadResult, path: Where) -> Location:
+    """Write `result.rejected` as JSON lines (errors + raw record), atomically, to a local
+    path or a storage URI; returns where. Always written (empty when nothing was rejected),
+    so readers never see a partial or stale file."""
+    target = location(path)
+    target.write_text("".join(reject.model_dump_json() + "\n" for reject in result.rejected))
     log.info("%s: wrote %d rejected record(s)", target, len(result.rejected))
     return target
 

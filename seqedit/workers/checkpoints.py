@@ -8,11 +8,11 @@ its weights hash to that fingerprint, so a damaged or foreign file cannot pass s
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError
 
+from seqedit.storage import Where
 from seqedit.workers.tensor_files import read_safetensors, write_safetensors
 
 if TYPE_CHECKING:  # the editor imports this module
@@ -23,8 +23,9 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used, naming the file and the field."""
 
 
-def save_checkpoint(editor: SequentialEditor, path: Path) -> str:
-    """Write the editor's checkpoint to `path` atomically; returns its weights fingerprint."""
+def save_checkpoint(editor: SequentialEditor, path: Where) -> str:
+    """Write the editor's checkpoint to `path` (a local path or storage URI) atomically;
+    returns its weights fingerprint."""
     fingerprint = editor.weights_fingerprint()
     metadata = {
         "method": editor.method.name,
@@ -37,7 +38,7 @@ def save_checkpoint(editor: SequentialEditor, path: Path) -> str:
 
 
 def load_checkpoint(
-    editor: SequentialEditor, path: Path, *, expected_fingerprint: str | None = None
+    editor: SequentialEditor, path: Where, *, expected_fingerprint: str | None = None
 ) -> None:
     """Restore `editor` from `path`, refusing another method or weights that do not hash to
     the recorded (and, if given, the expected) fingerprint."""

@@ -10,7 +10,9 @@ next to the stats they come from:
 
 Safetensors metadata `derived_key` holds the key (JSON) and `tensors_sha256` the checksum.
 A file whose key or checksum does not match is refused, naming the file and the field,
-never silently reused. A read-only stats directory just means no caching.
+never silently reused. A read-only stats directory just means no caching. The stats
+directory may be a local path or any storage URI (`s3://bucket/stats?...`): the cache is
+read and written through `seqedit.storage`.
 """
 
 from __future__ import annotations
@@ -18,13 +20,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
 
 from seqedit.methods.method import Derived, EditMethod
+from seqedit.storage import Location, Where, location
 from seqedit.workers.stats import StatsStoreError
 from seqedit.workers.stats_store import tensors_sha256
 from seqedit.workers.tensor_files import read_safetensors, write_safetensors
@@ -47,13 +49,14 @@ def derived_key(
     }
 
 
-def derived_path(stats_dir: Path, key: dict[str, Any]) -> Path:
-    """Where the tensors of `key` are cached."""
+def derived_path(stats_dir: Where, key: dict[str, Any]) -> Location:
+    """Where the tensors of `key` are cached (under a local or remote stats directory)."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return stats_dir / DERIVED_DIR / f"{key['method']}-layer{key['layer']}-{digest}.safetensors"
+    name = f"{key['method']}-layer{key['layer']}-{digest}.safetensors"
+    return location(stats_dir) / DERIVED_DIR / name
 
 
-def _load(path: Path, key: dict[str, Any]) -> dict[str, torch.Tensor]:
+def _load(path: Location, key: dict[str, Any]) -> dict[str, torch.Tensor]:
     fix = f"delete {path} to recompute it"
     try:
         tensors, metadata = read_safetensors(path)
@@ -67,14 +70,15 @@ def _load(path: Path, key: dict[str, Any]) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _save(path: Path, key: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+def _save(path: Location, key: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
     metadata = {
         "derived_key": json.dumps(key, sort_keys=True),
         "tensors_sha256": tensors_sha256(tensors),
     }
     try:
+        path.parent.mkdir()
         write_safetensors(path, tensors, metadata)
-    except OSError as exc:
+    except OSError as exc:  # a read-only stats directory (StorageError is an OSError)
         log.warning("not caching derived tensors at %s: %s", path, exc)
 
 
@@ -83,9 +87,10 @@ def derived_tensors(
     config: Any,
     second_moments: dict[int, torch.Tensor],
     *,
-    stats_dir: Path,
+    stats_dir: Where,
 ) -> tuple[Derived, dict[str, int]]:
-    """Layer -> the method's derived tensors, loaded from the cache or computed and cached.
+    """Layer -> the method's derived tensors, loaded from the cache under `stats_dir` (a
+    local path or a storage URI) or computed and cached there.
 
     Returns (derived, counts) with counts {"loaded": n, "computed": m} (layers). Tensors
     come back on the device and in the dtype of each layer's C.

@@ -154,7 +154,7 @@ class SequentialEditor:
                     "set `stats:` in the campaign (build them with `seqedit stats build`)"
                 )
             self.second_moments = load_stats(
-                Path(stats_dir),
+                stats_dir,  # a local path or a storage URI
                 model_dir=model_dir,
                 layers=self.layers,
                 module_tmp=self.names.rewrite_module_tmp,
@@ -164,7 +164,7 @@ class SequentialEditor:
         self.derived_counts = {"loaded": 0, "computed": 0}  # layers, from the cache or fresh
         if self.second_moments is not None and stats_dir is not None:
             derived, self.derived_counts = derived_tensors(
-                self.method, self.config, self.second_moments, stats_dir=Path(stats_dir)
+                self.method, self.config, self.second_moments, stats_dir=stats_dir
             )
         self.context = self.method.prepare(
             self.model, self.tokenizer, self.config, self.second_moments, derived
@@ -402,12 +402,13 @@ class SequentialEditor:
         self.tokenizer.save_pretrained(out_dir)
 
     def save_checkpoint(self, path: str | Path) -> str:
-        """`checkpoint()` to a file (atomically); returns the weights fingerprint."""
-        return save_checkpoint(self, Path(path))
+        """`checkpoint()` to a file or storage URI, atomically; returns the weights
+        fingerprint."""
+        return save_checkpoint(self, path)
 
     def load_checkpoint(self, path: str | Path, expected_fingerprint: str | None = None) -> None:
         """Restore from a `save_checkpoint` file, verifying its weights fingerprint."""
-        load_checkpoint(self, Path(path), expected_fingerprint=expected_fingerprint)
+        load_checkpoint(self, path, expected_fingerprint=expected_fingerprint)
 
     def replay(self, edit_log: dict[str, torch.Tensor], *, until_step: int | None = None) -> int:
         """Apply logged deltas (`take_edit_log` tensors of one or more consecutive shards) in

@@ -1,6 +1,9 @@
-"""The on-disk store of second-moment statistics, with provenance checked on every load.
+"""The stored second-moment statistics, with provenance checked on every load.
 
-Layout of a stats directory (both files written atomically, tmp + ``os.replace``):
+A stats directory is a local path or any storage URI (``s3://bucket/stats?...``; see
+:mod:`seqedit.storage`), read and written only through :class:`seqedit.storage.Location`.
+Its layout (both files written atomically: a local temp file renamed over the target, or
+one object put whole on an object store):
 
 ``stats.safetensors``
     per layer L, with ``M = module_tmp.format(L)`` (e.g. ``transformer.h.1.mlp.c_proj``):
@@ -24,9 +27,11 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 from safetensors import safe_open
+from safetensors.torch import save_file
 
-from seqedit.files import file_sha256, write_text_atomic
+from seqedit.files import file_sha256
 from seqedit.methods.covariance import GPT2_REWRITE_MODULE_TMP, SecondMomentAccumulator
+from seqedit.storage import Location, Where, location
 from seqedit.workers.model_io import model_fingerprint
 from seqedit.workers.stats import (
     FORMAT_VERSION,
@@ -36,7 +41,6 @@ from seqedit.workers.stats import (
     StatsResult,
     StatsStoreError,
 )
-from seqedit.workers.tensor_files import write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +55,26 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def save_stats(out_dir: str | Path, result: StatsResult) -> Path:
-    """Write ``stats.safetensors`` then ``stats.json`` into ``out_dir``; returns the dir."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def _write_hashed(
+    target: Location, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> str:
+    """Write a safetensors file at ``target`` (atomically) and return the sha256 of the
+    bytes stored there, hashed from the staged file (no download of a remote one)."""
+    digest: list[str] = []
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp), metadata=metadata)
+        digest.append(file_sha256(tmp))
+
+    target.write_with(write)
+    return digest[-1]
+
+
+def save_stats(out_dir: Where, result: StatsResult) -> Location:
+    """Write ``stats.safetensors`` then ``stats.json`` into ``out_dir`` (a local path or a
+    storage URI); returns its location."""
+    out = location(out_dir)
+    out.mkdir()
     meta = result.meta.model_copy(update={"sha256": None})
     tensors: dict[str, torch.Tensor] = {}
     for layer, acc in sorted(result.accumulators.items()):
@@ -68,40 +88,47 @@ def save_stats(out_dir: str | Path, result: StatsResult) -> Path:
         "tensors_sha256": tensors_sha256(tensors),
         "count": str(meta.token_count),
     }
-    write_safetensors(out / STATS_FILE, tensors, metadata)
-    sidecar = meta.model_copy(update={"sha256": file_sha256(out / STATS_FILE)})
-    write_text_atomic(out / META_FILE, sidecar.model_dump_json(indent=1) + "\n")
+    sha256 = _write_hashed(out / STATS_FILE, tensors, metadata)
+    sidecar = meta.model_copy(update={"sha256": sha256})
+    (out / META_FILE).write_text(sidecar.model_dump_json(indent=1) + "\n")
     log.info("saved stats of layers %s to %s", sorted(result.accumulators), out)
     return out
 
 
-def load_accumulators(stats_dir: str | Path, *, verify_hash: bool = True) -> StatsResult:
-    """Read a stats directory back into accumulators, refusing a corrupt or altered file."""
-    path = Path(stats_dir) / STATS_FILE
+def load_accumulators(stats_dir: Where, *, verify_hash: bool = True) -> StatsResult:
+    """Read a stats directory (a local path or a storage URI) back into accumulators,
+    refusing a corrupt or altered file; errors name the file (``str`` of its location)."""
+    root = location(stats_dir)
+    path = root / STATS_FILE
     if not path.is_file():
         raise StatsStoreError(f"{path}: stats file not found")
-    sidecar_path = Path(stats_dir) / META_FILE
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            embedded = StatsMeta.model_validate_json(metadata["seqedit_stats"])
-            raw = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-    except (KeyError, ValidationError) as exc:
-        raise StatsStoreError(f"{path}: missing or invalid provenance metadata: {exc}") from exc
-    except Exception as exc:  # safetensors raises its own error type for bad files
-        raise StatsStoreError(f"{path}: corrupt or truncated safetensors file: {exc}") from exc
+    sidecar_path = root / META_FILE
+    has_sidecar = sidecar_path.is_file()
+    file_hash: str | None = None
+    with path.local_copy() as local:  # safe_open needs a local file: remote ones download
+        try:
+            with safe_open(str(local), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                embedded = StatsMeta.model_validate_json(metadata["seqedit_stats"])
+                raw = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        except (KeyError, ValidationError) as exc:
+            raise StatsStoreError(f"{path}: missing or invalid provenance metadata: {exc}") from exc
+        except Exception as exc:  # safetensors raises its own error type for bad files
+            raise StatsStoreError(f"{path}: corrupt or truncated safetensors file: {exc}") from exc
+        if verify_hash and has_sidecar:  # the bytes read above: streamed from a local
+            file_hash = file_sha256(local)  # file, the one download of a remote one
     if embedded.format_version != FORMAT_VERSION:
         raise StatsStoreError(f"{path}: format_version {embedded.format_version} unsupported")
     if verify_hash and metadata.get("tensors_sha256") != tensors_sha256(raw):
         raise StatsStoreError(f"{path}: tensors_sha256: tensor data corrupt or altered")
-    if sidecar_path.is_file():
+    if has_sidecar:
         try:
             sidecar = StatsMeta.model_validate_json(sidecar_path.read_text(encoding="utf-8"))
         except (ValidationError, OSError) as exc:
             raise StatsStoreError(f"{sidecar_path}: invalid stats metadata: {exc}") from exc
         if sidecar.model_copy(update={"sha256": None}) != embedded:
             raise StatsStoreError(f"{sidecar_path}: does not describe {path} (metadata differ)")
-        if verify_hash and sidecar.sha256 != file_sha256(path):
+        if verify_hash and sidecar.sha256 != file_hash:
             raise StatsStoreError(
                 f"{path}: sha256 differs from {sidecar_path} (file changed or corrupt)"
             )
@@ -120,7 +147,7 @@ def load_accumulators(stats_dir: str | Path, *, verify_hash: bool = True) -> Sta
 
 
 def load_stats(
-    stats_dir: str | Path,
+    stats_dir: Where,
     *,
     layers: list[int],
     model_dir: str | Path | None = None,
@@ -129,14 +156,15 @@ def load_stats(
     dtype: torch.dtype | None = None,
     verify_hash: bool = True,
 ) -> dict[int, torch.Tensor]:
-    """Layer -> C = mom2_sum / count (d_in, d_in), after checking provenance.
+    """Layer -> C = mom2_sum / count (d_in, d_in) of the stats in ``stats_dir`` (a local
+    path or a storage URI), after checking provenance.
 
     The model fingerprint is checked against ``expected_fingerprint`` or, if given, the
     fingerprint of ``model_dir``; each layer must be stored for ``module_tmp.format(L)``.
     ``dtype``: cast of the returned moments (default: the stored accumulation dtype).
     Raises :class:`StatsStoreError` naming the file and the mismatching field.
     """
-    path = Path(stats_dir) / STATS_FILE
+    path = location(stats_dir) / STATS_FILE
     result = load_accumulators(stats_dir, verify_hash=verify_hash)
     meta = result.meta
     if model_dir is not None:

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from seqedit.pipeline.campaign_lock import CampaignBusyError, driver_lock
 from seqedit.pipeline.driver import run_campaign
-from seqedit.pipeline.state import CampaignBusyError, CampaignState, driver_lock
+from seqedit.pipeline.state import CampaignState
 from seqedit.pipeline.store import query
 from seqedit.schemas.campaign import load_spec
 from seqedit.workers.editor import SequentialEditor

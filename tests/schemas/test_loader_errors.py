@@ -213,7 +213,7 @@ def test_quarantine_keeps_good_and_rejects_bad(
 def test_write_quarantine_jsonl_atomic(tmp_path: Path) -> None:
     result = load_requests(bad_easyedit(tmp_path), quarantine=True)
     target = tmp_path / "run" / "rejected.jsonl"
-    assert write_quarantine(result, target) == target
+    assert write_quarantine(result, target).local_path == target
     lines = target.read_text().splitlines()
     assert len(lines) == 2
     first = RejectedRecord.model_validate_json(lines[0])

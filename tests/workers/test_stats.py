@@ -73,7 +73,8 @@ def result(tiny: Path, corpus: Path) -> StatsResult:
 
 @pytest.fixture()
 def saved(tmp_path: Path, result: StatsResult) -> Path:
-    return save_stats(tmp_path / "stats", result)
+    save_stats(tmp_path / "stats", result)  # returns its Location; the tests want a Path
+    return tmp_path / "stats"
 
 
 # ----------------------------------------------------------------------------- golden
