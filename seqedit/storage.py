@@ -121,12 +121,14 @@ class Location:
         try:
             with self.fs.open_input_stream(self.fs_path) as stream:
                 return stream.read()
-        except FileNotFoundError as exc:
-            raise FileNotFoundError(f"{self}: no such file") from exc
         except OSError as exc:
-            if not self.exists():
-                raise FileNotFoundError(f"{self}: no such file") from exc
-            raise StorageError(f"{self}: cannot read: {exc}") from exc
+            raise self._read_error(exc) from exc
+
+    def _read_error(self, exc: OSError) -> OSError:
+        """A failed read as `FileNotFoundError` (no such file) or `StorageError`, named."""
+        if isinstance(exc, FileNotFoundError) or not self.exists():
+            return FileNotFoundError(f"{self}: no such file")
+        return StorageError(f"{self}: cannot read: {exc}")
 
     def read_text(self, encoding: str = "utf-8") -> str:
         return self.read_bytes().decode(encoding)
@@ -140,7 +142,11 @@ class Location:
             return
         with tempfile.TemporaryDirectory(prefix="seqedit-") as folder:
             copy = Path(folder) / self.name
-            copy.write_bytes(self.read_bytes())
+            try:  # streamed: a stats file of several GB never sits in memory whole
+                with self.fs.open_input_stream(self.fs_path) as source, copy.open("wb") as sink:
+                    shutil.copyfileobj(source, sink, 1 << 22)
+            except OSError as exc:
+                raise self._read_error(exc) from exc
             yield copy
 
     def iterdir(self) -> list[Location]:

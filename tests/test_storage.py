@@ -36,6 +36,8 @@ def test_write_read_list_delete(root: Location) -> None:
         (root / "b.txt").unlink()
     with pytest.raises(FileNotFoundError, match=r"b\.txt"):
         (root / "b.txt").read_bytes()
+    with pytest.raises(FileNotFoundError, match=r"b\.txt"), (root / "b.txt").local_copy():
+        pass
     (root / "sub").delete_tree()
     assert not (root / "sub").exists()
     (root / "sub").delete_tree()  # gone already: nothing to do

@@ -17,6 +17,7 @@ from seqedit.pipeline.cli import main
 from seqedit.pipeline.state import CampaignState
 from seqedit.pipeline.store import query
 from seqedit.pipeline.submit import recorded_job
+from seqedit.storage import location
 from tests.pipeline.specs import write_spec
 
 BIN = Path(sys.executable).parent
@@ -66,18 +67,18 @@ def job_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.mark.slow
 def test_submit_follow_rerun_and_cancel_a_campaign_on_a_cluster(
-    job_server: str, tiny_testbed: Path, tiny_stats: Path, tmp_path: Path
+    job_server: str, tiny_testbed: Path, tiny_stats: Path, tmp_path: Path, s3_root: str
 ) -> None:
     spec = write_spec(tmp_path, tiny_testbed, tiny_stats, n_edits=4, shard_size=2, eval_every=2)
-    campaign = tmp_path / "c"
-    out = _ok(seqedit("submit", str(spec), "--out", str(campaign), "--address", job_server,
+    campaign = str(location(s3_root) / "c")  # the job's driver writes it to S3
+    out = _ok(seqedit("submit", str(spec), "--out", campaign, "--address", job_server,
                       "--wait"))  # fmt: skip
     assert "SUCCEEDED" in out and f"campaign t: done -> {campaign}" in out  # the job's log
     assert CampaignState.load(campaign).status == "done"
-    assert f"at {job_server}: SUCCEEDED" in _ok(seqedit("status", str(campaign)))
-    assert "campaign t: done" in _ok(seqedit("logs", str(campaign)))
+    assert f"at {job_server}: SUCCEEDED" in _ok(seqedit("status", campaign))
+    assert "campaign t: done" in _ok(seqedit("logs", campaign))
 
-    _ok(seqedit("rerun", str(campaign), "--shard", "1", "--address", job_server, "--wait"))
+    _ok(seqedit("rerun", campaign, "--shard", "1", "--address", job_server, "--wait"))
     state = CampaignState.load(campaign)
     assert state.status == "done" and state.shards[1].attempt == 1  # ran again, on the cluster
 
