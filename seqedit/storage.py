@@ -138,6 +138,8 @@ class Location:
         """A local path holding this file for the block: the file itself when local, else a
         temporary download (for readers that need a path, e.g. safetensors' `safe_open`)."""
         if self.is_local:
+            if not self.local_path.is_file():
+                raise FileNotFoundError(f"{self}: no such file")
             yield self.local_path
             return
         with tempfile.TemporaryDirectory(prefix="seqedit-") as folder:
