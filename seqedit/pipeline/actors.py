@@ -13,6 +13,14 @@ import ray
 from seqedit.schemas.campaign import ResourcesSpec
 from seqedit.workers.editor import SequentialEditor
 
+ACTOR_DIED = (
+    ray.exceptions.RayActorError,
+    ray.exceptions.WorkerCrashedError,
+    ray.exceptions.ObjectLostError,
+)
+"""Errors of a lost actor process (killed, out of memory, node gone): the pipeline replaces
+the actor and hands its work out again."""
+
 
 def actor_options(resources: ResourcesSpec, **more: Any) -> dict[str, Any]:
     """`.options(...)` of an actor with these resources (a process per actor, no restarts:

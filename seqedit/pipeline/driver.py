@@ -20,7 +20,7 @@ import yaml
 
 from seqedit.methods.config import validate_config
 from seqedit.methods.registry import get_method
-from seqedit.pipeline.actors import EditorActor, actor_options, device_for
+from seqedit.pipeline.actors import ACTOR_DIED, EditorActor, actor_options, device_for
 from seqedit.pipeline.campaign_lock import driver_lock
 from seqedit.pipeline.campaign_stats import ensure_campaign_stats
 from seqedit.pipeline.eval_plan import build_task, crossed, due_tasks, shard_plan
@@ -163,7 +163,7 @@ def run_campaign(
                             spec, root, state, shard, editor, requests, progress, monitor, pool
                         )
                         break
-                    except EDITOR_DIED as exc:
+                    except ACTOR_DIED as exc:
                         if tries >= spec.max_attempts:
                             raise
                         log.warning("shard %d: editor died (%s); retrying", shard.index, exc)
@@ -292,14 +292,6 @@ def _check_predecessor_done(root: Location, state: CampaignState, index: int) ->
             f"{root}: shard {index} starts from the checkpoint of shard {index - 1}, which is "
             f"{before.status}; rerun shard {index - 1} first (or `seqedit rerun` to continue)"
         )
-
-
-EDITOR_DIED = (
-    ray.exceptions.RayActorError,
-    ray.exceptions.WorkerCrashedError,
-    ray.exceptions.ObjectLostError,
-)
-"""Errors of a lost editor process (killed, out of memory, node gone): worth a retry."""
 
 
 def _start_editor(

@@ -19,18 +19,12 @@ from typing import Any
 
 import ray
 
-from seqedit.pipeline.actors import actor_options, device_for, node_id
+from seqedit.pipeline.actors import ACTOR_DIED, actor_options, device_for, node_id
 from seqedit.schemas.campaign import CampaignSpec
 from seqedit.workers.editor import parse_edit_log
 from seqedit.workers.evaluator import EvalResult, EvalTask, Evaluator
 
 log = logging.getLogger(__name__)
-
-EVALUATOR_DIED = (
-    ray.exceptions.RayActorError,
-    ray.exceptions.WorkerCrashedError,
-    ray.exceptions.ObjectLostError,
-)
 
 
 @dataclass(frozen=True)
@@ -164,7 +158,7 @@ class EvalPool:
                     break
                 try:
                     result = ray.get(ref)
-                except EVALUATOR_DIED as exc:
+                except ACTOR_DIED as exc:
                     self._replace(index, exc)  # a new slot, holding the unanswered tasks
                     continue
                 _, tag, _ = pending.pop(ref)

@@ -30,7 +30,7 @@ from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
-from seqedit.pipeline.actors import actor_options, device_for, node_id
+from seqedit.pipeline.actors import ACTOR_DIED, actor_options, device_for, node_id
 from seqedit.pipeline.ray_init import ensure_ray
 from seqedit.schemas.campaign import ResourcesSpec
 from seqedit.storage import Location, Where, location
@@ -48,12 +48,6 @@ from seqedit.workers.stats_store import save_stats, tensors_sha256
 from seqedit.workers.tensor_files import read_safetensors, write_safetensors
 
 log = logging.getLogger(__name__)
-
-WORKER_DIED = (
-    ray.exceptions.RayActorError,
-    ray.exceptions.WorkerCrashedError,
-    ray.exceptions.ObjectLostError,
-)
 
 
 class StatsJobError(ValueError):
@@ -315,7 +309,7 @@ class _Pool:
         index, actor = self.running.pop(ready[0])
         try:
             result = ray.get(ready[0])
-        except WORKER_DIED as exc:
+        except ACTOR_DIED as exc:
             ray.kill(actor)
             self.idle.append(self.make())
             self._dispatch()
