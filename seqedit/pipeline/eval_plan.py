@@ -104,14 +104,6 @@ def due_tasks(
     return [(p.part, build_task(spec, requests, p)) for p in planned]
 
 
-def shard_tasks(
-    spec: CampaignSpec, requests: list[EditRequest], shard_start: int, shard_stop: int
-) -> list[tuple[int, EvalTask]]:
-    """(part number, task) of every task of a shard that ran to its end."""
-    return [(p.part, build_task(spec, requests, p)) for p in shard_plan(spec, shard_start,
-                                                                        shard_stop)]  # fmt: skip
-
-
 def build_task(spec: CampaignSpec, requests: list[EditRequest], planned: PlannedTask) -> EvalTask:
     """The task `planned` stands for, with its records."""
     if planned.protocol == "immediate":

@@ -10,7 +10,7 @@ import ray
 
 from seqedit.pipeline.campaign_ops import status_table
 from seqedit.pipeline.driver import run_campaign
-from seqedit.pipeline.eval_plan import due_tasks, part_number, shard_tasks
+from seqedit.pipeline.eval_plan import build_task, due_tasks, part_number, shard_plan
 from seqedit.pipeline.eval_pool import EvalPool
 from seqedit.pipeline.store import list_parts, query
 from seqedit.schemas.campaign import load_spec
@@ -83,7 +83,8 @@ def test_plan_gives_every_task_its_own_part(tiny_testbed: Path, tiny_stats: Path
                                             tmp_path: Path) -> None:  # fmt: skip
     spec = load_spec(_spec_file(tmp_path, tiny_testbed, tiny_stats, actors=1))
     _, requests = load_testbed(tiny_testbed)
-    planned = shard_tasks(spec, requests, 0, 5) + shard_tasks(spec, requests, 5, 10)
+    planned = [(p.part, build_task(spec, requests, p))
+               for p in shard_plan(spec, 0, 5) + shard_plan(spec, 5, 10)]  # fmt: skip
     parts = [part for part, _ in planned]
     assert len(set(parts)) == len(parts) and 0 not in parts
     # immediate blocks of chunk 4 within each shard of 5 steps: 0-3, 4, 5-8, 9
