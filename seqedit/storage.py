@@ -221,6 +221,11 @@ Where: TypeAlias = str | os.PathLike[str] | Location
 """What functions taking a campaign dir or a stats dir accept."""
 
 
+def is_uri(text: str) -> bool:
+    """Whether `text` is a `scheme://...` URI rather than a local path."""
+    return _URI.match(text) is not None
+
+
 def location(where: Where) -> Location:
     """The location of a local path, a `file://` URI or any URI pyarrow has a filesystem for
     (s3://, gs://, hdfs://, abfs://; options such as `?endpoint_override=` in the query)."""

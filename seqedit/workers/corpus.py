@@ -26,9 +26,7 @@ import difflib
 import hashlib
 import io
 import json
-import os
 import posixpath
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
@@ -40,6 +38,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from seqedit.storage import StorageError, is_uri, location
+
 Kind = Literal["txt", "jsonl", "parquet", "hf_dataset"]
 Source = str | Path
 
@@ -50,7 +50,6 @@ SUPPORTED_KINDS = (
     "a Hugging Face Dataset.save_to_disk directory (state.json + .arrow files)",
 )
 _SUFFIX_KINDS: dict[str, Kind] = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
-_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _BATCH_ROWS = 1024  # parquet rows per record batch (bounds memory)
 _CHUNK = 1 << 20  # bytes per read when hashing
 
@@ -138,7 +137,7 @@ def source_name(source: Source) -> str:
     """The base name of a source, without touching it: ``corpus.txt`` for ``data/corpus.txt``
     or ``s3://bucket/data/corpus.txt``, ``train`` for a dataset directory ``dd/train/``."""
     text = str(source)
-    if isinstance(source, str) and _URI.match(source):
+    if isinstance(source, str) and is_uri(source):
         return posixpath.basename(urlsplit(text).path.rstrip("/"))
     return Path(text).name
 
@@ -156,13 +155,11 @@ def _resolve_all(sources: Sequence[Source]) -> list[_Source]:
 def _resolve(source: Source) -> _Source:
     """Find the filesystem, check the source exists and decide its kind."""
     name = str(source)
-    if isinstance(source, str) and _URI.match(source):
-        try:
-            fs, path = pafs.FileSystem.from_uri(source)
-        except (pa.ArrowException, ValueError, OSError) as exc:
-            raise CorpusError(f"{name}: not a URI pyarrow.fs can open: {exc}") from exc
-    else:
-        fs, path = pafs.LocalFileSystem(), os.path.abspath(source)
+    try:
+        where = location(source)
+    except StorageError as exc:
+        raise CorpusError(f"{name}: not a URI pyarrow.fs can open ({exc})") from exc
+    fs, path = where.fs, where.fs_path
     info = _file_info(fs, path, name)
     if info.type == pafs.FileType.NotFound:
         raise CorpusError(f"{name}: no such corpus file or directory")
