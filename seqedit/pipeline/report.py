@@ -17,26 +17,26 @@ from seqedit.pipeline.store import query
 from seqedit.storage import Location, Where, location
 
 SUMMARY_SQL = """
+WITH last AS (
+  SELECT protocol, es, ps, ns, score FROM curves WHERE protocol <> 'immediate'
+  ORDER BY n_edits_applied DESC LIMIT 1
+)
 SELECT
   (SELECT count(*) FROM edits) AS edits,
   (SELECT count(*) FILTER (WHERE rolled_back) FROM edits) AS rolled_back,
   (SELECT avg(success::INT) FILTER (WHERE NOT rolled_back) FROM edits) AS immediate_es,
   (SELECT median(p_new_after) FROM edits) AS median_p_new,
   (SELECT max(weight_drift) FROM edits) AS max_weight_drift,
-  (SELECT es FROM curves WHERE protocol <> 'immediate'
-   ORDER BY n_edits_applied DESC LIMIT 1) AS last_es,
-  (SELECT ps FROM curves WHERE protocol <> 'immediate'
-   ORDER BY n_edits_applied DESC LIMIT 1) AS last_ps,
-  (SELECT ns FROM curves WHERE protocol <> 'immediate'
-   ORDER BY n_edits_applied DESC LIMIT 1) AS last_ns,
-  (SELECT score FROM curves WHERE protocol <> 'immediate'
-   ORDER BY n_edits_applied DESC LIMIT 1) AS last_score,
-  (SELECT protocol FROM curves WHERE protocol <> 'immediate'
-   ORDER BY n_edits_applied DESC LIMIT 1) AS last_protocol,
+  last.es AS last_es,
+  last.ps AS last_ps,
+  last.ns AS last_ns,
+  last.score AS last_score,
+  last.protocol AS last_protocol,
   (SELECT count(*) FILTER (WHERE NOT passed) FROM health) AS failed_checks,
   (SELECT sum(seconds) FROM edits) AS edit_seconds,
   (SELECT sum(check_seconds) FROM edits) + (SELECT coalesce(sum(seconds), 0) FROM health)
     AS health_seconds
+FROM (SELECT 1) LEFT JOIN last ON true
 """
 """One row: what a reader wants first about a campaign (last = the latest evaluation)."""
 
