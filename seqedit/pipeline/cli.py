@@ -154,13 +154,14 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
 def cmd_status(args: argparse.Namespace) -> None:
     from seqedit.pipeline.campaign_ops import status_table
+    from seqedit.pipeline.state import STATE_FILE
     from seqedit.pipeline.submit import JOB_FILE, job_status, recorded_job
     from seqedit.pipeline.tables_format import format_table
 
     if (args.campaign_dir / JOB_FILE).is_file():
         job = recorded_job(args.campaign_dir)
         print(f"job {job.job_id} at {job.address}: {job_status(job)}")
-        if not (args.campaign_dir / "state.json").is_file():
+        if not (args.campaign_dir / STATE_FILE).is_file():
             print("the campaign has not started yet (no state.json)")
             return
     state, table, live = status_table(args.campaign_dir)

@@ -270,11 +270,11 @@ def campaign_plots(
     Raises when there is nothing to plot yet."""
     state = CampaignState.load(campaign_dir)
     written = []
+    first = location(out) if out is not None else None
     for plot in CAMPAIGN_PLOTS:
-        if out is None:
+        if first is None:
             png = location(campaign_dir) / f"{plot.name}.png"
         else:
-            first = location(out)
             stem = first.name.rsplit(".", 1)[0]
             png = first if plot is CAMPAIGN_PLOTS[0] else first.parent / f"{stem}-{plot.name}.png"
         if path := plot.draw(campaign_dir, state.campaign, png):

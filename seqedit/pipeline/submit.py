@@ -5,8 +5,9 @@ DIR` to the cluster's job server (the Ray Jobs API, at the dashboard address); t
 driver runs on the head node and places the editor, evaluator and covariance actors on the
 workers. With `--address auto`, `ray://HEAD:10001` (Ray Client) or `HEAD:6379`, the driver
 runs in this process and joins that cluster instead (nothing to follow afterwards). The
-campaign directory (and the paths in the spec) must be on storage every node sees: a
-shared file system mounted at the same path. A submission is recorded in `DIR/job.json`,
+campaign directory must be where every node reaches it: a shared file system mounted at
+the same path, or a storage URI (`s3://...`, `seqedit.storage`); the paths in the spec
+(model, dataset) on a shared file system. A submission is recorded in `DIR/job.json`,
 so `seqedit logs DIR`, `seqedit cancel DIR` and `seqedit status DIR` find the job again;
 `seqedit rerun DIR --address` submits the rerun the same way. Without an address,
 `submit` runs the campaign here.
