@@ -35,17 +35,17 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from seqedit.pipeline.commands import progress_bar
-from seqedit.pipeline.driver import run_campaign
-from seqedit.pipeline.prepared import (
+from seqedit.pipeline.campaign_dir.state import CampaignState
+from seqedit.pipeline.cli.commands import progress_bar
+from seqedit.pipeline.cli.prepared import (
     TESTBED_HPARAMS,
     ensure_stats,
     ensure_testbed,
     write_heldout,
 )
-from seqedit.pipeline.state import CampaignState
-from seqedit.pipeline.store import query
-from seqedit.pipeline.tables_format import format_table
+from seqedit.pipeline.results.tables_format import format_table
+from seqedit.pipeline.results.views import query
+from seqedit.pipeline.run.driver import run_campaign
 from seqedit.schemas.campaign import load_spec
 from seqedit.testbed.world import synthetic_world
 

@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from seqedit.pipeline.hparams_import import import_hparams
+from seqedit.pipeline.cli.hparams_import import import_hparams
 from seqedit.workers.editor import SequentialEditor
 from seqedit.workers.stats import StatsConfig, compute_stats
 from seqedit.workers.stats_store import save_stats

@@ -34,12 +34,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from seqedit.pipeline.driver import run_campaign
-from seqedit.pipeline.eval_plan import due_tasks
-from seqedit.pipeline.eval_pool import EvalPool
-from seqedit.pipeline.prepared import TESTBED_HPARAMS, ensure_stats, ensure_testbed
-from seqedit.pipeline.store import query
-from seqedit.pipeline.tables_format import format_table
+from seqedit.pipeline.cli.prepared import TESTBED_HPARAMS, ensure_stats, ensure_testbed
+from seqedit.pipeline.results.tables_format import format_table
+from seqedit.pipeline.results.views import query
+from seqedit.pipeline.run.driver import run_campaign
+from seqedit.pipeline.run.eval_plan import due_tasks
+from seqedit.pipeline.run.eval_pool import EvalPool
 from seqedit.schemas.campaign import CampaignSpec
 from seqedit.testbed.build import load_testbed
 from seqedit.workers.editor import SequentialEditor

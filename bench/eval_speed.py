@@ -31,8 +31,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from seqedit.methods.scoring import score_targets
-from seqedit.pipeline.prepared import ensure_testbed
-from seqedit.pipeline.tables_format import format_table
+from seqedit.pipeline.cli.prepared import ensure_testbed
+from seqedit.pipeline.results.tables_format import format_table
 from seqedit.schemas.requests import spaced
 from seqedit.testbed.build import load_testbed
 from seqedit.workers.evaluator import scored_pairs

@@ -5,7 +5,7 @@ files (how the views read local parts before storage URIs).
     .venv/bin/python bench/lake_query.py [--campaign runs/bench-scale/scale-rome-10000-record]
         [--repeats 5] [--s3]
 
-Each query of the cookbook kind runs on a fresh connection (`store.connect`, as
+Each query of the cookbook kind runs on a fresh connection (`views.connect`, as
 `seqedit query` does) and on a baseline connection whose views are `read_parquet` over
 the same done parts; the answers must be equal (floats within 1e-9 relative). With
 `--s3` the campaign is also copied to a local S3 server (moto) and queried there, for
@@ -30,9 +30,10 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from seqedit.pipeline import store
-from seqedit.pipeline.state import CampaignState
-from seqedit.pipeline.tables_format import format_table
+from seqedit.pipeline.campaign_dir.parts import list_parts
+from seqedit.pipeline.campaign_dir.state import CampaignState
+from seqedit.pipeline.results import views
+from seqedit.pipeline.results.tables_format import format_table
 from seqedit.schemas.tables import TABLES, arrow_schema
 from seqedit.storage import location
 
@@ -57,7 +58,7 @@ def baseline_connection(root: Path) -> duckdb.DuckDBPyConnection:
         files = [
             str(part.local_path)
             for shard, attempt in state.done_partitions()
-            for part in store.list_parts(root, table, shard, attempt)
+            for part in list_parts(root, table, shard, attempt)
         ]
         keys = pa.schema([pa.field("shard", pa.int64()), pa.field("attempt", pa.int64())])
         con.register(f"_empty_{table}", pa.unify_schemas([arrow_schema(row_model), keys])
@@ -70,7 +71,7 @@ def baseline_connection(root: Path) -> duckdb.DuckDBPyConnection:
             else f"SELECT * FROM _empty_{table}"
         )
         con.execute(f"CREATE VIEW {table} AS {source}")
-    con.execute(store.CURVES_SQL)
+    con.execute(views.CURVES_SQL)
     return con
 
 
@@ -134,7 +135,7 @@ def main() -> None:
     s3 = s3_campaign(root) if args.s3 else None
     rows = []
     for name, sql in QUERIES.items():
-        ours_s, ours = timed(lambda sql=sql: store.query(root, sql), args.repeats)
+        ours_s, ours = timed(lambda sql=sql: views.query(root, sql), args.repeats)
 
         def base(sql: str = sql) -> pa.Table:
             con = baseline_connection(root)
@@ -149,7 +150,7 @@ def main() -> None:
         row = {"query": name, "read_parquet_ms": round(base_s * 1e3, 1),
                "ours_ms": round(ours_s * 1e3, 1), "ours_vs_baseline": round(ours_s / base_s, 2)}
         if s3 is not None:
-            remote_s, remote = timed(lambda sql=sql: store.query(s3[0], sql), args.repeats)
+            remote_s, remote = timed(lambda sql=sql: views.query(s3[0], sql), args.repeats)
             if not same(remote, expected):
                 sys.exit(f"{name}: the campaign on S3 answers differently")
             row |= {"s3_ms": round(remote_s * 1e3, 1)}

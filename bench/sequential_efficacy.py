@@ -24,8 +24,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from seqedit.pipeline.prepared import TESTBED_HPARAMS, ensure_stats, ensure_testbed
-from seqedit.pipeline.tables_format import format_table
+from seqedit.pipeline.cli.prepared import TESTBED_HPARAMS, ensure_stats, ensure_testbed
+from seqedit.pipeline.results.tables_format import format_table
 from seqedit.testbed.build import load_testbed
 from seqedit.workers.editor import SequentialEditor
 

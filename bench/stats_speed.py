@@ -32,9 +32,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from seqedit.methods.covariance import accumulate_second_moments
-from seqedit.pipeline.prepared import ensure_testbed
-from seqedit.pipeline.stats_job import build_stats_sharded
-from seqedit.pipeline.tables_format import format_table
+from seqedit.pipeline.cli.prepared import ensure_testbed
+from seqedit.pipeline.results.tables_format import format_table
+from seqedit.pipeline.run.stats_job import build_stats_sharded
 from seqedit.schemas.campaign import ResourcesSpec
 from seqedit.testbed.build import CORPUS_FILE
 from seqedit.workers.corpus import iter_documents

@@ -12,7 +12,7 @@ import pytest
 import ray
 from pydantic import BaseModel
 
-from seqedit.pipeline.cli import main
+from seqedit.pipeline.cli.main import main
 from seqedit.schemas.campaign import CampaignSpec
 
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "guide.md"

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import ray
 
-from seqedit.pipeline.state import CampaignState, ShardState
-from seqedit.pipeline.store import write_part
+from seqedit.pipeline.campaign_dir.parts import write_part
+from seqedit.pipeline.campaign_dir.state import CampaignState, ShardState
 from seqedit.schemas.tables import EvalRow, HealthRow
 from tests.pipeline.rows import edit_row
 

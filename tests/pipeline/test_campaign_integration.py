@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from seqedit.pipeline.cli import main
-from seqedit.pipeline.commands import curve_sql
-from seqedit.pipeline.driver import CampaignDirError, run_campaign
-from seqedit.pipeline.state import CampaignState, ShardState
-from seqedit.pipeline.store import query
+from seqedit.pipeline.campaign_dir.state import CampaignState, ShardState
+from seqedit.pipeline.cli.commands import curve_sql
+from seqedit.pipeline.cli.main import main
+from seqedit.pipeline.results.views import query
+from seqedit.pipeline.run.driver import CampaignDirError, run_campaign
 from seqedit.schemas.campaign import load_spec
 from seqedit.workers.editor import SequentialEditor
 from tests.conftest import TINY_LAYER

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from seqedit.pipeline import campaign_lock
-from seqedit.pipeline.campaign_lock import CampaignBusyError, Lease, driver_lock, driver_running
-from seqedit.pipeline.cli import main
-from seqedit.pipeline.compact import CompactError, compact
-from seqedit.pipeline.driver import run_campaign
-from seqedit.pipeline.report import write_report
-from seqedit.pipeline.state import CampaignState, ShardState
+from seqedit.pipeline.campaign_dir import lock as campaign_lock
+from seqedit.pipeline.campaign_dir.compact import CompactError, compact
+from seqedit.pipeline.campaign_dir.lock import CampaignBusyError, Lease, driver_lock, driver_running
+from seqedit.pipeline.campaign_dir.state import CampaignState, ShardState
+from seqedit.pipeline.cli.main import main
+from seqedit.pipeline.results.report import write_report
+from seqedit.pipeline.run.driver import run_campaign
 from seqedit.schemas.campaign import load_spec
 from seqedit.storage import Location, location
 from tests.pipeline.test_campaign_integration import FAULT_HEALTH, _spec, assert_same_rows

@@ -13,14 +13,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from seqedit.methods.config import HparamsError
-from seqedit.pipeline.campaign_ops import (
+from seqedit.pipeline.cli.campaign_ops import (
     frozen_spec,
     rebuild_model,
     rerun_campaign,
     validate_spec,
 )
-from seqedit.pipeline.cli import main
-from seqedit.pipeline.driver import run_campaign
+from seqedit.pipeline.cli.main import main
+from seqedit.pipeline.run.driver import run_campaign
 from seqedit.schemas.campaign import SpecError, load_spec
 from seqedit.testbed.build import load_testbed
 from seqedit.workers.editor import SequentialEditor

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from seqedit.pipeline.campaign_lock import CampaignBusyError, driver_lock
-from seqedit.pipeline.driver import run_campaign
-from seqedit.pipeline.state import CampaignState
-from seqedit.pipeline.store import query
+from seqedit.pipeline.campaign_dir.lock import CampaignBusyError, driver_lock
+from seqedit.pipeline.campaign_dir.state import CampaignState
+from seqedit.pipeline.results.views import query
+from seqedit.pipeline.run.driver import run_campaign
 from seqedit.schemas.campaign import load_spec
 from seqedit.workers.editor import SequentialEditor
 from tests.conftest import TINY_LAYER

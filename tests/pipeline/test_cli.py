@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from seqedit.pipeline.cli import main
-from seqedit.pipeline.commands import HEALTH_PER_EDIT_SQL, HEALTH_PERIODIC_SQL
-from seqedit.pipeline.state import CampaignState, ShardState
-from seqedit.pipeline.store import query, write_part
+from seqedit.pipeline.campaign_dir.parts import write_part
+from seqedit.pipeline.campaign_dir.state import CampaignState, ShardState
+from seqedit.pipeline.cli.commands import HEALTH_PER_EDIT_SQL, HEALTH_PERIODIC_SQL
+from seqedit.pipeline.cli.main import main
+from seqedit.pipeline.results.views import query
 from seqedit.schemas.tables import HealthRow
 from tests.pipeline.rows import edit_row
 

@@ -10,12 +10,13 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
-from seqedit.pipeline import compact as compact_module
-from seqedit.pipeline.campaign_lock import CampaignBusyError, driver_lock
-from seqedit.pipeline.cli import main
-from seqedit.pipeline.compact import SIDECAR_PREFIX, compact, list_parts, partition_dir
-from seqedit.pipeline.state import CampaignState, ShardState
-from seqedit.pipeline.store import VIEWS, connect, query, write_part
+from seqedit.pipeline.campaign_dir import compact as compact_module
+from seqedit.pipeline.campaign_dir.compact import SIDECAR_PREFIX, compact, list_parts, partition_dir
+from seqedit.pipeline.campaign_dir.lock import CampaignBusyError, driver_lock
+from seqedit.pipeline.campaign_dir.parts import write_part
+from seqedit.pipeline.campaign_dir.state import CampaignState, ShardState
+from seqedit.pipeline.cli.main import main
+from seqedit.pipeline.results.views import VIEWS, connect, query
 from seqedit.schemas.tables import TABLES, EvalRow, HealthRow
 from tests.pipeline.rows import edit_row
 

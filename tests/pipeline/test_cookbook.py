@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from seqedit.methods.metrics import score
-from seqedit.pipeline.state import CampaignState, ShardState
-from seqedit.pipeline.store import query, write_part
+from seqedit.pipeline.campaign_dir.parts import write_part
+from seqedit.pipeline.campaign_dir.state import CampaignState, ShardState
+from seqedit.pipeline.results.views import query
 from seqedit.schemas.tables import EvalRow
 
 COOKBOOK = Path(__file__).resolve().parents[2] / "docs" / "sql-cookbook.md"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from seqedit.methods.config import HparamsError
-from seqedit.pipeline.driver import plan_shards, run_campaign, select_requests
+from seqedit.pipeline.run.driver import plan_shards, run_campaign, select_requests
 from seqedit.schemas.campaign import CampaignSpec, DatasetSpec
 from seqedit.schemas.loaders import DatasetError
 

@@ -9,7 +9,7 @@ import yaml
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from seqedit.pipeline.cli import main
+from seqedit.pipeline.cli.main import main
 from tests.conftest import TINY_LAYER
 
 

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import ray
 
-from seqedit.pipeline.campaign_ops import status_table
-from seqedit.pipeline.driver import run_campaign
-from seqedit.pipeline.eval_plan import build_task, due_tasks, part_number, shard_plan
-from seqedit.pipeline.eval_pool import EvalPool
-from seqedit.pipeline.store import list_parts, query
+from seqedit.pipeline.campaign_dir.parts import list_parts
+from seqedit.pipeline.cli.campaign_ops import status_table
+from seqedit.pipeline.results.views import query
+from seqedit.pipeline.run.driver import run_campaign
+from seqedit.pipeline.run.eval_plan import build_task, due_tasks, part_number, shard_plan
+from seqedit.pipeline.run.eval_pool import EvalPool
 from seqedit.schemas.campaign import load_spec
 from seqedit.testbed.build import load_testbed
 from tests.pipeline.specs import write_spec

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import ray
 
-from seqedit.pipeline.actors import actor_options, device_for
-from seqedit.pipeline.driver import _check_resources
+from seqedit.pipeline.run.actors import actor_options, device_for
+from seqedit.pipeline.run.driver import _check_resources
 from seqedit.schemas.campaign import CampaignSpec, load_spec
 from tests.pipeline.specs import write_spec
 

@@ -10,14 +10,14 @@ import yaml
 
 from seqedit.methods.config import HparamsError
 from seqedit.methods.registry import get_method
-from seqedit.pipeline.cli import main
-from seqedit.pipeline.hparams_import import (
+from seqedit.pipeline.cli.hparams_import import (
     TEMPLATE_FIELDS,
     ImportedHparams,
     import_hparams,
     read_hparams_file,
     render_yaml,
 )
+from seqedit.pipeline.cli.main import main
 from tests.golden import golden_dir, reference_config
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "hparams"

@@ -12,9 +12,9 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from seqedit.pipeline.driver import run_campaign
-from seqedit.pipeline.stats_job import build_stats_sharded
-from seqedit.pipeline.store import query
+from seqedit.pipeline.results.views import query
+from seqedit.pipeline.run.driver import run_campaign
+from seqedit.pipeline.run.stats_job import build_stats_sharded
 from seqedit.schemas.campaign import load_spec
 from seqedit.storage import Location, location
 from seqedit.testbed.build import CORPUS_FILE

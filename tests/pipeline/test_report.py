@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from seqedit.pipeline.cli import main
-from seqedit.pipeline.plot_data import EDIT_DRIFT_LAYER, layer_drift, update_norms
-from seqedit.pipeline.report import campaign_summary
-from seqedit.pipeline.state import CampaignState, ShardState
-from seqedit.pipeline.store import write_part
+from seqedit.pipeline.campaign_dir.parts import write_part
+from seqedit.pipeline.campaign_dir.state import CampaignState, ShardState
+from seqedit.pipeline.cli.main import main
+from seqedit.pipeline.results.plot_data import EDIT_DRIFT_LAYER, layer_drift, update_norms
+from seqedit.pipeline.results.report import campaign_summary
 from tests.pipeline.rows import edit_row
 
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from seqedit.pipeline.campaign_ops import validate_spec
-from seqedit.pipeline.cli import main
-from seqedit.pipeline.driver import run_campaign
-from seqedit.pipeline.stats_job import build_stats_sharded, shard_path, split
+from seqedit.pipeline.cli.campaign_ops import validate_spec
+from seqedit.pipeline.cli.main import main
+from seqedit.pipeline.run.driver import run_campaign
+from seqedit.pipeline.run.stats_job import build_stats_sharded, shard_path, split
 from seqedit.schemas.campaign import load_spec
 from seqedit.testbed.build import CORPUS_FILE
 from seqedit.workers.corpus import iter_documents

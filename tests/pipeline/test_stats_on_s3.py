@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from seqedit.pipeline.campaign_stats import ensure_campaign_stats
-from seqedit.pipeline.cli import main
-from seqedit.pipeline.stats_job import build_stats_sharded, shard_path
+from seqedit.pipeline.cli.main import main
+from seqedit.pipeline.run.campaign_stats import ensure_campaign_stats
+from seqedit.pipeline.run.stats_job import build_stats_sharded, shard_path
 from seqedit.schemas.campaign import load_spec
 from seqedit.storage import Location, location
 from seqedit.testbed.build import CORPUS_FILE

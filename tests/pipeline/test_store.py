@@ -8,8 +8,9 @@ import duckdb
 import pytest
 
 from seqedit.methods.metrics import score
-from seqedit.pipeline.state import CampaignState, ShardState
-from seqedit.pipeline.store import VIEWS, QueryError, connect, query, write_part
+from seqedit.pipeline.campaign_dir.parts import write_part
+from seqedit.pipeline.campaign_dir.state import CampaignState, ShardState
+from seqedit.pipeline.results.views import VIEWS, QueryError, connect, query
 from seqedit.schemas.tables import EditRow, EvalRow
 from tests.pipeline.rows import edit_row
 

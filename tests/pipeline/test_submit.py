@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from seqedit.pipeline.cli import main
-from seqedit.pipeline.state import CampaignState
-from seqedit.pipeline.store import query
-from seqedit.pipeline.submit import recorded_job
+from seqedit.pipeline.campaign_dir.state import CampaignState
+from seqedit.pipeline.cli.main import main
+from seqedit.pipeline.results.views import query
+from seqedit.pipeline.run.submit import recorded_job
 from seqedit.storage import location
 from tests.pipeline.specs import write_spec
 

@@ -6,7 +6,7 @@ import json
 
 import pyarrow as pa
 
-from seqedit.pipeline.tables_format import format_table
+from seqedit.pipeline.results.tables_format import format_table
 
 TABLE = pa.table({"n": [1, 20], "es": [0.5, None], "name": ["a", "bb"]})
 

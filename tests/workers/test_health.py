@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from seqedit.methods.locality import locality_drift, perplexity
-from seqedit.pipeline.health_steps import retention_sample
+from seqedit.pipeline.run.health_steps import retention_sample
 from seqedit.schemas.campaign import HealthSpec
 from seqedit.testbed.build import load_testbed
 from seqedit.workers.editor import SequentialEditor, parse_edit_log

@@ -1,0 +1,2 @@
+"""A campaign directory at rest: durable state, the one-driver lock, Parquet parts and
+their compaction."""

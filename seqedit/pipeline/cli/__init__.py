@@ -1,0 +1,1 @@
+"""The `seqedit` command line and what each command does."""

@@ -1,0 +1,1 @@
+"""Reading results: DuckDB views and SQL, plots and the HTML report."""
