@@ -26,7 +26,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from seqedit.methods.arch import ModuleNames, rewrite_dims
 from seqedit.methods.config import names_for
 from seqedit.methods.context import BARE_TEMPLATE
-from seqedit.methods.delta import EditResult
 from seqedit.methods.keys_values import grouped_keys
 from seqedit.methods.memit import (
     LayeredEditConfig,
@@ -37,7 +36,14 @@ from seqedit.methods.memit import (
     memit_context_templates,
     restored_weights,
 )
-from seqedit.methods.method import Derived, EditMethod, SequentialState, one_at_a_time
+from seqedit.methods.method import (
+    Derived,
+    EditMethod,
+    SequentialState,
+    one_at_a_time,
+    rewrite_modules,
+)
+from seqedit.methods.updates import EditResult
 from seqedit.schemas.requests import EditRequest
 
 log = logging.getLogger(__name__)
@@ -274,6 +280,7 @@ ALPHAEDIT = EditMethod(
     version="1",
     config_cls=AlphaEditConfig,
     layers=lambda config: list(config.layers),
+    modules=lambda config, names: rewrite_modules(list(config.layers), names),
     uses_second_moment=lambda config: True,
     prepare=_prepare,
     edit=one_at_a_time(alphaedit_batch),

@@ -1,8 +1,10 @@
 """Architecture module names: where the editable modules live in each model family.
 
 Every editing method addresses modules by dotted name templates with one `{}` for the
-layer index (the convention of the reference code). Adding an architecture is one entry
-in `_NAMES`.
+layer index (the convention of the reference code). Any `nn.Linear` or `Conv1D` of a block
+can be edited, named by its role (`ROLES`: attention q/k/v/out or fused qkv, MLP in/gate/
+out); `module_names` in a method's hparams is the escape hatch for other architectures.
+Adding an architecture is one entry in `_NAMES`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,10 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
+
+ROLES = ("attn_qkv", "attn_q", "attn_k", "attn_v", "attn_out", "mlp_in", "mlp_gate", "mlp_out")
+"""Roles of the linear maps of a block: attention (fused qkv or q/k/v, output projection)
+and MLP (input, gate, output = the rewrite module)."""
 
 
 class ModuleNames(BaseModel):
@@ -34,10 +40,32 @@ class ModuleNames(BaseModel):
         description="True when the rewrite weight is stored (d_in, d_out), as GPT-2's Conv1D does; "
         "False for nn.Linear storage (d_out, d_in)."
     )
+    roles: dict[str, str] = Field(
+        default_factory=dict,
+        description="Role -> module name template of the other linear maps of a block "
+        f"(roles: {', '.join(ROLES)}); 'mlp_out' is `rewrite_module_tmp`.",
+    )
+
+    def module(self, role: str, layer: int) -> str:
+        """The dotted name of the module playing `role` in block `layer`."""
+        if role == "mlp_out":
+            return self.rewrite_module_tmp.format(layer)
+        if role not in self.roles:
+            known = ", ".join(["mlp_out", *sorted(self.roles)])
+            raise LookupError(
+                f"no module for role {role!r} in this architecture (known here: {known}); "
+                "give its template in `module_names.roles`"
+            )
+        return self.roles[role].format(layer)
 
 
 def _decoder(
-    prefix: str, mlp_out: str, attn: str, ln_f: str, lm_head: str = "lm_head"
+    prefix: str,
+    mlp_out: str,
+    attn: str,
+    ln_f: str,
+    roles: dict[str, str],
+    lm_head: str = "lm_head",
 ) -> ModuleNames:
     return ModuleNames(
         rewrite_module_tmp=f"{prefix}.{{}}.mlp.{mlp_out}",
@@ -47,18 +75,31 @@ def _decoder(
         ln_f_module=ln_f,
         lm_head_module=lm_head,
         rewrite_weight_transposed=False,
+        roles={role: f"{prefix}.{{}}.{path}" for role, path in roles.items()},
     )
 
 
-_LLAMA_LIKE = _decoder("model.layers", "down_proj", "self_attn", "model.norm")
+_QKV_SPLIT = {"attn_q": "q_proj", "attn_k": "k_proj", "attn_v": "v_proj"}
+_LLAMA_LIKE = _decoder(
+    "model.layers", "down_proj", "self_attn", "model.norm",
+    {**{r: f"self_attn.{n}" for r, n in _QKV_SPLIT.items()}, "attn_out": "self_attn.o_proj",
+     "mlp_in": "mlp.up_proj", "mlp_gate": "mlp.gate_proj"},
+)  # fmt: skip
 
 _NAMES: dict[str, ModuleNames] = {
-    "gpt2": _decoder("transformer.h", "c_proj", "attn", "transformer.ln_f").model_copy(
-        update={"rewrite_weight_transposed": True}
+    "gpt2": _decoder(
+        "transformer.h", "c_proj", "attn", "transformer.ln_f",
+        {"attn_qkv": "attn.c_attn", "attn_out": "attn.c_proj", "mlp_in": "mlp.c_fc"},
+    ).model_copy(update={"rewrite_weight_transposed": True}),
+    "gptj": _decoder(
+        "transformer.h", "fc_out", "attn", "transformer.ln_f",
+        {**{r: f"attn.{n}" for r, n in _QKV_SPLIT.items()}, "attn_out": "attn.out_proj",
+         "mlp_in": "mlp.fc_in"},
     ),
-    "gptj": _decoder("transformer.h", "fc_out", "attn", "transformer.ln_f"),
     "gpt_neox": _decoder(
-        "gpt_neox.layers", "dense_4h_to_h", "attention", "gpt_neox.final_layer_norm"
+        "gpt_neox.layers", "dense_4h_to_h", "attention", "gpt_neox.final_layer_norm",
+        {"attn_qkv": "attention.query_key_value", "attn_out": "attention.dense",
+         "mlp_in": "mlp.dense_h_to_4h"},
     ),
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
@@ -117,6 +158,27 @@ def rewrite_weight(model: nn.Module, names: ModuleNames, layer: int) -> nn.Param
     if not isinstance(weight, torch.Tensor):
         raise LookupError(f"module {names.rewrite_module_tmp.format(layer)!r} has no weight tensor")
     return weight  # type: ignore[return-value]
+
+
+def module_weight(
+    model: nn.Module, name: str, default_transposed: bool | None = None
+) -> tuple[torch.Tensor, bool]:
+    """The stored weight of the linear map `name` and whether its storage is transposed:
+    (d_in, d_out) for GPT-2's Conv1D (y = x @ W), (d_out, d_in) for `nn.Linear`; another
+    module type takes `default_transposed` (module names given by hand), else is refused."""
+    module = get_module(model, name)
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise LookupError(f"module {name!r} ({type(module).__name__}) has no 2-D weight to edit")
+    if isinstance(module, nn.Linear):
+        return weight, False
+    if type(module).__name__ == "Conv1D":  # transformers.pytorch_utils.Conv1D
+        return weight, True
+    if default_transposed is not None:
+        return weight, default_transposed
+    raise LookupError(
+        f"module {name!r} is a {type(module).__name__}; seqedit edits nn.Linear and Conv1D"
+    )
 
 
 def rewrite_dims(model: nn.Module, names: ModuleNames, layer: int) -> tuple[int, int]:

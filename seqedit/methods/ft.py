@@ -17,8 +17,8 @@ Departures from EasyEdit's `ft_main.py`, on purpose:
     target's tokens never depend on the prompt; EasyEdit tokenises the joined text for FT-M;
   * one request per edit (no batching across requests).
 
-The model is restored before returning; the update comes back as an exact `LowRankDelta`
-(see `dense_to_delta`).
+The model is restored before returning; the update comes back as a `DenseDelta` (an Adam
+update clamped entrywise is full rank in general: factors would save nothing).
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from seqedit.methods.arch import ModuleNames, rewrite_weight
 from seqedit.methods.config import MethodConfig, names_for
-from seqedit.methods.delta import EditResult, LowRankDelta
 from seqedit.methods.keys_values import frozen_parameters, model_device
-from seqedit.methods.method import Derived, EditMethod
+from seqedit.methods.method import Derived, EditMethod, rewrite_modules
+from seqedit.methods.updates import DenseDelta, EditResult
 from seqedit.schemas.requests import EditRequest, spaced
 
 log = logging.getLogger(__name__)
@@ -129,24 +129,6 @@ def ft_m_loss(
     return ((nll * mask).sum(dim=1) / mask.sum(dim=1)).mean()
 
 
-def dense_to_delta(module: str, delta_w: torch.Tensor) -> LowRankDelta:
-    """Wrap a dense (d_out, d_in) update as an EXACT LowRankDelta of rank min(d_out, d_in).
-
-    An Adam update clamped entrywise is full rank in general, so a truncated SVD would save
-    nothing and lose exactness. The smaller side gets an identity factor:
-    d_out <= d_in: left = I (d_out, d_out), right = dW^T (d_in, d_out);
-    otherwise:     left = dW (d_out, d_in),  right = I (d_in, d_in).
-    Multiplying by an identity is exact in floating point, so `dense()` and `apply_delta_`
-    reproduce dW bit for bit.
-    """
-    d_out, d_in = delta_w.shape
-    if d_out <= d_in:
-        eye = torch.eye(d_out, dtype=delta_w.dtype, device=delta_w.device)
-        return LowRankDelta(module=module, left=eye, right=delta_w.T.contiguous())
-    eye = torch.eye(d_in, dtype=delta_w.dtype, device=delta_w.device)
-    return LowRankDelta(module=module, left=delta_w.contiguous(), right=eye)
-
-
 class _Batch:
     """Token tensors of one request for one objective (all on the model's device)."""
 
@@ -198,7 +180,7 @@ def ft_edit(
     """Compute (not apply) the fine-tuning delta for `request`; the model is left unchanged.
 
     The rewrite weight is trained in place and restored (also on error). Returns an
-    EditResult with one exact LowRankDelta on the rewrite module (dW = W_trained - W0 in the
+    EditResult with one DenseDelta on the rewrite module (dW = W_trained - W0 in the
     (d_out, d_in) convention, float32), loss = the objective after training, steps = Adam
     steps taken, target_prob = exp(-loss) (per-token geometric mean for the objective's
     scoring); key and value are empty (FT has neither).
@@ -241,9 +223,9 @@ def ft_edit(
             weight.copy_(original)
         weight.grad = None
     delta_w = stored.T if names.rewrite_weight_transposed else stored  # (d_out, d_in)
-    delta = dense_to_delta(module, delta_w.contiguous())
+    delta = DenseDelta(module, delta_w.contiguous())
     result = EditResult(
-        deltas=[delta],
+        updates=[delta],
         loss=final_loss,
         steps=steps,
         key=torch.empty(0),
@@ -296,6 +278,7 @@ def _ft_method(name: str, config_cls: type[FtConfig]) -> EditMethod:
         version="1",
         config_cls=config_cls,
         layers=lambda config: [config.layer],
+        modules=lambda config, names: rewrite_modules([config.layer], names),
         uses_second_moment=lambda config: False,
         prepare=_prepare,
         edit=_edit,

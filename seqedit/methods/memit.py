@@ -27,7 +27,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from seqedit.methods.arch import ModuleNames, rewrite_dims, rewrite_weight
 from seqedit.methods.config import ValueSearchOptions, names_for
 from seqedit.methods.context import BARE_TEMPLATE, context_templates_for
-from seqedit.methods.delta import EditResult, LowRankDelta, apply_delta_
 from seqedit.methods.keys_values import (
     KL_PROMPTS,
     ValueResult,
@@ -37,8 +36,9 @@ from seqedit.methods.keys_values import (
     optimize_value,
     restored_tensors,
 )
-from seqedit.methods.method import Derived, EditMethod, one_at_a_time
+from seqedit.methods.method import Derived, EditMethod, one_at_a_time, rewrite_modules
 from seqedit.methods.tokens import FactToken
+from seqedit.methods.updates import EditResult, LowRankDelta, apply_update_
 from seqedit.schemas.requests import EditRequest
 
 log = logging.getLogger(__name__)
@@ -241,7 +241,7 @@ def apply_layered_updates(
         resid = targets / (len(config.layers) - i)
         right = solve(i, layer, k.T, resid).to(resid.dtype)
         delta = LowRankDelta(module=module, left=resid, right=right)
-        apply_delta_(
+        apply_update_(
             rewrite_weight(model, names, layer), delta, transposed=names.rewrite_weight_transposed
         )
         deltas.append(delta)
@@ -261,7 +261,7 @@ def batch_result(
 
     first = min(update.keys)
     return EditResult(
-        deltas=update.deltas,
+        updates=list(update.deltas),
         loss=mean([v.loss for v in values]),
         steps=sum(v.steps for v in values),
         key=update.keys[first],
@@ -380,6 +380,7 @@ MEMIT = EditMethod(
     version="1",
     config_cls=MemitConfig,
     layers=lambda config: list(config.layers),
+    modules=lambda config, names: rewrite_modules(list(config.layers), names),
     uses_second_moment=lambda config: True,
     prepare=_prepare,
     edit=one_at_a_time(memit_batch),

@@ -14,7 +14,8 @@ import torch
 from pydantic import BaseModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from seqedit.methods.delta import EditResult
+from seqedit.methods.arch import ModuleNames
+from seqedit.methods.updates import EditResult, MemoryEntry
 from seqedit.schemas.requests import EditRequest
 
 Derived = dict[int, dict[str, torch.Tensor]]
@@ -85,6 +86,33 @@ def one_at_a_time(batch: BatchEdit) -> Edit:
     return edit
 
 
+class RemovableHandle(Protocol):
+    """What `register_forward_hook` returns."""
+
+    def remove(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class MemoryHooks:
+    """How a memory-based method (GRACE) changes the model's outputs without changing weights.
+
+    Its memory lives in the per-campaign context (`prepare`'s result); `EditMethod.state`
+    returns it as tensors (checkpointed and counted in the weights fingerprint) and
+    `load_state` puts it back. An edit returns `MemoryEntry`s and leaves the memory alone.
+
+    Attributes:
+        install: (model, context) -> handle: the one forward hook through which the memory
+            changes outputs. The editor's scoring and every evaluator install it the same way.
+        apply: (context, entry) -> None: add one logged entry to the memory (after an edit,
+            and when an evaluator or `seqedit rebuild` replays the edit log).
+        size: (context) -> entries in the memory (recorded instead of update norms).
+    """
+
+    install: Callable[[PreTrainedModel, Any], RemovableHandle]
+    apply: Callable[[Any, MemoryEntry], None]
+    size: Callable[[Any], int]
+
+
 @dataclass(frozen=True)
 class EditMethod:
     """One registered editing method.
@@ -93,7 +121,10 @@ class EditMethod:
         name: registry key ("rome").
         version: bumped whenever the math changes; recorded in every edit row.
         config_cls: pydantic config (extra="forbid") validated from the campaign's hparams.
-        layers: the layers whose rewrite module a config edits.
+        layers: the layers of the rewrite module a config is about; when it
+            `uses_second_moment`, covariance statistics are built and loaded for these.
+        modules: (config, the model's module names) -> the dotted names of the linear maps
+            (`nn.Linear` / `Conv1D`) whose weights a config edits; [] for memory methods.
         uses_second_moment: whether a config needs covariance statistics.
         prepare: work done once per campaign (context templates, inverse covariances).
         edit: compute the deltas of one request.
@@ -104,12 +135,14 @@ class EditMethod:
             named by `derive_key` (inverse covariance, null-space basis); the editor caches
             them next to the stats and hands them to `prepare`. None: nothing to cache.
         derive_key: the config fields `derive` reads (part of the cache key).
+        memory: for memory-based methods, how their side state changes outputs.
     """
 
     name: str
     version: str
     config_cls: type[BaseModel]
     layers: Callable[[Any], list[int]]
+    modules: Callable[[Any, ModuleNames], list[str]]
     uses_second_moment: Callable[[Any], bool]
     prepare: Prepare
     edit: Edit
@@ -118,3 +151,14 @@ class EditMethod:
     load_state: Callable[[Any, SequentialState], None] = load_no_state
     derive: Derive | None = None
     derive_key: Callable[[Any], dict[str, Any]] = lambda _config: {}
+    memory: MemoryHooks | None = None
+
+    @property
+    def batched(self) -> bool:
+        """Whether the method edits several requests as one step (`edit_batch`)."""
+        return self.edit_batch is not None
+
+
+def rewrite_modules(layers: list[int], names: ModuleNames) -> list[str]:
+    """The rewrite module (MLP output projection) of each of `layers`."""
+    return [names.rewrite_module_tmp.format(layer) for layer in layers]

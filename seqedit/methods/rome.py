@@ -24,15 +24,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from seqedit.methods.arch import ModuleNames, rewrite_dims
 from seqedit.methods.config import ValueSearchOptions, names_for
 from seqedit.methods.context import BARE_TEMPLATE, context_templates_for
-from seqedit.methods.delta import EditResult, LowRankDelta
 from seqedit.methods.keys_values import (
     KL_PROMPTS,
     ValueSearch,
     module_io_at_subjects,
     optimize_value,
 )
-from seqedit.methods.method import Derived, EditMethod
+from seqedit.methods.method import Derived, EditMethod, rewrite_modules
 from seqedit.methods.tokens import FactToken, fill
+from seqedit.methods.updates import EditResult, LowRankDelta
 from seqedit.schemas.requests import EditRequest
 
 log = logging.getLogger(__name__)
@@ -249,7 +249,7 @@ def rome_edit(
         module=module, left=update.left.unsqueeze(1), right=update.right.unsqueeze(1)
     )
     result = EditResult(
-        deltas=[delta],
+        updates=[delta],
         loss=value.loss,
         steps=value.steps,
         key=key,
@@ -334,6 +334,7 @@ ROME = EditMethod(
     version="1",
     config_cls=RomeConfig,
     layers=lambda config: [config.layer],
+    modules=lambda config, names: rewrite_modules([config.layer], names),
     uses_second_moment=lambda config: config.mom2_adjustment,
     prepare=_prepare,
     edit=_edit,

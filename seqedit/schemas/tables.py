@@ -32,7 +32,16 @@ class EditRow(BaseModel):
     case_id: int
     method: str
     method_version: str
-    layers: str = Field(description="Edited layers, comma separated.")
+    layers: str | None = Field(
+        default=None,
+        description="Written before edit contract v2 only: edited layers, comma separated "
+        "(now `modules`).",
+    )
+    modules: str | None = Field(
+        default=None,
+        description="Edited modules (weights), comma separated; empty for a memory-based "
+        "method. NULL in rows written before edit contract v2 (see `layers`).",
+    )
     p_new_before: float = Field(description="P(target_new | rewrite prompt) before the edit.")
     p_true_before: float | None
     p_new_after: float = Field(description="P(target_new | rewrite prompt) after the edit.")
@@ -41,8 +50,19 @@ class EditRow(BaseModel):
     loss_initial: float = Field(description="Value-optimisation loss at its first step.")
     loss: float = Field(description="Value-optimisation loss at its last step.")
     opt_steps: int
-    update_norm: float = Field(description="Frobenius norm of this edit's weight update.")
-    weight_drift: float = Field(description="max over layers of ||W_t - W_0||_F / ||W_0||_F.")
+    update_norm: float | None = Field(
+        description="Frobenius norm of this edit's weight update (NULL for a memory-based "
+        "method, which changes no weight)."
+    )
+    weight_drift: float | None = Field(
+        description="max over edited modules of ||W_t - W_0||_F / ||W_0||_F (NULL for a "
+        "memory-based method)."
+    )
+    memory_size: int | None = Field(
+        default=None,
+        description="Entries in a memory-based method's memory after the edit (GRACE's "
+        "codebook keys); NULL for methods that edit weights.",
+    )
     seconds: float = Field(description="Wall time of the edit (optimisation + update).")
     check_seconds: float = Field(
         default=0.0,

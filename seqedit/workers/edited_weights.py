@@ -1,9 +1,10 @@
 """The edited modules of one model, with fp32 master copies and the base weights.
 
 Shared by the editor (which computes edits) and the evaluators (which replay them from the
-edit log): both apply a delta the same way, so on CPU they hold bit-identical weights after
-the same steps. Every delta is added to the fp32 master and the master is copied into the
-model, so small updates are not rounded away in low precision over thousands of edits.
+edit log): both apply an update the same way, so on CPU they hold bit-identical weights
+after the same steps. Every update is added to the fp32 master and the master is copied
+into the model, so small updates are not rounded away in low precision over thousands of
+edits.
 """
 
 from __future__ import annotations
@@ -14,17 +15,20 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from seqedit.methods.arch import ModuleNames, rewrite_weight
-from seqedit.methods.delta import LowRankDelta, apply_delta_
+from seqedit.methods.arch import ModuleNames, module_weight
+from seqedit.methods.updates import WeightUpdate, apply_update_
 
 
-def edited_weights(model: nn.Module, names: ModuleNames, layers: Sequence[int]) -> EditedWeights:
-    """The `EditedWeights` of the rewrite module of each of `layers` in `model`."""
-    params = {
-        names.rewrite_module_tmp.format(layer): rewrite_weight(model, names, layer)
-        for layer in layers
-    }
-    return EditedWeights(params, transposed=names.rewrite_weight_transposed)
+def edited_weights(model: nn.Module, names: ModuleNames, modules: Sequence[str]) -> EditedWeights:
+    """The `EditedWeights` of the linear maps `modules` of `model` (each `nn.Linear` or
+    `Conv1D`; another module type takes `names.rewrite_weight_transposed`)."""
+    params: dict[str, torch.Tensor] = {}
+    transposed: dict[str, bool] = {}
+    for name in modules:
+        params[name], transposed[name] = module_weight(
+            model, name, default_transposed=names.rewrite_weight_transposed
+        )
+    return EditedWeights(params, transposed=transposed)
 
 
 class EditedWeights:
@@ -33,23 +37,23 @@ class EditedWeights:
     Args:
         params: module name -> the model's weight parameter, in its storage layout
             ((d_in, d_out) for GPT-2's Conv1D, (d_out, d_in) for nn.Linear).
-        transposed: whether the storage layout is the transpose of y = W x.
+        transposed: module name -> whether its storage is the transpose of y = W x.
     """
 
-    def __init__(self, params: dict[str, torch.Tensor], *, transposed: bool) -> None:
+    def __init__(self, params: dict[str, torch.Tensor], *, transposed: dict[str, bool]) -> None:
         self.params = params
         self.transposed = transposed
         self.masters = {name: w.detach().float().clone() for name, w in params.items()}
         self.base = {name: m.clone() for name, m in self.masters.items()}
         self.base_norms = {name: float(m.norm()) for name, m in self.base.items()}
 
-    def apply(self, delta: LowRankDelta) -> None:
-        """Add `delta` to its module's master and copy the master into the model."""
-        if delta.module not in self.masters:
-            raise ValueError(f"delta for module {delta.module!r}; edited here: {self.names()}")
-        master = self.masters[delta.module]
-        apply_delta_(master, delta, transposed=self.transposed)
-        self._sync(delta.module)
+    def apply(self, update: WeightUpdate) -> None:
+        """Add `update` to its module's master and copy the master into the model."""
+        if update.module not in self.masters:
+            raise ValueError(f"update for module {update.module!r}; edited here: {self.names()}")
+        master = self.masters[update.module]
+        apply_update_(master, update, transposed=self.transposed[update.module])
+        self._sync(update.module)
 
     def load(self, weights: dict[str, torch.Tensor]) -> None:
         """Set every master (and the model) to `weights` (copies), one tensor per module."""

@@ -11,7 +11,6 @@ import dataclasses
 import logging
 import math
 import os
-import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,17 +18,19 @@ from typing import Any
 
 import torch
 
+from seqedit.errors import SeqeditError
 from seqedit.methods.config import names_for, validate_config, with_step_budget
-from seqedit.methods.delta import EditResult, LowRankDelta
 from seqedit.methods.locality import locality_drift, next_token_log_probs, perplexity
 from seqedit.methods.method import Derived
-from seqedit.methods.registry import get_method
+from seqedit.methods.registry import METHODS, get_method
 from seqedit.methods.scoring import score_targets
+from seqedit.methods.updates import DenseDelta, EditResult, MemoryEntry, Update
 from seqedit.schemas.requests import EditRequest
 from seqedit.schemas.tables import EditRow, EvalRow, Protocol
 from seqedit.workers.checkpoints import load_checkpoint, save_checkpoint
 from seqedit.workers.derived_store import derived_tensors
-from seqedit.workers.edited_weights import edited_weights
+from seqedit.workers.edit_log import encode_edit_log, parse_edit_log
+from seqedit.workers.edited_model import EditedModel, save_memory
 from seqedit.workers.evaluator import evaluate_records
 from seqedit.workers.model_io import load_model
 from seqedit.workers.stats_store import load_stats
@@ -55,49 +56,27 @@ def _jsonable(value: Any) -> Any:
 
 
 _WEIGHT, _STATE = "weight.", "state."
-_LOG_KEY = re.compile(r"step(\d+)\.(.+)\.(left|right)")
-_SKIPPED_KEY = re.compile(r"step(\d+)\.rolled_back")
 
 
-def parse_edit_log(tensors: dict[str, torch.Tensor]) -> dict[int, list[LowRankDelta]]:
-    """Step -> deltas, from "step<N>.<module>.left|right" tensors (`take_edit_log`); a
-    rolled-back step ("step<N>.rolled_back") has no deltas."""
-    factors: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    steps: dict[int, list[LowRankDelta]] = {}
-    for key, tensor in tensors.items():
-        skipped = _SKIPPED_KEY.fullmatch(key)
-        if skipped is not None:
-            steps[int(skipped[1])] = []
-            continue
-        match = _LOG_KEY.fullmatch(key)
-        if match is None:
-            raise ValueError(f"edit log key {key!r} is not step<N>.<module>.left|right")
-        step, module, side = int(match[1]), match[2], match[3]
-        factors.setdefault((step, module), {})[side] = tensor
-    for (step, module), pair in sorted(factors.items()):
-        if set(pair) != {"left", "right"}:
-            raise ValueError(f"edit log step {step} module {module!r} lacks a factor: {pair}")
-        # fresh allocations: BLAS may round differently on the buffers safetensors returns
-        left, right = pair["left"].clone(), pair["right"].clone()
-        steps.setdefault(step, []).append(LowRankDelta(module, left, right))
-    return steps
-
-
-def edit_log_tensors(entries: Sequence[tuple[int, list[LowRankDelta]]]) -> dict[str, torch.Tensor]:
-    """(step, deltas) entries as "step<N>.<module>.left|right" tensors (`parse_edit_log`'s
-    input); a rolled-back step (no deltas) is "step<N>.rolled_back"."""
-    tensors: dict[str, torch.Tensor] = {}
-    for step, deltas in entries:
-        if not deltas:  # rolled back by a health policy: the step happened, changed nothing
-            tensors[f"step{step}.rolled_back"] = torch.zeros(0)
-        for delta in deltas:
-            tensors[f"step{step}.{delta.module}.left"] = delta.left.contiguous()
-            tensors[f"step{step}.{delta.module}.right"] = delta.right.contiguous()
-    return tensors
-
-
-class EditError(RuntimeError):
+class EditError(SeqeditError, RuntimeError):
     """An edit that produced an unusable update (NaN/Inf), naming the step and case."""
+
+
+def _check_finite(updates: Sequence[Update], step: int, requests: Sequence[EditRequest]) -> None:
+    """Refuse an update holding NaN/Inf before anything is applied."""
+    for update in updates:
+        if isinstance(update, MemoryEntry):
+            tensors, what = list(update.tensors.values()), "memory entry"
+        elif isinstance(update, DenseDelta):
+            tensors, what = [update.delta], f"{update.module} update"
+        else:
+            tensors, what = [update.left, update.right], f"{update.module} update"
+        if not all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()):
+            cases = ", ".join(str(r.case_id) for r in requests)
+            raise EditError(
+                f"step {step} (case_id {cases}): the {what} contains NaN/Inf; the model was "
+                "left unchanged"
+            )
 
 
 class SequentialEditor:
@@ -142,10 +121,7 @@ class SequentialEditor:
         self.model, self.tokenizer = load_model(model_dir, device=device)
         self.names = names_for(self.model, self.config)
         self.layers: list[int] = self.method.layers(self.config)
-        self.module_names = {
-            layer: self.names.rewrite_module_tmp.format(layer) for layer in self.layers
-        }
-        self.weights = edited_weights(self.model, self.names, self.layers)
+        self.modules: list[str] = self.method.modules(self.config, self.names)
         self.second_moments: dict[int, torch.Tensor] | None = None
         if self.method.uses_second_moment(self.config):
             if stats_dir is None:
@@ -169,7 +145,8 @@ class SequentialEditor:
         self.context = self.method.prepare(
             self.model, self.tokenizer, self.config, self.second_moments, derived
         )
-        self.edit_log: list[tuple[int, list[LowRankDelta]]] = []
+        self.edited = EditedModel(self.model, self.method, self.config, self.names, self.context)
+        self.edit_log: list[tuple[int, list[Update]]] = []
         self.n_applied = 0  # edits (requests) applied
         self.n_steps = 0  # edit steps applied (a batch is one step)
         self.keep_undo = keep_undo
@@ -213,9 +190,10 @@ class SequentialEditor:
         AlphaEdit); one row per request, sharing the step, the loss and the update norm."""
         batch_edit = self.method.edit_batch
         if batch_edit is None:
+            batched = ", ".join(sorted(m.name for m in METHODS.values() if m.batched))
             raise ValueError(
                 f"method {self.method.name!r} edits one request at a time; apply the requests "
-                "sequentially (methods with batches: memit, alphaedit)"
+                f"sequentially (methods with batches: {batched})"
             )
         if not requests:
             raise ValueError("edit_batch needs at least one request")
@@ -250,23 +228,19 @@ class SequentialEditor:
                 result = compute()
         else:
             result = compute()
-        for delta in result.deltas:
-            if not (torch.isfinite(delta.left).all() and torch.isfinite(delta.right).all()):
-                cases = ", ".join(str(r.case_id) for r in requests)
-                raise EditError(
-                    f"step {step} (case_id {cases}): the {delta.module} update "
-                    "contains NaN/Inf; the model was left unchanged"
-                )
+        _check_finite(result.updates, step, requests)
         update_norm = 0.0
-        for delta in result.deltas:
-            self.weights.apply(delta)
-            update_norm = math.hypot(update_norm, float(delta.norm()))
-        self.edit_log.append((step, result.deltas))
+        for update in result.updates:
+            if not isinstance(update, MemoryEntry):
+                update_norm = math.hypot(update_norm, float(update.norm()))
+        self.edited.apply(result.updates)
+        self.edit_log.append((step, result.updates))
         self.n_applied += len(requests)
         self.n_steps += 1
         verify_started = time.perf_counter()
         after = self._rewrite_probs(requests)
         drift, done = self.weight_drift(), time.perf_counter()
+        memory_size = self.edited.memory_size()
         seconds, check_seconds = done - start, check_seconds + done - verify_started
         return [
             EditRow(
@@ -275,7 +249,7 @@ class SequentialEditor:
                 case_id=request.case_id,
                 method=self.method.name,
                 method_version=self.method.version,
-                layers=",".join(str(layer) for layer in self.layers),
+                modules=",".join(self.modules),
                 p_new_before=p_new_before,
                 p_true_before=p_true_before,
                 p_new_after=p_new_after,
@@ -284,8 +258,9 @@ class SequentialEditor:
                 loss_initial=result.initial_loss,
                 loss=result.loss,
                 opt_steps=result.steps,
-                update_norm=update_norm,
+                update_norm=None if memory_size is not None else update_norm,
                 weight_drift=drift,
+                memory_size=memory_size,
                 seconds=seconds / len(requests),
                 check_seconds=check_seconds / len(requests),
                 retries=retry,
@@ -326,6 +301,9 @@ class SequentialEditor:
             metrics["perplexity"] = perplexity(self.model, self.tokenizer, self._heldout)
             metrics["perplexity_ratio"] = metrics["perplexity"] / self._heldout_base
         metrics.update({f"weight_drift.{name}": d for name, d in self.layer_drifts().items()})
+        memory_size = self.edited.memory_size()
+        if memory_size is not None:
+            metrics["memory_size"] = float(memory_size)
         return metrics
 
     def pid(self) -> int:
@@ -339,21 +317,23 @@ class SequentialEditor:
             "method": self.method.name,
             "method_version": self.method.version,
             "config": self.config.model_dump(mode="json"),
-            "modules": [self.module_names[layer] for layer in self.layers],
+            "modules": self.modules,
+            "memory": self.edited.has_memory,
             "context": _jsonable(self.context),
         }
 
     def layer_drifts(self) -> dict[str, float]:
         """||W_t - W_0||_F / ||W_0||_F of each edited module, by module name."""
-        return self.weights.layer_drifts()
+        return self.edited.weights.layer_drifts()
 
-    def weight_drift(self) -> float:
-        """max over edited modules of ||W_t - W_0||_F / ||W_0||_F."""
-        return max(self.layer_drifts().values())
+    def weight_drift(self) -> float | None:
+        """max over edited modules of ||W_t - W_0||_F / ||W_0||_F (None: no weights edited)."""
+        return max(self.layer_drifts().values(), default=None)
 
     def weights_fingerprint(self) -> str:
-        """sha256 of the fp32 masters of every edited module (bit-exact comparisons)."""
-        return self.weights.fingerprint()
+        """sha256 of the fp32 masters of every edited module and of a method's memory
+        (bit-exact comparisons)."""
+        return self.edited.fingerprint()
 
     # --- sequential state: checkpoints and replay ------------------------------------------
 
@@ -362,7 +342,7 @@ class SequentialEditor:
         modules ("weight.<module>"), the method's sequential state ("state.<name>", e.g.
         AlphaEdit's accumulated K K^T) and the counts of edits and steps applied ("n_applied",
         "n_steps", (1,) each)."""
-        tensors = {f"{_WEIGHT}{name}": m for name, m in self.weights.copies().items()}
+        tensors = {f"{_WEIGHT}{name}": m for name, m in self.edited.weights.copies().items()}
         for name, value in self.method.state(self.context).items():
             tensors[f"{_STATE}{name}"] = value
         tensors["n_applied"] = torch.tensor([self.n_applied], dtype=torch.int64)
@@ -372,14 +352,14 @@ class SequentialEditor:
     def restore(self, checkpoint: dict[str, torch.Tensor]) -> None:
         """Put the editor back where `checkpoint()` was taken (same model and method)."""
         weights = {k[len(_WEIGHT) :]: v for k, v in checkpoint.items() if k.startswith(_WEIGHT)}
-        if set(weights) != set(self.weights.masters):
+        if set(weights) != set(self.edited.weights.masters):
             raise ValueError(
                 f"checkpoint holds modules {sorted(weights)}, this editor edits "
-                f"{self.weights.names()}"
+                f"{self.edited.weights.names()}"
             )
         state = {k[len(_STATE) :]: v for k, v in checkpoint.items() if k.startswith(_STATE)}
         self.method.load_state(self.context, state)
-        self.weights.load(weights)
+        self.edited.weights.load(weights)
         self.n_applied = int(checkpoint["n_applied"][0])
         self.n_steps = int(checkpoint["n_steps"][0])
         self.edit_log = []
@@ -397,9 +377,12 @@ class SequentialEditor:
         self.n_steps += keep_step  # the step was taken; it just changed nothing
 
     def save_model(self, out_dir: str | Path) -> None:
-        """The edited model and its tokenizer as a Hugging Face model directory."""
+        """The edited model and its tokenizer as a Hugging Face model directory; a
+        memory-based method's memory goes beside them (`edited_model.save_memory`)."""
         self.model.save_pretrained(out_dir)
         self.tokenizer.save_pretrained(out_dir)
+        if self.edited.has_memory:
+            save_memory(self.edited, self.config, Path(out_dir))
 
     def save_checkpoint(self, path: str | Path) -> str:
         """`checkpoint()` to a file or storage URI, atomically; returns the weights
@@ -411,11 +394,12 @@ class SequentialEditor:
         load_checkpoint(self, path, expected_fingerprint=expected_fingerprint)
 
     def replay(self, edit_log: dict[str, torch.Tensor], *, until_step: int | None = None) -> int:
-        """Apply logged deltas (`take_edit_log` tensors of one or more consecutive shards) in
-        step order, exactly as `edit` applied them: from the base model the fp32 masters come
-        out bit for bit the same on CPU. The log must continue where this editor stands (its
-        first step = `n_steps`, no gaps). With `until_step`, logged steps from `until_step`
-        on are left out (the model as it was before that step). Method state is not rebuilt
+        """Apply logged updates (`take_edit_log` tensors of one or more consecutive shards, any
+        edit-log version) in step order, exactly as `edit` applied them: from the base model
+        the fp32 masters and a method's memory come out bit for bit the same on CPU. The log
+        must continue where this editor stands (its first step = `n_steps`, no gaps). With
+        `until_step`, logged steps from `until_step` on are left out (the model as it was
+        before that step). Other method state (AlphaEdit's cache_c) is not rebuilt
         (checkpoints hold it). Returns the number of steps applied."""
         steps = parse_edit_log(edit_log)
         if until_step is not None:
@@ -428,23 +412,22 @@ class SequentialEditor:
                 f"{self.n_steps} steps applied: replay needs steps {self.n_steps}.. "
                 "with no gaps"
             )
-        for _step, deltas in sorted(steps.items()):
-            for delta in deltas:
-                self.weights.apply(delta)
+        for _step, updates in sorted(steps.items()):
+            self.edited.apply(updates)
             self.n_steps += 1
-            self.n_applied += bool(deltas)  # the log does not say how many requests a step had
+            self.n_applied += bool(updates)  # the log does not say how many requests a step had
         return len(steps)
 
     def take_edit_log(self) -> dict[str, torch.Tensor]:
         """The factors of the edits applied since the last call, keyed for safetensors."""
-        tensors = edit_log_tensors(self.edit_log)
+        tensors = encode_edit_log(self.edit_log)
         self.edit_log = []
         return tensors
 
     def edit_log_since(self, step: int) -> dict[str, torch.Tensor]:
         """The logged factors of steps `step`.. not yet taken (`take_edit_log` keys); the
         log stays as it is (evaluators read it while the shard runs on)."""
-        return edit_log_tensors([entry for entry in self.edit_log if entry[0] >= step])
+        return encode_edit_log([entry for entry in self.edit_log if entry[0] >= step])
 
     def evaluate(
         self,

@@ -15,7 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from seqedit.methods.config import names_for, validate_config
-from seqedit.methods.delta import LowRankDelta
 from seqedit.methods.fluency import fluency
 from seqedit.methods.generation import generate_texts
 from seqedit.methods.locality import perplexity
@@ -31,7 +30,8 @@ from seqedit.methods.registry import get_method
 from seqedit.methods.scoring import TargetScore, score_targets
 from seqedit.schemas.requests import EditRequest
 from seqedit.schemas.tables import EvalRow, ModelEvalRow, Protocol
-from seqedit.workers.edited_weights import edited_weights
+from seqedit.workers.edit_log import Steps
+from seqedit.workers.edited_model import EditedModel
 from seqedit.workers.model_io import load_model
 
 Predictions = list[tuple[int, ...]]
@@ -245,9 +245,13 @@ class Evaluator:
         spec = get_method(method)
         config = validate_config(spec.config_cls, hparams, where=f"{spec.name} hparams")
         self.model, self.tokenizer = load_model(model_dir, device=device)
-        self.weights = edited_weights(
-            self.model, names_for(self.model, config), spec.layers(config)
+        # a memory-based method's memory lives in its context (no statistics needed);
+        # the others need none here: their updates are weights
+        context = (
+            spec.prepare(self.model, self.tokenizer, config, None, None) if spec.memory else None
         )
+        names = names_for(self.model, config)
+        self.edited = EditedModel(self.model, spec, config, names, context)
         self.campaign, self.batch_size = campaign, batch_size
         self.seed, self.fluency_tokens = seed, fluency_tokens
         self.heldout = list(heldout)
@@ -257,13 +261,13 @@ class Evaluator:
 
     def reset(self) -> None:
         """Back to the base model (step 0)."""
-        self.weights.reset()
+        self.edited.reset()
         self.n_steps = 0
         self.rolled_back = set()
 
-    def advance(self, steps: Mapping[int, Sequence[LowRankDelta]], until: int) -> int:
-        """Apply logged steps `n_steps` .. `until - 1` (`parse_edit_log` output; a rolled
-        back step has no deltas); returns how many were applied."""
+    def advance(self, steps: Steps, until: int) -> int:
+        """Apply logged steps `n_steps` .. `until - 1` (`parse_edit_log` output, updates of
+        every kind; a rolled back step has none); returns how many were applied."""
         if until < self.n_steps:
             raise ValueError(f"evaluator stands after step {self.n_steps}; reset to reach {until}")
         missing = [s for s in range(self.n_steps, until) if s not in steps]
@@ -274,12 +278,11 @@ class Evaluator:
         for step in range(self.n_steps, until):
             if not steps[step]:
                 self.rolled_back.add(step)
-            for delta in steps[step]:
-                self.weights.apply(delta)
+            self.edited.apply(steps[step])
         applied, self.n_steps = until - self.n_steps, until
         return applied
 
-    def run(self, task: EvalTask, steps: Mapping[int, Sequence[LowRankDelta]]) -> EvalResult:
+    def run(self, task: EvalTask, steps: Steps) -> EvalResult:
         """Score the task's records, each after its `scored_after` steps, moving forward
         along `steps` (which must cover every step from where this evaluator stands)."""
         started = time.perf_counter()
@@ -371,12 +374,12 @@ class Evaluator:
         )
         if not new:
             return
-        edited = self.weights.copies() if self.n_steps else None
+        edited = self.edited.snapshot() if self.n_steps else None
         if edited is not None:
-            self.weights.reset()
+            self.edited.reset()
         predictions = neighbour_predictions(
             self.model, self.tokenizer, new, batch_size=self.batch_size
         )
         if edited is not None:
-            self.weights.load(edited)
+            self.edited.restore(edited)
         self._base_predictions.update({r.case_id: p for r, p in zip(new, predictions, strict=True)})

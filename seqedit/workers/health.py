@@ -19,9 +19,15 @@ from seqedit.schemas.tables import EditRow, HealthAction, HealthRow
 
 _SEVERITY = {"none": 0, "record": 1, "retry": 2, "skip": 3, "stop": 4}
 
-PERIODIC_CHECKS = ("retention", "locality_kl", "locality_top1", "perplexity", "perplexity_ratio")
-"""Names of the periodic checks, besides one `weight_drift.<module>` per edited module."""
+PERIODIC_CHECKS = (
+    "retention", "locality_kl", "locality_top1", "perplexity", "perplexity_ratio", "memory_size"
+)  # fmt: skip
+"""Names of the periodic checks, besides one `weight_drift.<module>` per edited module
+(`memory_size`, the entries of a memory-based method's memory, is recorded, not judged)."""
 DRIFT_PREFIX = "weight_drift."
+NOT_FOR_MEMORY = frozenset({"update_norm", "weight_drift"})
+"""Checks that mean nothing for a memory-based method (it changes no weight): skipped for
+its edits (rows with a `memory_size`), which record the memory size instead."""
 
 
 class HealthMonitor:
@@ -42,7 +48,8 @@ class HealthMonitor:
             rows.append(
                 self._row(row, "verified", float(row.success), 1.0, row.success, spec.on_unverified)
             )
-            if spec.max_update_norm is not None:
+            if spec.max_update_norm is not None and not _skipped(row, "update_norm"):
+                assert row.update_norm is not None  # a weight-editing method's row
                 ok = math.isfinite(row.update_norm) and row.update_norm <= spec.max_update_norm
                 rows.append(
                     self._row(
@@ -81,6 +88,7 @@ class HealthMonitor:
             "locality_top1": (spec.min_locality_top1, True),
             "perplexity": (None, False),
             "perplexity_ratio": (spec.max_perplexity_ratio, False),
+            "memory_size": (None, True),
         }
         rows = []
         for name, value in sorted(metrics.items()):
@@ -116,6 +124,11 @@ class HealthMonitor:
             action="none" if passed else policy,
             retry=edit.retries,
         )
+
+
+def _skipped(row: EditRow, check: str) -> bool:
+    """Whether `check` means nothing for the method of `row` (see `NOT_FOR_MEMORY`)."""
+    return row.memory_size is not None and check in NOT_FOR_MEMORY
 
 
 def action(rows: list[HealthRow]) -> HealthAction | None:

@@ -17,8 +17,8 @@ import torch
 
 from seqedit.methods.alphaedit import AlphaEditConfig, alphaedit_deltas, null_space_projector
 from seqedit.methods.arch import module_names_for, rewrite_weight
-from seqedit.methods.delta import apply_delta_
 from seqedit.methods.memit import memit_context_templates
+from seqedit.methods.updates import apply_update_
 from tests.golden import max_rel_error, reference_config, require_golden, torch_threads
 
 log = logging.getLogger(__name__)
@@ -68,9 +68,9 @@ def test_alphaedit_matches_reference_sequential_edits() -> None:
                 cache_c=cache_c,
                 context_templates=templates,
             )
-            assert [d.module for d in result.deltas] == list(modules.values())
-            for layer, delta in zip(config.layers, result.deltas, strict=True):
-                apply_delta_(weights[layer], delta, transposed=names.rewrite_weight_transposed)
+            assert [d.module for d in result.updates] == list(modules.values())
+            for layer, delta in zip(config.layers, result.updates, strict=True):
+                apply_update_(weights[layer], delta, transposed=names.rewrite_weight_transposed)
 
     for layer, module in modules.items():
         param = f"{module}.weight"

@@ -19,9 +19,9 @@ import torch
 
 from seqedit.methods.arch import module_names_for, module_names_for_type, supported_model_types
 from seqedit.methods.config import validate_config
-from seqedit.methods.delta import apply_delta_
 from seqedit.methods.memit import restored_weights
 from seqedit.methods.registry import get_method
+from seqedit.methods.updates import apply_update_
 from seqedit.testbed.build import CORPUS_FILE, build_synthetic_testbed, load_testbed
 from seqedit.testbed.train import TestbedArchitecture, TestbedConfig, first_token_hits
 from seqedit.workers.model_io import load_model
@@ -88,10 +88,10 @@ def test_edit_makes_the_new_target_top1(
         assert first_token_hits(model, tokenizer, prompt, [request.target_true])[0]
         result = method.edit(model, tokenizer, request, config, context)
         with restored_weights(model, names, layers):
-            for delta in result.deltas:
+            for delta in result.updates:
                 weight = model.get_submodule(delta.module).weight
                 with torch.no_grad():
-                    apply_delta_(weight, delta, transposed=names.rewrite_weight_transposed)
+                    apply_update_(weight, delta, transposed=names.rewrite_weight_transposed)
             hit = first_token_hits(model, tokenizer, prompt, [request.target_new])[0]
         assert result.loss < result.initial_loss, f"{arch} {method_name}: {result}"
         flipped.append(hit)
@@ -118,5 +118,5 @@ def test_module_names_by_hand_edit_an_unknown_model_type(tiny_testbed: Path) -> 
     context = method.prepare(model, tokenizer, config, None)
     _, requests = load_testbed(tiny_testbed)
     result = method.edit(model, tokenizer, requests[0], config, context)
-    assert [d.module for d in result.deltas] == ["transformer.h.0.mlp.c_proj"]
+    assert [d.module for d in result.updates] == ["transformer.h.0.mlp.c_proj"]
     assert result.loss < result.initial_loss

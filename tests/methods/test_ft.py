@@ -11,19 +11,18 @@ from pydantic import ValidationError
 from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from seqedit.methods.arch import module_names_for, rewrite_weight
-from seqedit.methods.delta import apply_delta_
 from seqedit.methods.ft import (
     FT_L,
     FT_M,
     FtConfig,
     FtLConfig,
     FtMConfig,
-    dense_to_delta,
     ft_edit,
     ft_l_loss,
     ft_m_loss,
 )
 from seqedit.methods.scoring import score_targets
+from seqedit.methods.updates import DenseDelta, LowRankDelta, apply_update_
 from seqedit.schemas.requests import EditRequest, spaced
 from tests.methods.tiny import tiny_gpt2, tiny_tokenizer
 
@@ -112,13 +111,23 @@ def test_ft_m_loss_equals_hand_computation(
     )
 
 
-def test_dense_to_delta_is_exact_both_orientations() -> None:
+def test_dense_delta_applies_bit_for_bit_as_the_old_identity_factors() -> None:
+    """Releases before edit contract v2 logged FT's dW as exact factors with an identity on
+    the smaller side; applying the DenseDelta must give the same weights, bit for bit, in
+    both storage layouts (so old FT campaigns replay to the same fingerprints)."""
     gen = torch.Generator().manual_seed(0)
     for shape in [(3, 5), (5, 3)]:
         dense = torch.randn(*shape, generator=gen)
-        delta = dense_to_delta("m", dense)
-        assert delta.shape == shape and delta.rank == min(shape)
-        assert torch.equal(delta.dense(), dense)
+        d_out, d_in = shape
+        if d_out <= d_in:
+            old = LowRankDelta("m", torch.eye(d_out), dense.T.contiguous())
+        else:
+            old = LowRankDelta("m", dense, torch.eye(d_in))
+        for transposed in (False, True):
+            base = torch.randn(*(shape[::-1] if transposed else shape), generator=gen)
+            via_factors = apply_update_(base.clone(), old, transposed=transposed)
+            via_dense = apply_update_(base.clone(), DenseDelta("m", dense), transposed=transposed)
+            assert torch.equal(via_factors, via_dense)
 
 
 @pytest.mark.parametrize("method", [FT_L, FT_M], ids=lambda m: m.name)
@@ -137,11 +146,11 @@ def test_ft_edit_makes_target_more_likely_and_leaves_model_unchanged(
     assert 1 <= result.steps <= 15
     assert result.loss < result.initial_loss
     assert result.target_prob > result.initial_target_prob
-    (delta,) = result.deltas
+    (delta,) = result.updates
     assert delta.module == "transformer.h.1.mlp.c_proj" and delta.shape == (32, 128)
     edited = copy.deepcopy(model)
     names = module_names_for(edited)
-    apply_delta_(
+    apply_update_(
         rewrite_weight(edited, names, LAYER), delta, transposed=names.rewrite_weight_transposed
     )
     prompt, target = REQUEST.filled_prompt, REQUEST.target_new
@@ -164,7 +173,7 @@ def test_norm_constraint_bounds_every_entry(
     eps = 1e-3
     config = FtConfig(layer=LAYER, num_steps=5, lr=1e-2, norm_constraint=eps)
     result = ft_edit(model, tokenizer, REQUEST, config)
-    dense = result.deltas[0].dense()
+    dense = result.updates[0].dense()
     assert float(dense.abs().max()) <= eps * (1 + 1e-5)
     assert float(dense.abs().max()) >= eps * 0.99  # lr >> eps: the clamp is active
 
@@ -190,9 +199,9 @@ def test_delta_reproduces_the_trained_weight(
         optimizer.step()
 
     rebuilt = rewrite_weight(model, module_names_for(model), LAYER).detach().clone()
-    apply_delta_(rebuilt, result.deltas[0], transposed=True)
+    apply_update_(rebuilt, result.updates[0], transposed=True)
     torch.testing.assert_close(rebuilt, weight.detach(), rtol=0, atol=1e-7)
-    assert result.update_norm == pytest.approx(float(result.deltas[0].dense().norm()))
+    assert result.update_norm == pytest.approx(float(result.updates[0].dense().norm()))
 
 
 def test_configs_fix_the_objective_per_method() -> None:
@@ -217,13 +226,13 @@ def test_one_sgd_step_is_a_low_rank_update(
     """SGD moves W along its gradient: a sum of one outer product per input position (the
     loss sees every position through attention); Adam's per-entry scaling makes it dense."""
     config = config_cls(layer=0, optimizer="sgd", lr=1.0, num_steps=1, early_stop_loss=None)
-    (delta,) = ft_edit(model, tokenizer, REQUEST, config).deltas
+    (delta,) = ft_edit(model, tokenizer, REQUEST, config).updates
     dense = delta.left @ delta.right.T
     prompt, target = _ids(tokenizer)
     positions = len(prompt) + (len(target) - 1 if objective == "target_new" else 0)
     assert 0 < int(torch.linalg.matrix_rank(dense.double(), rtol=1e-6)) <= positions
     adam = config.model_copy(update={"optimizer": "adam", "lr": 1e-3})
-    (dense_adam,) = ft_edit(model, tokenizer, REQUEST, adam).deltas
+    (dense_adam,) = ft_edit(model, tokenizer, REQUEST, adam).updates
     assert (
         int(torch.linalg.matrix_rank((dense_adam.left @ dense_adam.right.T).double())) > positions
     )

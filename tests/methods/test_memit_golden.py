@@ -58,8 +58,8 @@ def test_memit_matches_reference_batch() -> None:
     first = f"ks.layer{config.layers[0]}"
     if first in reference:
         errors[first] = max_rel_error(result.key, reference[first])
-    assert [d.module for d in result.deltas] == list(modules.values())
-    for delta in result.deltas:
+    assert [d.module for d in result.updates] == list(modules.values())
+    for delta in result.updates:
         param = f"{delta.module}.weight"
         assert delta.rank == len(requests)
         errors[f"adj_k.{param}"] = max_rel_error(delta.right, reference[f"adj_k.{param}"])

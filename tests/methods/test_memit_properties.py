@@ -111,12 +111,12 @@ def test_memit_deltas_least_squares_and_model_unchanged(
     )
     for layer in LAYERS:
         assert torch.equal(rewrite_weight(model, names, layer), before[layer])
-    assert [d.module for d in result.deltas] == [
+    assert [d.module for d in result.updates] == [
         names.rewrite_module_tmp.format(layer) for layer in LAYERS
     ]
-    assert all(d.rank == len(REQUESTS) for d in result.deltas)
+    assert all(d.rank == len(REQUESTS) for d in result.updates)
     assert result.key.shape == (len(REQUESTS), D_IN) and result.value.shape == (2, 32)
-    first = result.deltas[0]  # built from result.key on the unedited model
+    first = result.updates[0]  # built from result.key on the unedited model
     k, r, c = result.key.T.double(), first.left, moments[LAYERS[0]].double()
     dw = first.dense()
     lhs = dw @ (k @ k.T + config.mom2_update_weight * c)
@@ -148,7 +148,7 @@ def test_alphaedit_deltas_preserve_keys_and_grow_cache(
         cache_c=cache,
         context_templates=GROUPS,
     )
-    for layer, delta in zip(LAYERS, result.deltas, strict=True):
+    for layer, delta in zip(LAYERS, result.updates, strict=True):
         assert torch.equal(rewrite_weight(model, names, layer), before[layer])
         assert torch.equal(cache[layer], torch.zeros(D_IN, D_IN))  # input not mutated
         keep = _spectrum_moment(10 + layer)[1].float()  # (D_IN, D_IN/2)
@@ -169,7 +169,7 @@ def test_methods_edit_one_request_and_keep_sequential_state(
     )
     context = MEMIT.prepare(model, tokenizer, memit_config, moments)
     result = MEMIT.edit(model, tokenizer, REQUESTS[0], memit_config, context)
-    assert result.key.shape == (D_IN,) and all(d.rank == 1 for d in result.deltas)
+    assert result.key.shape == (D_IN,) and all(d.rank == 1 for d in result.updates)
 
     ae_config = AlphaEditConfig(
         layers=LAYERS,

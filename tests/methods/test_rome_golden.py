@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from seqedit.methods.arch import module_names_for, rewrite_weight
-from seqedit.methods.delta import apply_delta_
 from seqedit.methods.rome import RomeConfig, invert_second_moment, rome_edit
+from seqedit.methods.updates import apply_update_
 from tests.golden import max_rel_error, reference_config, require_golden, torch_threads
 
 log = logging.getLogger(__name__)
@@ -67,14 +67,14 @@ def test_rome_matches_reference_sequential_edits() -> None:
                 inv_second_moment=inv_cov,
                 context_templates=templates,
             )
-            (delta,) = result.deltas
+            (delta,) = result.updates
             assert delta.module == module and delta.rank == 1
             if f"u.{i}" in reference and f"v.{i}" in reference:
                 # reference: left_vector u (d_in,), right_vector v (d_out,); dW.T = u v^T
                 err_u = max_rel_error(delta.right[:, 0], reference[f"u.{i}"])
                 err_v = max_rel_error(delta.left[:, 0], reference[f"v.{i}"])
                 per_edit.append((i, err_u, err_v))
-            apply_delta_(weight, delta, transposed=names.rewrite_weight_transposed)
+            apply_update_(weight, delta, transposed=names.rewrite_weight_transposed)
 
     total = weight.detach() - original
     error = max_rel_error(total, reference[f"delta.{param}"])

@@ -8,11 +8,11 @@ from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from seqedit.methods.arch import get_module, module_names_for, rewrite_weight
 from seqedit.methods.context import generate_context_templates, normalize_templates
-from seqedit.methods.delta import LowRankDelta, apply_delta_
 from seqedit.methods.hooks import ModuleTrace
 from seqedit.methods.keys_values import module_io_at_subjects
 from seqedit.methods.rome import RomeConfig, rome_edit, rome_update_from_kv
 from seqedit.methods.tokens import batch_subject_positions, encode_batch, subject_index
+from seqedit.methods.updates import LowRankDelta, apply_update_
 from seqedit.schemas.requests import EditRequest
 from tests.methods.tiny import tiny_gpt2, tiny_tokenizer
 
@@ -88,7 +88,7 @@ def test_rome_edit_is_rank_one_and_maps_prompt_key_to_value(
         second_moment=second_moment,
         context_templates=TEMPLATES,
     )
-    (delta,) = result.deltas
+    (delta,) = result.updates
     assert delta.rank == 1 and delta.shape == (32, 128)
     assert int(torch.linalg.matrix_rank(delta.dense())) == 1
     assert delta.norm() == pytest.approx(float(delta.dense().norm()), rel=1e-5)
@@ -97,7 +97,7 @@ def test_rome_edit_is_rank_one_and_maps_prompt_key_to_value(
     weight = rewrite_weight(model, names, LAYER)
     saved = weight.detach().clone()
     try:
-        apply_delta_(weight, delta, transposed=names.rewrite_weight_transposed)
+        apply_update_(weight, delta, transposed=names.rewrite_weight_transposed)
         # original ROME: the bare prompt's key now yields v* at the module output
         torch.testing.assert_close(
             _module_out_at_prompt(model, tokenizer), result.value, rtol=1e-4, atol=1e-4
@@ -118,7 +118,7 @@ def test_without_mom2_adjustment_u_is_the_key(
         second_moment=None,
         context_templates=TEMPLATES,
     )
-    u = result.deltas[0].right[:, 0]
+    u = result.updates[0].right[:, 0]
     torch.testing.assert_close(u, result.key / result.key.norm())
 
 
@@ -135,7 +135,7 @@ def test_rrome_maps_averaged_key_to_value(
     )
     names = module_names_for(model)
     module = get_module(model, names.rewrite_module_tmp.format(LAYER))
-    w_math = rewrite_weight(model, names, LAYER).T + result.deltas[0].dense()  # (d_out, d_in)
+    w_math = rewrite_weight(model, names, LAYER).T + result.updates[0].dense()  # (d_out, d_in)
     torch.testing.assert_close(
         w_math @ result.key + module.bias, result.value, rtol=1e-4, atol=1e-4
     )
@@ -147,7 +147,7 @@ def test_rrome_maps_averaged_key_to_value(
         second_moment=second_moment,
         context_templates=TEMPLATES,
     )
-    assert not torch.allclose(result.deltas[0].left, original.deltas[0].left)
+    assert not torch.allclose(result.updates[0].left, original.updates[0].left)
 
 
 def test_model_unchanged_and_grad_flags_restored(
@@ -248,16 +248,16 @@ def test_trace_captures_edits_and_stops(
     assert not model.transformer.h[0].mlp._forward_hooks
 
 
-def test_apply_delta_respects_storage_layout() -> None:
+def test_apply_update_respects_storage_layout() -> None:
     gen = torch.Generator().manual_seed(0)
     delta = LowRankDelta("m", torch.randn(3, 2, generator=gen), torch.randn(5, 2, generator=gen))
     linear, conv = torch.zeros(3, 5), torch.zeros(5, 3)
-    apply_delta_(linear, delta, transposed=False)
-    apply_delta_(conv, delta, transposed=True, alpha=2.0)
+    apply_update_(linear, delta, transposed=False)
+    apply_update_(conv, delta, transposed=True, alpha=2.0)
     torch.testing.assert_close(linear, delta.dense())
     torch.testing.assert_close(conv, 2.0 * delta.dense().T)
     with pytest.raises(ValueError, match="storage shape"):
-        apply_delta_(torch.zeros(3, 5), delta, transposed=True)
+        apply_update_(torch.zeros(3, 5), delta, transposed=True)
 
 
 @pytest.mark.parametrize("early_stop_top1", [False, True])
@@ -273,7 +273,7 @@ def test_reusing_lower_layers_changes_nothing(
             model, tokenizer, REQUEST, config, second_moment=second_moment,
             context_templates=TEMPLATES,
         )  # fmt: skip
-        return result.deltas[0]
+        return result.updates[0]
 
     reused, recomputed = edit(True), edit(False)
     assert torch.equal(reused.left, recomputed.left)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from seqedit.methods.delta import EditResult, LowRankDelta
 from seqedit.methods.method import EditMethod
+from seqedit.methods.updates import EditResult, LowRankDelta
 from seqedit.schemas.requests import EditRequest, spaced
 from seqedit.testbed.build import load_testbed
 from seqedit.workers.editor import EditError, SequentialEditor
@@ -53,12 +53,14 @@ def test_masters_stay_fp32_and_match_the_model(
 ) -> None:
     _, requests = load_testbed(tiny_testbed)
     editor.edit(requests[0], 0)
-    for name, master in editor.weights.masters.items():
+    for name, master in editor.edited.weights.masters.items():
         assert master.dtype == torch.float32
-        assert torch.equal(editor.weights.params[name].detach(), master)
+        assert torch.equal(editor.edited.weights.params[name].detach(), master)
     log = editor.take_edit_log()
     assert sorted(log) == [
-        f"step0.{name}.{side}" for name in editor.weights.masters for side in ("left", "right")
+        f"step0.{name}.{side}"
+        for name in editor.edited.weights.masters
+        for side in ("left", "right")
     ]
     assert editor.take_edit_log() == {}
 
@@ -68,12 +70,12 @@ def test_nan_update_is_refused_and_the_model_left_unchanged(
 ) -> None:
     _, requests = load_testbed(tiny_testbed)
     before = editor.weights_fingerprint()
-    module = next(iter(editor.weights.masters))
+    module = next(iter(editor.edited.weights.masters))
 
     def nan_edit(*_: object) -> EditResult:
         left = torch.full((1, 1), float("nan"))
         return EditResult(
-            deltas=[LowRankDelta(module, left, left)],
+            updates=[LowRankDelta(module, left, left)],
             loss=0.0,
             steps=1,
             key=torch.zeros(1),

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from seqedit.testbed.build import load_testbed
-from seqedit.workers.editor import SequentialEditor, parse_edit_log
+from seqedit.workers.edit_log import parse_edit_log
+from seqedit.workers.editor import SequentialEditor
 from tests.conftest import TINY_LAYER
 from tests.workers.test_every_method import QUICK_HPARAMS
 
@@ -45,7 +46,7 @@ def test_replaying_the_edit_log_rebuilds_the_weights_bit_for_bit(
     assert fresh.replay(log) == 4
     assert fresh.weights_fingerprint() == edited.weights_fingerprint()
     assert fresh.n_applied == 4
-    for name, param in fresh.weights.params.items():
+    for name, param in fresh.edited.weights.params.items():
         assert torch.equal(param, edited.weights.params[name])
 
 

@@ -14,7 +14,8 @@ from seqedit.methods.metrics import agreement, mean
 from seqedit.methods.scoring import score_targets
 from seqedit.schemas.requests import EditRequest, LocalityPrompt
 from seqedit.testbed.build import load_testbed
-from seqedit.workers.editor import SequentialEditor, parse_edit_log
+from seqedit.workers.edit_log import parse_edit_log
+from seqedit.workers.editor import SequentialEditor
 from seqedit.workers.evaluator import EvalTask, Evaluator, neighbour_predictions
 from tests.conftest import TINY_LAYER
 
@@ -68,7 +69,7 @@ def test_replay_reproduces_the_editors_rows(tiny_testbed: Path, edited) -> None:
     steps = parse_edit_log(log)
     evaluator = _evaluator(tiny_testbed)
     result = evaluator.run(_task(requests, [N] * N), steps)
-    assert evaluator.weights.fingerprint() == fingerprint
+    assert evaluator.edited.fingerprint() == fingerprint
     assert result.replayed_steps == N
     _same_metrics(result.rows, final)
     # immediate: each record right after its own step, from a fresh evaluator

@@ -12,7 +12,8 @@ from seqedit.methods.locality import locality_drift, perplexity
 from seqedit.pipeline.run.health_steps import retention_sample
 from seqedit.schemas.campaign import HealthSpec
 from seqedit.testbed.build import load_testbed
-from seqedit.workers.editor import SequentialEditor, parse_edit_log
+from seqedit.workers.edit_log import parse_edit_log
+from seqedit.workers.editor import SequentialEditor
 from seqedit.workers.health import HealthMonitor, action
 from tests.pipeline.rows import edit_row
 from tests.workers.test_every_method import QUICK_HPARAMS

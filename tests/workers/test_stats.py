@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -22,13 +21,10 @@ from seqedit.workers.stats import (
     compute_stats,
 )
 from seqedit.workers.stats_store import load_accumulators, load_stats, save_stats
+from tests.golden import golden_dir
+from tests.shared_files import require_shared
 
-GOLDEN = Path(
-    os.environ.get(
-        "SEQEDIT_GOLDEN_DIR",
-        Path(__file__).resolve().parents[2].parent / "shared/golden/reference-tiny-gpt2",
-    )
-)
+GOLDEN = golden_dir()
 WORDS = "the a cat dog sat on mat red blue runs far away".split()
 LINES = [
     "the cat sat on the mat",
@@ -80,9 +76,9 @@ def saved(tmp_path: Path, result: StatsResult) -> Path:
 # ----------------------------------------------------------------------------- golden
 
 
-@pytest.mark.skipif(not (GOLDEN / "cov.safetensors").is_file(), reason="no golden set")
 @pytest.mark.slow
 def test_matches_golden_covariance(tmp_path: Path) -> None:
+    require_shared(GOLDEN / "cov.safetensors", "golden set", "set SEQEDIT_GOLDEN_DIR")
     recipe = json.loads((GOLDEN / "recipe.json").read_text())["stats"]
     golden = load_file(GOLDEN / "cov.safetensors")
     layers = sorted({int(k.split(".")[2]) for k in golden})

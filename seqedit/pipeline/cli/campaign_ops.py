@@ -15,20 +15,23 @@ from pathlib import Path
 
 import pyarrow as pa
 import yaml
+from pydantic import ValidationError
 
 from seqedit.methods.config import validate_config
 from seqedit.methods.registry import get_method
 from seqedit.pipeline.campaign_dir.lock import driver_running
 from seqedit.pipeline.campaign_dir.parts import list_parts
 from seqedit.pipeline.campaign_dir.state import CampaignState, ShardState
-from seqedit.pipeline.run.driver import ProgressCallback, editlog_path, run_campaign
+from seqedit.pipeline.cli.main import CliError
+from seqedit.pipeline.run.driver import ProgressCallback, run_campaign
 from seqedit.pipeline.run.eval_plan import shard_plan
+from seqedit.pipeline.run.shard_run import editlog_path
 from seqedit.schemas.campaign import CampaignSpec, SpecError, load_spec
 from seqedit.schemas.loaders import load_requests
 from seqedit.storage import Where, location
 from seqedit.workers.corpus import CorpusError, iter_documents
+from seqedit.workers.edit_log import read_edit_log
 from seqedit.workers.editor import SequentialEditor
-from seqedit.workers.tensor_files import read_safetensors
 
 SPEC_FILE = "spec.yaml"
 
@@ -38,6 +41,11 @@ def validate_spec(spec_file: Path, *, schema_only: bool = False) -> CampaignSpec
     spec = load_spec(spec_file)
     method = get_method(spec.method)
     config = validate_config(method.config_cls, spec.hparams, where=f"{spec_file}: hparams")
+    if spec.edits_per_step > 1 and method.edit_batch is None:
+        raise SpecError(
+            f"{spec_file}: field 'edits_per_step' is {spec.edits_per_step}, but method "
+            f"{method.name!r} edits one request at a time (batched: memit, alphaedit)"
+        )
     if schema_only:
         return spec
     if not Path(spec.model).is_dir():
@@ -73,8 +81,15 @@ def frozen_spec(campaign_dir: Where) -> CampaignSpec:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no frozen spec here (is this a campaign dir?)") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: a campaign spec is a mapping, got {type(raw).__name__}")
     recorded = raw.pop("spec_hash", None)
-    spec = CampaignSpec.model_validate(raw)
+    try:
+        spec = CampaignSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(f"{path}: invalid frozen spec: {exc}") from exc
     if recorded != spec.spec_hash():
         raise SpecError(f"{path}: field spec_hash does not match the spec (file edited?)")
     return spec
@@ -115,16 +130,26 @@ def _evals_written(campaign_dir: Where, spec: CampaignSpec, shard: ShardState) -
 
 def rerun_selection(campaign_dir: Where, *, failed: bool, shard: int | None) -> list[int] | None:
     """The shards `seqedit rerun` runs: None (every shard not done), the failed ones (and
-    one left "running" by a killed driver), or `[shard]`. No failed shard is an error."""
-    if shard is not None:
-        return [shard]
-    if not failed:
+    one left "running" by a killed driver), or `[shard]`. No failed shard, a shard that
+    does not exist or whose predecessor is not done is a `CliError`."""
+    if shard is None and not failed:
         return None
     state = CampaignState.load(campaign_dir)
+    if shard is not None:
+        if not 0 <= shard < len(state.shards):
+            raise CliError(f"no shard {shard}: the campaign has shards 0..{len(state.shards) - 1}")
+        before = state.shards[shard - 1] if shard > 0 else None
+        if before is not None and before.status != "done":
+            raise CliError(
+                f"{campaign_dir}: shard {shard} starts from the checkpoint of shard "
+                f"{shard - 1}, which is {before.status}; rerun shard {shard - 1} first "
+                "(or `seqedit rerun` to continue)"
+            )
+        return [shard]
     chosen = [s.index for s in state.shards if s.status in ("failed", "running")]
     if not chosen:
         statuses = ", ".join(f"{s.index}: {s.status}" for s in state.shards)
-        raise ValueError(f"{campaign_dir}: no failed shard to rerun (shards {statuses})")
+        raise CliError(f"{campaign_dir}: no failed shard to rerun (shards {statuses})")
     return chosen
 
 
@@ -147,7 +172,7 @@ def rebuild_model(campaign_dir: Where, through_step: int, out: Path) -> str:
     spec = frozen_spec(campaign_dir)
     state = CampaignState.load(campaign_dir)
     if not 0 <= through_step < spec.n_steps:
-        raise ValueError(f"--step {through_step}: the campaign has steps 0..{spec.n_steps - 1}")
+        raise CliError(f"--step {through_step}: the campaign has steps 0..{spec.n_steps - 1}")
     editor = SequentialEditor(
         spec.model, spec.method, spec.hparams, stats_dir=spec.stats, campaign=spec.name,
         seed=spec.seed,
@@ -156,21 +181,20 @@ def rebuild_model(campaign_dir: Where, through_step: int, out: Path) -> str:
         if shard.start > through_step:
             break
         if shard.status not in ("done", "stopped"):
-            raise ValueError(
+            raise CliError(
                 f"{campaign_dir}: step {through_step} needs the edit log of shard "
                 f"{shard.index}, which is {shard.status}"
             )
         log_file = editlog_path(location(campaign_dir), shard.index)
-        tensors, _ = read_safetensors(log_file)
-        editor.replay(tensors, until_step=through_step + 1)
+        editor.replay(read_edit_log(log_file), until_step=through_step + 1)
         ends_shard = through_step == shard.stop - 1 and shard.status == "done"
         if ends_shard and editor.weights_fingerprint() != shard.weights_fingerprint:
-            raise ValueError(
+            raise CliError(
                 f"{log_file}: replaying the edit log does not reproduce the weights "
                 f"fingerprint state.json records for shard {shard.index}"
             )
     if editor.n_steps <= through_step:
-        raise ValueError(
+        raise CliError(
             f"{campaign_dir}: the edit log ends after step {editor.n_steps - 1} (the campaign "
             f"stopped there); there is no step {through_step}"
         )
