@@ -64,7 +64,7 @@ def run_pool(spec: CampaignSpec, requests: list, log_ref: ray.ObjectRef) -> tupl
                                            shard_stop=spec.n_steps)  # fmt: skip
         base = first.model_copy(update={"requests": first.requests[:1], "edit_steps": [0],
                                         "scored_after": [0], "n_edits_applied": [0]})  # fmt: skip
-        for _ in pool.slots:  # least-loaded: one warm-up task per actor
+        for _ in pool.actors.handles:  # least-loaded: one warm-up task per actor
             pool.submit(base, None)
         pool.drain()
         tasks = [task for step in range(spec.n_steps)

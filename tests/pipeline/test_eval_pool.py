@@ -108,10 +108,10 @@ def test_a_dead_evaluator_is_replaced_and_its_tasks_resubmitted(
     try:
         pool.submit(task, "first")
         ((tag, expected),) = pool.drain()
-        ray.kill(pool.slots[0].actor)
+        ray.kill(pool.actors.handles[0])
         pool.submit(task, "again")
         ((tag, result),) = pool.drain()
-        assert (tag, pool.restarts) == ("again", 1)
+        assert (tag, pool.actors.deaths, pool.actors.resubmitted) == ("again", 1, 1)
         assert result.rows == expected.rows
     finally:
         pool.close()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import ray
 
-from seqedit.pipeline.run.actors import actor_options, device_for
+from seqedit.pipeline.run.actors import actor_options, device_for, spread_options
 from seqedit.pipeline.run.driver import _check_resources
 from seqedit.schemas.campaign import CampaignSpec, load_spec
 from tests.pipeline.specs import write_spec
@@ -51,9 +51,7 @@ def test_the_editor_and_each_evaluator_get_a_gpu_of_their_own(
     assert device_for(spec.resources) == device_for(spec.evaluation.resources) == "cuda"
     editor = ray.remote(Probe).options(**actor_options(spec.resources)).remote()
     evaluators = [
-        ray.remote(Probe)
-        .options(**actor_options(spec.evaluation.resources, scheduling_strategy="SPREAD"))
-        .remote()
+        ray.remote(Probe).options(**spread_options(spec.evaluation.resources)).remote()
         for _ in range(spec.evaluation.actors)
     ]
     placed = ray.get([actor.gpus.remote() for actor in (editor, *evaluators)])

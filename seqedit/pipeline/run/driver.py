@@ -1,57 +1,45 @@
-"""The campaign driver: plans shards, runs the editor actor, feeds the evaluator pool.
+"""The campaign driver: plans shards, runs them in order, retries a shard whose editor died.
 
-It plans the campaign into shards of consecutive steps, starts a SequentialEditor actor
-(`actors.EditorActor`), feeds it the requests in order, hands evaluation to the evaluator
-pool (`eval_pool`), writes each shard's rows as Parquet parts, and records progress in the
-campaign state so `seqedit query` can read the finished shards meanwhile.
+It plans the campaign into shards of consecutive steps, freezes the spec in the campaign
+directory, holds the driver lock, and runs the shards to do on one editor actor
+(`shard_run.ShardRun`: one attempt at a shard, with its evaluation handed to the evaluator
+pool, `eval_pool`). Each shard's rows are Parquet parts and the campaign state records
+progress, so `seqedit query` can read the finished shards meanwhile.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import logging
-import time
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 
 import ray
 import torch
 import yaml
 
+from seqedit.errors import SeqeditError
 from seqedit.methods.config import validate_config
 from seqedit.methods.registry import get_method
 from seqedit.pipeline.campaign_dir.lock import driver_lock
-from seqedit.pipeline.campaign_dir.parts import clear_attempt, partition_dir, write_part
-from seqedit.pipeline.campaign_dir.state import CampaignState, CampaignStatus, ShardState, now
-from seqedit.pipeline.run.actors import ACTOR_DIED, EditorActor, actor_options, device_for
+from seqedit.pipeline.campaign_dir.parts import partition_dir
+from seqedit.pipeline.campaign_dir.state import CampaignState, CampaignStatus, ShardState
+from seqedit.pipeline.run.actors import ACTOR_DIED
 from seqedit.pipeline.run.campaign_stats import ensure_campaign_stats
-from seqedit.pipeline.run.eval_plan import build_task, crossed, due_tasks, shard_plan
+from seqedit.pipeline.run.eval_plan import build_task, shard_plan
 from seqedit.pipeline.run.eval_pool import EvalPool
-from seqedit.pipeline.run.health_steps import (
-    checked_step,
-    heldout_texts,
-    needs_undo,
-    probe_prompts,
-    rebuild_window,
-    retention_sample,
-)
+from seqedit.pipeline.run.health_steps import heldout_texts
 from seqedit.pipeline.run.ray_init import ensure_ray
+from seqedit.pipeline.run.shard_run import EvalTag, ProgressCallback, ShardRun, write_results
 from seqedit.schemas.campaign import CampaignSpec
 from seqedit.schemas.loaders import load_requests, write_quarantine
 from seqedit.schemas.requests import EditRequest
-from seqedit.schemas.tables import EditRow, HealthRow
 from seqedit.storage import Location, Where, location
-from seqedit.workers.evaluator import EvalResult, EvalTask
-from seqedit.workers.health import HealthMonitor
-from seqedit.workers.tensor_files import read_safetensors, write_safetensors
+from seqedit.workers.evaluator import EvalTask
 
 log = logging.getLogger(__name__)
 
-ProgressCallback = Callable[[int, int], None]
-"""Called as progress(steps_done, steps_total) after every edit."""
 
-
-class CampaignDirError(ValueError):
+class CampaignDirError(SeqeditError, ValueError):
     """A campaign directory that holds a different campaign."""
 
 
@@ -142,34 +130,21 @@ def run_campaign(
         _check_resources(spec)
         ensure_campaign_stats(spec)  # before an editor loads them
         pool = EvalPool(spec, heldout_texts(spec.health))
-        editor = None
+        run = ShardRun(spec, root, state, requests, pool, progress)
         try:
-            _seed_log(pool, root, state, first)
+            run.seed_log(first)
             for tag, task in missing:  # rows a past driver did not live to write
                 pool.submit(task, tag)
             if todo:
-                editor, monitor = _start_editor(spec, root, state, requests, pool, todo[0])
+                run.place_editor(todo[0])
                 state.status = "running"
                 state.save(root)
             for previous, index in zip([first - 1, *todo], todo, strict=False):
-                shard = state.shards[index]
                 _check_predecessor_done(root, state, index)
                 if index != previous + 1:  # the editor stands after another shard
-                    ray.kill(editor)
-                    editor, monitor = _start_editor(spec, root, state, requests, pool, index)
-                for tries in itertools.count(1):
-                    try:
-                        _run_shard(
-                            spec, root, state, shard, editor, requests, progress, monitor, pool
-                        )
-                        break
-                    except ACTOR_DIED as exc:
-                        if tries >= spec.max_attempts:
-                            raise
-                        log.warning("shard %d: editor died (%s); retrying", shard.index, exc)
-                        ray.kill(editor)
-                        editor, monitor = _start_editor(spec, root, state, requests, pool, index)
-                if shard.status == "stopped":
+                    run.place_editor(index)
+                _run_retrying(run, state.shards[index])
+                if state.shards[index].status == "stopped":
                     break
             write_results(root, state, pool.drain())
             state.status = _overall_status(state)
@@ -178,29 +153,23 @@ def run_campaign(
             raise
         finally:
             state.save(root)
-            if editor is not None:
-                ray.kill(editor)
+            run.close()
             pool.close()
     return state
 
 
-EvalTag = tuple[int, int, int]
-"""Where a task's rows go: (shard, attempt, part)."""
-
-
-def write_results(
-    root: Location, state: CampaignState, results: list[tuple[EvalTag, EvalResult]]
-) -> None:
-    """Write each result's rows as parts of its shard attempt's partitions; results of an
-    attempt that has since been replaced (the shard ran again) are dropped."""
-    for (shard, attempt, part), result in results:
-        if state.shards[shard].attempt != attempt:
-            log.info("dropping evaluation rows of shard %d attempt %d (superseded)", shard, attempt)
-            continue
-        if result.rows:
-            write_part(root, "evals", shard, attempt, part, result.rows)
-        if result.model_rows:
-            write_part(root, "model_evals", shard, attempt, part, result.model_rows)
+def _run_retrying(run: ShardRun, shard: ShardState) -> None:
+    """Run `shard`; when its editor process dies (killed, out of memory), run it again on
+    a new editor from the same checkpoint, `max_attempts` times in all."""
+    for tries in itertools.count(1):
+        try:
+            run.run(shard)
+            return
+        except ACTOR_DIED as exc:
+            if tries >= run.spec.max_attempts:
+                raise
+            log.warning("shard %d: editor died (%s); retrying", shard.index, exc)
+            run.place_editor(shard.index)
 
 
 def missing_evals(
@@ -245,25 +214,6 @@ def _check_resources(spec: CampaignSpec) -> None:
             )
 
 
-def _seed_log(pool: EvalPool, root: Location, state: CampaignState, first: int) -> None:
-    """Give the pool the edit log of the steps before shard `first`: from the edit-log
-    files of the done shards before it (the log of later steps is forgotten)."""
-    start = state.shards[first].start if first < len(state.shards) else state.shards[-1].stop
-    pool.rewind(start)
-    for shard in state.shards[:first]:
-        if shard.stop <= pool.log_stop:
-            continue
-        if shard.status != "done":
-            break
-        tensors, _ = read_safetensors(editlog_path(root, shard.index))
-        pool.add_segment(shard.start, shard.stop, ray.put(tensors))
-
-
-def editlog_path(campaign_dir: Location, shard: int) -> Location:
-    """Where the edit log of shard `shard` is kept."""
-    return campaign_dir / "editlog" / f"shard={shard}.safetensors"
-
-
 def _overall_status(state: CampaignState) -> CampaignStatus:
     statuses = {s.status for s in state.shards}
     if "stopped" in statuses:
@@ -292,144 +242,3 @@ def _check_predecessor_done(root: Location, state: CampaignState, index: int) ->
             f"{root}: shard {index} starts from the checkpoint of shard {index - 1}, which is "
             f"{before.status}; rerun shard {index - 1} first (or `seqedit rerun` to continue)"
         )
-
-
-def _start_editor(
-    spec: CampaignSpec,
-    root: Location,
-    state: CampaignState,
-    requests: list[EditRequest],
-    pool: EvalPool,
-    first_shard: int,
-) -> tuple[ray.actor.ActorHandle, HealthMonitor]:
-    """A new editor actor placed before `first_shard` (at the checkpoint of the shard
-    before it), a health monitor whose trend window is where it was there, and the
-    evaluators' edit log cut back to there."""
-    _seed_log(pool, root, state, first_shard)
-    actor_cls = ray.remote(EditorActor).options(**actor_options(spec.resources))
-    editor = actor_cls.remote(
-        spec.model,
-        spec.method,
-        spec.hparams,
-        stats_dir=spec.stats,
-        campaign=spec.name,
-        seed=spec.seed,
-        torch_threads=spec.resources.torch_threads,
-        device=device_for(spec.resources),
-        keep_undo=needs_undo(spec.health),
-        retry_factor=spec.health.retry_steps_factor,
-    )
-    description = ray.get(editor.describe.remote())
-    (root / "method.json").write_text(json.dumps(description, indent=2))
-    if spec.health.every:  # on the base model, before the checkpoint moves it along
-        probes = probe_prompts(requests, spec.health.n_probes)
-        ray.get(editor.set_probes.remote(probes, heldout_texts(spec.health)))
-    if first_shard > 0:
-        before = state.shards[first_shard - 1]
-        path = checkpoint_path(root, before.index)
-        ray.get(editor.load_checkpoint.remote(str(path), before.weights_fingerprint))
-        log.info("starting shard %d from the checkpoint of shard %d", first_shard, before.index)
-    return editor, rebuild_window(spec, root, state, first_shard)
-
-
-def checkpoint_path(campaign_dir: Location, shard: int) -> Location:
-    """Where the editor's state after shard `shard` is kept."""
-    return campaign_dir / "checkpoints" / f"shard={shard}.safetensors"
-
-
-def _run_shard(
-    spec: CampaignSpec,
-    root: Location,
-    state: CampaignState,
-    shard: ShardState,
-    editor: ray.actor.ActorHandle,
-    requests: list[EditRequest],
-    progress: ProgressCallback | None,
-    monitor: HealthMonitor,
-    pool: EvalPool,
-) -> None:
-    if shard.status != "pending":
-        shard.attempt += 1
-    previous_fingerprint = shard.weights_fingerprint
-    clear_attempt(root, shard.index, shard.attempt)
-    shard.status, shard.started_at, shard.error = "running", now(), None
-    shard.steps_done = 0
-    shard.worker_pid = ray.get(editor.pid.remote())
-    node = ray.get(editor.node_id.remote())
-    state.save(root)
-    edit_rows: list[EditRow] = []
-    health_rows: list[HealthRow] = []
-    stopped: str | None = None
-    try:
-        for step in range(shard.start, shard.stop):
-            positions = spec.step_edits(step)
-            batch = [requests[i] for i in positions]
-            rows, checks = checked_step(editor, batch, step, monitor, spec.health)
-            edit_rows.extend(row.model_copy(update={"node": node}) for row in rows)
-            health_rows.extend(checks)
-            shard.steps_done = step + 1 - shard.start
-            state.save(root)  # atomic; `seqedit status` reads it while we run
-            applied = positions.stop  # requests edited so far (rolled back ones included)
-            if progress is not None:
-                progress(applied, spec.n_edits)
-            stops = [c for c in checks if c.action == "stop"]
-            if not stops and crossed(spec.health.every, positions.start, applied):
-                sample = [requests[i] for i in retention_sample(applied, spec.health.n_retention)]
-                started = time.perf_counter()
-                metrics = ray.get(editor.periodic_health.remote(sample))
-                took = time.perf_counter() - started
-                periodic = monitor.periodic(rows[-1], metrics, seconds=took)
-                health_rows.extend(periodic)
-                stops = [c for c in periodic if c.action == "stop"]
-            if stops:
-                stopped = f"health stop after step {step}: " + "; ".join(
-                    f"{c.check_name} {c.value:.4g} (limit {c.threshold})" for c in stops
-                )
-            tasks = due_tasks(
-                spec,
-                requests,
-                step,
-                shard_start=shard.start,
-                shard_stop=shard.stop,
-                stopped=stopped is not None,
-            )
-            if tasks:  # the evaluators score them while the editor goes on
-                pool.add_segment(
-                    pool.log_stop, step + 1, editor.edit_log_since.remote(pool.log_stop)
-                )
-                for part, task in tasks:
-                    pool.submit(task, (shard.index, shard.attempt, part))
-            write_results(root, state, pool.collect())
-            if stopped:
-                break
-        for table, rows in (("edits", edit_rows), ("health", health_rows)):
-            if rows:
-                write_part(root, table, shard.index, shard.attempt, 0, rows)
-        ran_to = shard.start + shard.steps_done
-        if pool.log_stop < ran_to:
-            pool.add_segment(pool.log_stop, ran_to, editor.edit_log_since.remote(pool.log_stop))
-        tensors = ray.get(editor.take_edit_log.remote())
-        write_safetensors(editlog_path(root, shard.index), tensors, {"campaign": spec.name})
-        shard.weights_fingerprint = ray.get(
-            editor.save_checkpoint.remote(str(checkpoint_path(root, shard.index)))
-        )
-    except Exception as exc:
-        shard.status, shard.error, shard.finished_at = "failed", repr(exc), now()
-        raise
-    shard.status = "stopped" if stopped else "done"
-    shard.error, shard.done_attempt, shard.finished_at = stopped, shard.attempt, now()
-    if previous_fingerprint not in (None, shard.weights_fingerprint):
-        _mark_later_stale(state, shard.index)
-    state.save(root)
-
-
-def _mark_later_stale(state: CampaignState, index: int) -> None:
-    """Shard `index` was rerun and its weights changed: the shards after it started from
-    the old weights, so their rows and checkpoints no longer describe this campaign."""
-    for later in state.shards[index + 1 :]:
-        if later.status != "pending":
-            log.warning("shard %d is stale after shard %d changed; pending again", later.index,
-                        index)  # fmt: skip
-            later.status, later.done_attempt, later.weights_fingerprint = "pending", None, None
-            later.error = f"stale: shard {index} was rerun with different weights"
-            later.attempt += 1

@@ -6,7 +6,7 @@ shard's partial sums are written at once to `<out>/shards/shard=<k>.safetensors`
 checksummed, tagged with the job's key), so a run that is killed resumes where it stopped:
 a shard whose file is there and checks out is never computed again. The merge is a sum of
 sums in shard order, exact up to float summation order. A dead actor is replaced and its
-shard handed out again.
+shard handed out again (`actor_pool`, one shard per actor at a time).
 
 Layout of `<out>`: `stats.safetensors` + `stats.json` (the `stats_store` format, what
 campaigns load) once every shard is in, and `shards/` with `job.json` and the partials.
@@ -24,18 +24,19 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import ray
 import torch
 from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
-from seqedit.pipeline.run.actors import ACTOR_DIED, actor_options, device_for, node_id
+from seqedit.errors import SeqeditError
+from seqedit.pipeline.run.actor_pool import FailurePolicy, RetryingActorPool
+from seqedit.pipeline.run.actors import start_covariance_worker
 from seqedit.pipeline.run.ray_init import ensure_ray
 from seqedit.schemas.campaign import ResourcesSpec
 from seqedit.storage import Location, Where, location
 from seqedit.workers.corpus import corpus_fingerprint
-from seqedit.workers.covariance_worker import CovarianceWorker, ShardSums
+from seqedit.workers.covariance_worker import ShardSums
 from seqedit.workers.model_io import model_fingerprint
 from seqedit.workers.stats import (
     StatsConfig,
@@ -50,7 +51,7 @@ from seqedit.workers.tensor_files import read_safetensors, write_safetensors
 log = logging.getLogger(__name__)
 
 
-class StatsJobError(ValueError):
+class StatsJobError(SeqeditError, ValueError):
     """A shard directory or partial file that cannot be used; names the file and field."""
 
 
@@ -124,52 +125,34 @@ def build_stats_sharded(
     corpus_fp = corpus_fingerprint(config.corpus, text_column=config.text_column)  # reads it all
     key = job_key(model_fingerprint(model_dir), corpus_fp, config, len(runs))
     _claim_shard_dir(root, key)
-    done: dict[int, ShardSums] = {}
-    for index in range(len(runs)):
-        partial = _read_partial(root, index, key)
-        if partial is not None:
-            done[index] = partial
+    partials = {index: _read_partial(root, index, key) for index in range(len(runs))}
+    done = {index: part for index, part in partials.items() if part is not None}
     reused = len(done)
     todo = [i for i in range(len(runs)) if i not in done]
     bar = tqdm(total=len(documents), unit="doc", desc="second moments", disable=not progress)
     bar.update(sum(len(runs[i]) for i in done))
-    computed_tokens, retried = 0, 0
-    nodes: dict[int, str] = {}
-    if todo:
-        ensure_ray()
-        pool = _Pool(model_dir, config, min(actors, len(todo)), resources or ResourcesSpec())
-        try:
-            attempts = dict.fromkeys(todo, 0)
-            for index in todo:
-                pool.submit(index, runs[index])
-                attempts[index] += 1
-            while pool.pending:
-                index, result, error = pool.next_done()
-                if error is not None:
-                    if attempts[index] >= max_attempts:
-                        raise RuntimeError(f"shard {index}: worker died {attempts[index]} "
-                                           f"times; last: {error}") from error  # fmt: skip
-                    log.warning("shard %d: worker died (%s); handing it out again", index, error)
-                    retried += 1
-                    attempts[index] += 1
-                    pool.submit(index, runs[index])
-                    continue
-                assert result is not None
-                _write_partial(root, result, key)
-                done[index] = result
-                if result.node is not None:
-                    nodes[index] = result.node
-                computed_tokens += result.tokens
-                bar.update(result.documents)
-                elapsed = time.perf_counter() - started
-                bar.set_postfix(tok_s=f"{computed_tokens / max(elapsed, 1e-9):.0f}")
-                if on_shard_done is not None:
-                    on_shard_done(index)
-        finally:
-            bar.close()
-            pool.close()
-    else:
+    computed: list[ShardSums] = []
+
+    def finished(part: ShardSums) -> None:
+        _write_partial(root, part, key)  # at once: a run killed later keeps this shard
+        done[part.index] = part
+        computed.append(part)
+        bar.update(part.documents)
+        rate = sum(p.tokens for p in computed) / max(time.perf_counter() - started, 1e-9)
+        bar.set_postfix(tok_s=f"{rate:.0f}")
+        if on_shard_done is not None:
+            on_shard_done(part.index)
+
+    retried = 0
+    try:
+        if todo:
+            retried = _compute(model_dir, config, runs, todo, actors=actors,
+                               resources=resources or ResourcesSpec(),
+                               max_attempts=max_attempts, on_done=finished)  # fmt: skip
+    finally:
         bar.close()
+    computed_tokens = sum(part.tokens for part in computed)
+    nodes = {part.index: part.node for part in computed if part.node is not None}
     merged = _merge([done[i] for i in range(len(runs))])
     seconds = time.perf_counter() - started
     tokens = sum(part.tokens for part in done.values())
@@ -190,6 +173,42 @@ def build_stats_sharded(
         nodes=nodes,
     )
     return result, report
+
+
+def _compute(
+    model_dir: str | Path,
+    config: StatsConfig,
+    runs: list[Sequence[int]],
+    todo: list[int],
+    *,
+    actors: int,
+    resources: ResourcesSpec,
+    max_attempts: int,
+    on_done: Callable[[ShardSums], None],
+) -> int:
+    """Compute the shards `todo` of `runs` on up to `actors` covariance actors, one shard
+    per actor at a time, calling `on_done` with each shard's sums as they come back. A
+    shard whose actor dies is handed out again, `max_attempts` times in all. Returns how
+    many shards were handed out again."""
+    ensure_ray()
+    pool = RetryingActorPool(
+        lambda: start_covariance_worker(model_dir, config, resources),
+        min(actors, len(todo)),
+        lambda actor, index: actor.run_shard.remote(index, runs[index]),
+        policy=FailurePolicy(max_tries=max_attempts),
+        per_actor=1,
+        name="covariance worker",
+        describe=lambda index: f"shard {index}",
+    )
+    try:
+        for index in todo:
+            pool.submit(index)
+        while pool.n_pending:
+            for _, part in pool.collect(block=True):
+                on_done(part)
+    finally:
+        pool.close()
+    return pool.resubmitted
 
 
 def _max_length(model_dir: str | Path, config: StatsConfig) -> int:
@@ -263,61 +282,3 @@ def _read_partial(root: Location, index: int, key: str) -> ShardSums | None:
     return ShardSums(index=index, sums=sums, counts=counts, tokens=next(iter(counts.values())),
                      documents=int(metadata["documents"]),
                      seconds=float(metadata["seconds"]))  # fmt: skip
-
-
-class CovarianceActor(CovarianceWorker):
-    """A CovarianceWorker actor whose shard sums say which Ray node computed them."""
-
-    def run_shard(self, index: int, documents: Sequence[int], **kwargs: Any) -> ShardSums:
-        """`CovarianceWorker.run_shard`, stamped with this actor's node."""
-        return super().run_shard(index, documents, **kwargs).model_copy(update={"node": node_id()})
-
-
-class _Pool:
-    """CovarianceWorker actors fed one shard each at a time."""
-
-    def __init__(
-        self, model_dir: str | Path, config: StatsConfig, actors: int, resources: ResourcesSpec
-    ) -> None:
-        options = actor_options(resources, scheduling_strategy="SPREAD")  # over the nodes
-        self.make = lambda: ray.remote(CovarianceActor).options(**options).remote(
-            str(model_dir), config, device=device_for(resources),
-            torch_threads=resources.torch_threads,
-        )  # fmt: skip
-        self.idle = [self.make() for _ in range(actors)]
-        self.queue: list[tuple[int, Sequence[int]]] = []
-        self.running: dict[ray.ObjectRef, tuple[int, Any]] = {}
-
-    @property
-    def pending(self) -> bool:
-        return bool(self.queue or self.running)
-
-    def submit(self, index: int, documents: Sequence[int]) -> None:
-        self.queue.append((index, documents))
-        self._dispatch()
-
-    def _dispatch(self) -> None:
-        while self.queue and self.idle:
-            index, documents = self.queue.pop(0)
-            actor = self.idle.pop()
-            self.running[actor.run_shard.remote(index, documents)] = (index, actor)
-
-    def next_done(self) -> tuple[int, ShardSums | None, BaseException | None]:
-        """(shard, its sums, None) of the next shard to finish, or (shard, None, error)
-        when its actor died (the actor is replaced)."""
-        ready, _ = ray.wait(list(self.running), num_returns=1)
-        index, actor = self.running.pop(ready[0])
-        try:
-            result = ray.get(ready[0])
-        except ACTOR_DIED as exc:
-            ray.kill(actor)
-            self.idle.append(self.make())
-            self._dispatch()
-            return index, None, exc
-        self.idle.append(actor)
-        self._dispatch()
-        return index, result, None
-
-    def close(self) -> None:
-        for actor in [*self.idle, *(actor for _, actor in self.running.values())]:
-            ray.kill(actor)
