@@ -22,7 +22,7 @@ from seqedit.errors import SeqeditError
 from seqedit.methods.config import names_for, validate_config, with_step_budget
 from seqedit.methods.locality import locality_drift, next_token_log_probs, perplexity
 from seqedit.methods.method import Derived
-from seqedit.methods.registry import METHODS, get_method
+from seqedit.methods.registry import get_method, registered_methods
 from seqedit.methods.scoring import score_targets
 from seqedit.methods.updates import DenseDelta, EditResult, MemoryEntry, Update
 from seqedit.schemas.requests import EditRequest
@@ -190,7 +190,7 @@ class SequentialEditor:
         AlphaEdit); one row per request, sharing the step, the loss and the update norm."""
         batch_edit = self.method.edit_batch
         if batch_edit is None:
-            batched = ", ".join(sorted(m.name for m in METHODS.values() if m.batched))
+            batched = ", ".join(sorted(m.name for m in registered_methods().values() if m.batched))
             raise ValueError(
                 f"method {self.method.name!r} edits one request at a time; apply the requests "
                 f"sequentially (methods with batches: {batched})"

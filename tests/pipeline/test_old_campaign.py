@@ -68,7 +68,9 @@ def test_an_old_campaign_rebuilds_to_its_recorded_fingerprints(tmp_path: Path) -
 
 
 @pytest.mark.slow
-def test_an_old_campaign_reruns_a_shard_to_the_same_weights_and_rows(tmp_path: Path) -> None:
+def test_an_old_campaign_reruns_a_shard_to_the_same_weights_and_rows(
+    ray_local: None, tmp_path: Path
+) -> None:
     campaign = relocated_copy(tmp_path)
     before = CampaignState.load(campaign).shards[1]
     metrics = "step, case_id, p_new_before, p_new_after, success, loss, opt_steps, update_norm"

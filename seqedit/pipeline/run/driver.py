@@ -19,7 +19,7 @@ import yaml
 
 from seqedit.errors import SeqeditError
 from seqedit.methods.config import validate_config
-from seqedit.methods.registry import get_method
+from seqedit.methods.registry import get_method, registered_methods
 from seqedit.pipeline.campaign_dir.lock import driver_lock
 from seqedit.pipeline.campaign_dir.parts import partition_dir
 from seqedit.pipeline.campaign_dir.state import CampaignState, CampaignStatus, ShardState
@@ -112,10 +112,11 @@ def run_campaign(
     root = location(campaign_dir)
     method = get_method(spec.method)  # unknown names fail here, before anything is written
     validate_config(method.config_cls, spec.hparams, where=f"campaign {spec.name!r} hparams")
-    if spec.edits_per_step > 1 and method.edit_batch is None:
+    if spec.edits_per_step > 1 and not method.batched:
+        batched = ", ".join(sorted(m.name for m in registered_methods().values() if m.batched))
         raise ValueError(
             f"campaign {spec.name!r}: edits_per_step is {spec.edits_per_step}, but method "
-            f"{method.name!r} edits one request at a time (batched: memit, alphaedit)"
+            f"{method.name!r} edits one request at a time (batched: {batched})"
         )
     root.mkdir()
     with driver_lock(root):

@@ -38,9 +38,9 @@ from seqedit.schemas.campaign import CampaignSpec
 from seqedit.schemas.requests import EditRequest
 from seqedit.schemas.tables import EditRow, HealthRow
 from seqedit.storage import Location
+from seqedit.workers.edit_log import read_edit_log, write_edit_log
 from seqedit.workers.evaluator import EvalResult
 from seqedit.workers.health import HealthMonitor
-from seqedit.workers.tensor_files import read_safetensors, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class ShardRun:
                 continue
             if shard.status != "done":
                 break
-            tensors, _ = read_safetensors(editlog_path(self.root, shard.index))
+            tensors = read_edit_log(editlog_path(self.root, shard.index))
             self.pool.add_segment(shard.start, shard.stop, ray.put(tensors))
 
     def place_editor(self, first_shard: int) -> None:
@@ -236,7 +236,7 @@ class ShardRun:
         if pool.log_stop < ran_to:
             pool.add_segment(pool.log_stop, ran_to, editor.edit_log_since.remote(pool.log_stop))
         tensors = ray.get(editor.take_edit_log.remote())
-        write_safetensors(editlog_path(root, shard.index), tensors, {"campaign": self.spec.name})
+        write_edit_log(editlog_path(root, shard.index), tensors, campaign=self.spec.name)
         shard.weights_fingerprint = ray.get(
             editor.save_checkpoint.remote(str(checkpoint_path(root, shard.index)))
         )
