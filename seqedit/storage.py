@@ -30,12 +30,13 @@ from typing import TypeAlias
 
 import pyarrow.fs as pafs
 
+from seqedit.errors import SeqeditError
 from seqedit.files import write_atomic
 
 _URI = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<rest>.*)$")
 
 
-class StorageError(OSError):
+class StorageError(SeqeditError, OSError):
     """A location that cannot be opened or an operation on it that failed, naming it."""
 
 

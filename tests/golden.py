@@ -3,7 +3,8 @@
 Layout (see shared/golden/README.md): `model/`, `requests.json`, `hparams_<method>.json`,
 `context_templates.json`, `cov.safetensors`, `<method>_result.safetensors`. The directory
 comes from `SEQEDIT_GOLDEN_DIR`, defaulting to ../shared/golden/reference-tiny-gpt2
-relative to the repository root; tests skip only when it is absent.
+relative to the repository root; tests skip only when it is absent, and fail then under
+CI (`tests.shared_files.require_shared`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, TypeVar
 
-import pytest
 import torch
 from pydantic import BaseModel
 from safetensors import safe_open
@@ -26,10 +26,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from seqedit.schemas.requests import EditRequest
 from seqedit.workers.model_io import load_model
+from tests.shared_files import SHARED_DIR, require_shared
 
-DEFAULT_GOLDEN_DIR = (
-    Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "reference-tiny-gpt2"
-)
+DEFAULT_GOLDEN_DIR = SHARED_DIR / "golden" / "reference-tiny-gpt2"
 
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
@@ -126,11 +125,8 @@ class GoldenSet:
 
 
 def require_golden() -> GoldenSet:
-    """The golden set, or skip the test when its directory does not exist."""
-    root = golden_dir()
-    if not root.is_dir():
-        pytest.skip(f"golden set not found at {root} (set SEQEDIT_GOLDEN_DIR)")
-    return GoldenSet(root)
+    """The golden set; when its directory does not exist, skip the test (fail it under CI)."""
+    return GoldenSet(require_shared(golden_dir(), "golden set", "set SEQEDIT_GOLDEN_DIR"))
 
 
 @contextmanager

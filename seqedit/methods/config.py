@@ -13,6 +13,7 @@ from typing import Any, ClassVar, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
+from seqedit.errors import SeqeditError
 from seqedit.methods.arch import ModuleNames, module_names_for
 
 
@@ -66,7 +67,7 @@ def with_step_budget(config: M, factor: float) -> M:
     return config.model_copy(update=update)
 
 
-class HparamsError(ValueError):
+class HparamsError(SeqeditError, ValueError):
     """Hyperparameters that do not validate, with a did-you-mean for unknown fields."""
 
 

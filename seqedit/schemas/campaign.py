@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from seqedit.errors import SeqeditError
 from seqedit.schemas.tables import HealthAction
 from seqedit.schemas.yaml_file import read_yaml_mapping
 
@@ -255,7 +256,7 @@ class CampaignSpec(BaseModel):
         )
 
 
-class SpecError(ValueError):
+class SpecError(SeqeditError, ValueError):
     """A campaign spec file that cannot be used, with the file and the fields at fault."""
 
 

@@ -112,7 +112,7 @@ def load_requests(
     undetectable format) always raise `DatasetError`.
     """
     if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
+        raise DatasetError(f"limit must be >= 0, got {limit}")
     source = Path(path)
     fmt = parse_format(format)
     text = read_text(source)

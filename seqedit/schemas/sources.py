@@ -14,6 +14,7 @@ from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from seqedit.errors import SeqeditError
 from seqedit.schemas.messages import describe
 from seqedit.schemas.requests import EditRequest
 
@@ -58,7 +59,7 @@ class RecordError(BaseModel):
         return f"{self.file}: {self.location()}"
 
 
-class DatasetError(ValueError):
+class DatasetError(SeqeditError, ValueError):
     """A dataset that cannot be loaded: a file-level problem, or invalid records (`errors`)."""
 
     def __init__(self, message: str, errors: list[RecordError] | None = None) -> None:

@@ -48,7 +48,7 @@ from seqedit.testbed.train import (
     train_model,
     train_tokenizer,
 )
-from seqedit.testbed.world import fact_statements, synthetic_world
+from seqedit.testbed.world import TestbedError, fact_statements, synthetic_world
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def build_testbed(
     `seed` (when given) overrides `config.seed`. `source` names where the requests came
     from (a dataset path or "synthetic:N:seed"); when it is an existing file and no
     `source_sha256` is given, the file's sha256 is recorded. Returns the report (also saved
-    as testbed.json, last). Raises ValueError for an empty request list or a request
+    as testbed.json, last). Raises TestbedError for an empty request list or a request
     without target_true. Existing files in `out_dir` are overwritten.
     """
     config = config or TestbedConfig()
@@ -117,7 +117,7 @@ def build_testbed(
     if source_sha256 is None and Path(source).is_file():
         source_sha256 = file_sha256(source)
     if not requests:
-        raise ValueError("build_testbed needs at least one request")
+        raise TestbedError("build_testbed needs at least one request")
     t_start, cpu_start = time.perf_counter(), time.process_time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

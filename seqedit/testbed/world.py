@@ -18,11 +18,18 @@ import json
 import random
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Final
+from typing import ClassVar, Final
 
 from pydantic import BaseModel, ConfigDict
 
+from seqedit.errors import SeqeditError
 from seqedit.schemas.requests import EditRequest, LocalityPrompt, spaced
+
+
+class TestbedError(SeqeditError, ValueError):
+    """Requests a testbed cannot be built from (or written as CounterFact), naming the record."""
+
+    __test__: ClassVar[bool] = False  # not a pytest test class, despite the name
 
 
 class Relation(BaseModel):
@@ -195,7 +202,7 @@ def synthetic_world(
     redirects a fact instead of asking for a string the model never emitted.
     """
     if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+        raise TestbedError(f"n must be >= 0, got {n}")
     max_para = min(len(r.templates) for r in RELATIONS) - 1
     if not 0 <= n_paraphrases <= max_para:
         raise ValueError(f"n_paraphrases must be in 0..{max_para}, got {n_paraphrases}")
@@ -251,12 +258,12 @@ def fact_statements(requests: Iterable[EditRequest]) -> list[str]:
 
     Per request: the filled rewrite prompt + " " + target_true, each paraphrase +
     target_true, and each neighbourhood prompt + its own target. Generation prompts are
-    not facts and are left out. Raises ValueError for a request without target_true.
+    not facts and are left out. Raises TestbedError for a request without target_true.
     """
     seen: dict[str, None] = {}
     for req in requests:
         if req.target_true is None:
-            raise ValueError(
+            raise TestbedError(
                 f"case_id {req.case_id}: target_true is missing; a testbed can only learn "
                 "facts with a known true object"
             )
@@ -271,10 +278,10 @@ def fact_statements(requests: Iterable[EditRequest]) -> list[str]:
 
 def _counterfact_record(req: EditRequest) -> dict[str, object]:
     if req.target_true is None:
-        raise ValueError(f"case_id {req.case_id}: CounterFact needs target_true, it is None")
+        raise TestbedError(f"case_id {req.case_id}: CounterFact needs target_true, it is None")
     for near in req.neighborhood_prompts:
         if near.target.strip() != req.target_true.strip():
-            raise ValueError(
+            raise TestbedError(
                 f"case_id {req.case_id}: neighbourhood prompt {near.prompt!r} answers "
                 f"{near.target!r}, but CounterFact neighbours must answer target_true "
                 f"{req.target_true!r}; write these requests as JSONL instead"
@@ -299,7 +306,7 @@ def write_counterfact(requests: Sequence[EditRequest], path: str | Path) -> Path
     """Write `requests` as a ROME-format CounterFact JSON list; returns the path.
 
     Lossless for requests whose neighbourhood prompts all answer target_true (as in
-    CounterFact and `synthetic_world`); anything else raises ValueError naming the record.
+    CounterFact and `synthetic_world`); anything else raises TestbedError naming the record.
     """
     records = [_counterfact_record(req) for req in requests]
     target = Path(path)

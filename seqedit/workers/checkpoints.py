@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError
 
+from seqedit.errors import SeqeditError
 from seqedit.storage import Where
 from seqedit.workers.tensor_files import read_safetensors, write_safetensors
 
@@ -19,7 +20,7 @@ if TYPE_CHECKING:  # the editor imports this module
     from seqedit.workers.editor import SequentialEditor
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SeqeditError, ValueError):
     """A checkpoint that cannot be used, naming the file and the field."""
 
 

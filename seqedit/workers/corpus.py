@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from seqedit.errors import SeqeditError
 from seqedit.storage import StorageError, is_uri, location
 
 Kind = Literal["txt", "jsonl", "parquet", "hf_dataset"]
@@ -54,7 +55,7 @@ _BATCH_ROWS = 1024  # parquet rows per record batch (bounds memory)
 _CHUNK = 1 << 20  # bytes per read when hashing
 
 
-class CorpusError(ValueError):
+class CorpusError(SeqeditError, ValueError):
     """A corpus source that cannot be read; the message names the file (and line/row/field)."""
 
 

@@ -17,7 +17,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from seqedit.methods.covariance import SecondMomentAccumulator, accumulate_second_moments
-from seqedit.workers.corpus import read_documents
+from seqedit.workers.corpus import CorpusError, read_documents
 from seqedit.workers.model_io import load_model
 from seqedit.workers.stats import DTYPES, StatsConfig, document_batches, model_context
 
@@ -95,7 +95,7 @@ class CovarianceWorker:
         for layer, name in self.names.items():
             accumulator = accumulators[name]
             if accumulator.sum is None:
-                raise ValueError(f"shard {index}: no tokens reached {name} (empty documents?)")
+                raise CorpusError(f"shard {index}: no tokens reached {name} (empty documents?)")
             sums[layer], counts[layer] = accumulator.sum.detach().cpu(), accumulator.count
         return ShardSums(
             index=index,

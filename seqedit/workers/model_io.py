@@ -15,12 +15,14 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from seqedit.errors import SeqeditError
+
 log = logging.getLogger(__name__)
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 
 
-class ModelDirError(ValueError):
+class ModelDirError(SeqeditError, ValueError):
     """A model directory that cannot be used, with the path and what is wrong."""
 
 

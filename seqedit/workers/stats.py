@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from seqedit import __version__
+from seqedit.errors import SeqeditError
 from seqedit.methods.covariance import (
     GPT2_REWRITE_MODULE_TMP,
     SecondMomentAccumulator,
@@ -33,7 +34,7 @@ from seqedit.workers.corpus import (
     count_documents,
     source_name,
 )
-from seqedit.workers.model_io import model_fingerprint
+from seqedit.workers.model_io import ModelDirError, model_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ _CONFIG_IN_META = set(
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
 
 
-class StatsStoreError(ValueError):
+class StatsStoreError(SeqeditError, ValueError):
     """A stats directory that must not be used; the message names the file and field."""
 
 
@@ -196,7 +197,7 @@ def context_length(model_config: object) -> int:
         value = getattr(model_config, attr, None)
         if isinstance(value, int) and value > 0:
             return value
-    raise ValueError("cannot tell the model context length; set max_length")
+    raise ModelDirError("cannot tell the model context length; set max_length")
 
 
 # ----------------------------------------------------------------------------- compute

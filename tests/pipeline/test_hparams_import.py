@@ -19,6 +19,7 @@ from seqedit.pipeline.cli.hparams_import import (
 )
 from seqedit.pipeline.cli.main import main
 from tests.golden import golden_dir, reference_config
+from tests.shared_files import require_shared
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "hparams"
 EASY_ROME = FIXTURES / "easyedit" / "ROME" / "gpt2-medium.yaml"
@@ -167,9 +168,8 @@ def test_undetectable_method_asks_for_it(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("method", ["rome", "memit", "alphaedit"])
 def test_golden_hparams_import(method: str) -> None:
-    path = golden_dir() / f"hparams_{method}.json"
-    if not path.is_file():
-        pytest.skip(f"golden hparams not found at {path} (set SEQEDIT_GOLDEN_DIR)")
+    path = require_shared(golden_dir() / f"hparams_{method}.json", "golden hparams",
+                          "set SEQEDIT_GOLDEN_DIR")  # fmt: skip
     imported = import_hparams(path)
     assert imported.method == method and "module_names" not in imported.hparams
     config_cls = get_method(method).config_cls

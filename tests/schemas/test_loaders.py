@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from seqedit.schemas.loaders import (
     RequestFormat,
     load_requests,
 )
+from tests.shared_files import require_dev_file
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "data"
 
@@ -34,22 +34,6 @@ DEV_FILES = {
     "zsre_dev.json": (RequestFormat.ZSRE_KNOWEDIT, 1000),
     "zsre_mend_dev.json": (RequestFormat.ZSRE_MEND, 1000),
 }
-
-
-def shared_data_dir() -> Path:
-    """The shared dev data: $SEQEDIT_SHARED_DIR (or its data/), else ../shared/data."""
-    override = os.environ.get("SEQEDIT_SHARED_DIR")
-    if override:
-        base = Path(override)
-        return base / "data" if (base / "data").is_dir() else base
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
-
-
-def dev_file(name: str) -> Path:
-    path = shared_data_dir() / name
-    if not path.is_file():
-        pytest.skip(f"shared dev data not available: {path}")
-    return path
 
 
 def records(name: str) -> list[dict[str, Any]]:
@@ -70,18 +54,18 @@ def write(tmp_path: Path, data: Any, name: str = "data.json") -> Path:
 @pytest.mark.parametrize("name", sorted(DEV_FILES))
 def test_dev_file_loads_strictly_with_expected_count(name: str) -> None:
     fmt, count = DEV_FILES[name]
-    result = load_requests(dev_file(name))
+    result = load_requests(require_dev_file(name))
     assert result.format is fmt
     assert len(result.requests) == result.total_records == count
     assert result.rejected == []
     assert len({r.case_id for r in result.requests}) == count
-    explicit = load_requests(dev_file(name), fmt)
+    explicit = load_requests(require_dev_file(name), fmt)
     assert explicit.requests == result.requests
     assert explicit.detected is None
 
 
 def test_dev_counterfact_easyedit_fields() -> None:
-    first = load_requests(dev_file("counterfact_dev.json")).requests[0]
+    first = load_requests(require_dev_file("counterfact_dev.json")).requests[0]
     assert first.case_id == 0
     assert first.prompt == "The mother tongue of {} is"
     assert first.subject == "Danielle Darrieux"
@@ -95,7 +79,7 @@ def test_dev_counterfact_easyedit_fields() -> None:
 
 
 def test_dev_counterfact_rome_fields() -> None:
-    result = load_requests(dev_file("counterfact_rome_format_dev.json"))
+    result = load_requests(require_dev_file("counterfact_rome_format_dev.json"))
     first = result.requests[0]
     assert (first.case_id, first.prompt, first.subject) == (18, "{}, created by", "Porsche 911")
     assert (first.target_new, first.target_true, first.relation_id) == ("Honda", "Porsche", "P176")
@@ -106,11 +90,11 @@ def test_dev_counterfact_rome_fields() -> None:
 
 
 def test_dev_zsre_fields() -> None:
-    knowedit = load_requests(dev_file("zsre_dev.json")).requests[0]
+    knowedit = load_requests(require_dev_file("zsre_dev.json")).requests[0]
     assert (knowedit.case_id, knowedit.prompt) == (0, "Which family does {} belong to?")
     assert (knowedit.target_new, knowedit.target_true) == ("Noctuidae", "Aspidoceratidae")
     assert [n.target for n in knowedit.neighborhood_prompts] == ["genus", "genus"]
-    mend = load_requests(dev_file("zsre_mend_dev.json")).requests[0]
+    mend = load_requests(require_dev_file("zsre_mend_dev.json")).requests[0]
     assert (mend.case_id, mend.prompt) == (0, "When was the inception of {}?")
     assert (mend.target_new, mend.target_true) == ("1998", None)  # answers[0], as MEMIT
     assert mend.paraphrase_prompts == ["When was the IAAF Combined Events Challenge launched?"]
@@ -120,12 +104,12 @@ def test_dev_zsre_fields() -> None:
 
 
 def test_dev_zsre_portability() -> None:
-    knowedit = load_requests(dev_file("zsre_dev.json")).requests
+    knowedit = load_requests(require_dev_file("zsre_dev.json")).requests
     assert knowedit[0].portability_prompts[0].target == "Owlet moths"
-    raw = json.loads(dev_file("zsre_dev.json").read_text())
+    raw = json.loads(require_dev_file("zsre_dev.json").read_text())
     groups = [r.get("portability", {}).values() for r in raw]
     assert [len(r.portability_prompts) for r in knowedit] == [sum(map(len, g)) for g in groups]
-    mend = load_requests(dev_file("zsre_mend_dev.json")).requests[0]
+    mend = load_requests(require_dev_file("zsre_mend_dev.json")).requests[0]
     (question,) = mend.portability_prompts
     assert question.prompt.startswith("What type of sports event is the IAAF")
     assert question.target == "Athletics"
@@ -133,8 +117,8 @@ def test_dev_zsre_portability() -> None:
 
 def test_recovered_templates_match_rome_templates() -> None:
     """The 2 dev CounterFact files share case_ids; recovered templates equal ROME's own."""
-    easy = {r.case_id: r for r in load_requests(dev_file("counterfact_dev.json")).requests}
-    rome = load_requests(dev_file("counterfact_rome_format_dev.json")).requests
+    easy = {r.case_id: r for r in load_requests(require_dev_file("counterfact_dev.json")).requests}
+    rome = load_requests(require_dev_file("counterfact_rome_format_dev.json")).requests
     shared = [r for r in rome if r.case_id in easy]
     assert shared
     for request in shared:

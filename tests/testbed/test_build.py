@@ -27,8 +27,8 @@ from seqedit.testbed.build import (
 )
 from seqedit.testbed.world import fact_statements, synthetic_world, write_counterfact
 from seqedit.workers.model_io import load_model
+from tests.shared_files import require_dev_file
 
-COUNTERFACT_DEV = Path("/work/shared/data/counterfact_dev.json")
 # A few steps only: enough to test determinism and files, not to learn the facts.
 SHORT = TestbedConfig.tiny().model_copy(update={"steps": 12, "target_recall": None})
 
@@ -190,8 +190,8 @@ def test_synthetic_300_reaches_90_percent(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not COUNTERFACT_DEV.is_file(), reason="shared CounterFact dev file absent")
 def test_counterfact_300_reaches_90_percent(tmp_path: Path) -> None:
-    report = build_dataset_testbed(tmp_path / "cf", COUNTERFACT_DEV, limit=300, progress=False)
+    dev = require_dev_file("counterfact_dev.json")
+    report = build_dataset_testbed(tmp_path / "cf", dev, limit=300, progress=False)
     assert report.recall >= 0.9
     assert report.source_sha256 is not None

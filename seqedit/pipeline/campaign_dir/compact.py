@@ -46,6 +46,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
+from seqedit.errors import SeqeditError
 from seqedit.files import write_atomic
 from seqedit.pipeline.campaign_dir import parts
 from seqedit.pipeline.campaign_dir.lock import (
@@ -65,7 +66,7 @@ _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 
 
-class CompactError(RuntimeError):
+class CompactError(SeqeditError, RuntimeError):
     """A partition that could not be compacted (nothing visible to readers has changed)."""
 
 

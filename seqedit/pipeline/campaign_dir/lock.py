@@ -28,6 +28,7 @@ from contextlib import contextmanager, suppress
 
 from pydantic import BaseModel, ValidationError
 
+from seqedit.errors import SeqeditError
 from seqedit.storage import Location, Where, location
 
 LOCK_FILE = "driver.lock"
@@ -36,7 +37,7 @@ LEASE_RENEW_S = 10.0
 LEASE_SETTLE_S = 2.0
 
 
-class CampaignBusyError(RuntimeError):
+class CampaignBusyError(SeqeditError, RuntimeError):
     """Another driver process is running this campaign directory."""
 
 

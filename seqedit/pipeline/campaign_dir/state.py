@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from seqedit.errors import SeqeditError
 from seqedit.storage import Where, location
 
 ShardStatus = Literal["pending", "running", "done", "failed", "stopped"]
@@ -18,6 +19,10 @@ ShardStatus = Literal["pending", "running", "done", "failed", "stopped"]
 CampaignStatus = Literal["pending", "running", "done", "failed", "stopped"]
 """pending: not started, or some shards still to run (e.g. after `rerun --shard`)."""
 STATE_FILE = "state.json"
+
+
+class StateFileError(SeqeditError, ValueError):
+    """A campaign state file that cannot be read, naming it."""
 
 
 def now() -> str:
@@ -77,7 +82,7 @@ class CampaignState(BaseModel):
         try:
             return cls.model_validate_json(text)
         except ValidationError as exc:
-            raise ValueError(f"{path}: corrupt campaign state: {exc}") from exc
+            raise StateFileError(f"{path}: corrupt campaign state: {exc}") from exc
 
     def done_partitions(self) -> list[tuple[int, int]]:
         """(shard, attempt) of every finished shard: the only rows queries may see."""

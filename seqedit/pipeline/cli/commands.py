@@ -13,11 +13,13 @@ from transformers import AutoConfig
 
 from seqedit.methods.arch import module_names_for_type
 from seqedit.pipeline.campaign_dir.state import CampaignState
+from seqedit.pipeline.cli.campaign_ops import validate_spec
+from seqedit.pipeline.cli.main import CliError
 from seqedit.pipeline.results.plot_data import layer_drift, update_norms
 from seqedit.pipeline.results.plots import plot_degradation, plot_health, plot_norm_growth
 from seqedit.pipeline.results.views import query
 from seqedit.pipeline.run.driver import run_campaign
-from seqedit.schemas.campaign import ResourcesSpec, load_spec
+from seqedit.schemas.campaign import ResourcesSpec
 from seqedit.storage import Location, Where, location
 from seqedit.workers.stats import META_FILE, StatsConfig, StatsMeta, compute_stats
 from seqedit.workers.stats_store import load_accumulators, save_stats
@@ -105,7 +107,7 @@ def build_testbed_command(
     if dataset is not None:
         return build_dataset_testbed(out, dataset, limit=limit, config=config, progress=progress)
     if limit is not None:
-        raise ValueError("--limit goes with --dataset; --synthetic N already sets the size")
+        raise CliError("--limit goes with --dataset; --synthetic N already sets the size")
     assert synthetic is not None
     return build_synthetic_testbed(out, synthetic, seed, config, progress=progress)
 
@@ -200,8 +202,9 @@ def _stats_dirs(folder: Location) -> Iterator[Location]:
 
 
 def run_campaign_command(spec_file: Path, out: Where, *, progress: bool) -> CampaignState:
-    """`seqedit run`: a campaign spec on the embedded local Ray, with a progress bar."""
-    spec = load_spec(spec_file)
+    """`seqedit run`: a campaign spec on the embedded local Ray, with a progress bar. The
+    schema, method, hparams and edits_per_step are checked first, before Ray starts."""
+    spec = validate_spec(spec_file, schema_only=True)
     with progress_bar(spec.n_edits, spec.name, progress) as update:
         return run_campaign(spec, out, progress=update)
 
@@ -280,7 +283,7 @@ def campaign_plots(
         if path := plot.draw(campaign_dir, state.campaign, png):
             written.append((plot.caption, path))
     if not written:
-        raise ValueError(f"{campaign_dir}: no finished shard yet; nothing to plot")
+        raise CliError(f"{campaign_dir}: no finished shard yet; nothing to plot")
     return written
 
 

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from seqedit.methods.config import validate_config
+from seqedit.methods.registry import get_method
 from seqedit.pipeline.cli.hparams_import import read_hparams_file
+from seqedit.pipeline.cli.main import CliError
 from seqedit.schemas.loaders import load_requests
 from seqedit.schemas.tables import EditRow
 from seqedit.workers.editor import SequentialEditor
@@ -32,6 +36,7 @@ def edit_model(
     """Apply every request of `requests_file` in order (or, with `batch`, all of them as one
     batched step); write the deltas (and the model)."""
     method, hparams = read_hparams_file(hparams_file, method)
+    _check_flags(method, hparams, hparams_file, stats=stats, batch=batch)
     requests = load_requests(requests_file).requests
     editor = SequentialEditor(
         str(model), method, hparams, stats_dir=str(stats) if stats else None, campaign="edit"
@@ -55,3 +60,21 @@ def edit_model(
     if save_model is not None:
         editor.save_model(save_model)
     return rows
+
+
+def _check_flags(
+    name: str, hparams: dict[str, Any], hparams_file: Path, *, stats: Path | None, batch: bool
+) -> None:
+    """Refuse, before the model is loaded, hparams or flags the method cannot work with."""
+    method = get_method(name)
+    if batch and method.edit_batch is None:
+        raise CliError(
+            f"--batch: method {method.name!r} edits one request at a time; apply the "
+            "requests sequentially (methods with batches: memit, alphaedit)"
+        )
+    config = validate_config(method.config_cls, hparams, where=f"{hparams_file}: hparams")
+    if stats is None and method.uses_second_moment(config):
+        raise CliError(
+            f"method {method.name!r} with these hparams needs covariance stats: give --stats "
+            "(build them with `seqedit stats build`)"
+        )

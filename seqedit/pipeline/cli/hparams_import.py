@@ -436,7 +436,7 @@ def read_hparams_file(path: Path, method: str | None) -> tuple[str, dict[str, An
     our `{method, hparams}` mapping (what `seqedit hparams import` writes), whose method
     must agree with `method` when both are given.
     """
-    raw = read_yaml_mapping(path, "hparams file")
+    raw = read_yaml_mapping(path, "hparams file", HparamsError)
     if "hparams" not in raw or not set(raw) <= {"method", "hparams"}:
         if method is None:
             raise HparamsError(

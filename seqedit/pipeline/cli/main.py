@@ -12,14 +12,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from seqedit import __version__
+from seqedit.errors import SeqeditError
 from seqedit.storage import Location, StorageError, location
 
 if TYPE_CHECKING:
     from seqedit.pipeline.run.submit import SubmittedJob
 
 
-class CliError(Exception):
-    """An error to print as one clear line, exit status 2."""
+class CliError(SeqeditError, ValueError):
+    """A command-line request that cannot be carried out (a flag that does not fit the
+    campaign, nothing to plot yet), printed as one clear line, exit status 2. Also a
+    ValueError, as what it replaced was, for the callers that catch those."""
 
 
 def _layers(text: str) -> list[int]:
@@ -259,7 +262,7 @@ def cmd_query(args: argparse.Namespace) -> None:
     others: dict[str, Path] = {}
     for name, folder in args.others:
         if name in others:
-            raise ValueError(f"--with {name}=...: the name {name!r} is given twice")
+            raise CliError(f"--with {name}=...: the name {name!r} is given twice")
         others[name] = folder
     print(format_table(query(args.campaign_dir, args.sql, others), args.format))
 
@@ -523,6 +526,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; its exit status.
+
+    0: done. 2: a user error, printed as one line `seqedit: error: ...` on stderr (with -v:
+    raised, traceback and all): a `SeqeditError`, a missing file, a value pydantic refused,
+    a cluster address nobody answers at. 130: interrupted. 141 (128 + SIGPIPE, what a shell
+    reports for a command whose reader went away): stdout was closed early, as by
+    `seqedit status DIR | head -1`; nothing is printed. Any other exception is a bug or a
+    fault of the environment (torch, CUDA, Ray) and keeps its traceback.
+    """
+    from pydantic import ValidationError
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -530,15 +544,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         args.func(args)
+        sys.stdout.flush()  # a reader that went away shows here, not at interpreter exit
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError, ConnectionError) as exc:
+    except BrokenPipeError:  # before ConnectionError, its base class
+        _drop_stdout()
+        return 141
+    except (SeqeditError, FileNotFoundError, ValidationError, ConnectionError) as exc:
         if args.verbose:
             raise
         print(f"seqedit: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush of what is still
+    buffered for a closed pipe does not fail again (and print "Broken pipe") at exit."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (captured, replaced)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
 
 import matplotlib
 
@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt
 import pyarrow as pa
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, MaxNLocator
+from matplotlib.ticker import FuncFormatter, Locator, MaxNLocator, NullFormatter
 
 from seqedit.pipeline.results.plot_data import NORM_WINDOW
 from seqedit.storage import Location, Where, location
@@ -35,6 +35,13 @@ def plot_degradation(
     title: str,
     window: int = 50,
 ) -> Location:
+    """Write degradation_figure to `out` (see `save`)."""
+    return save(degradation_figure(curve, per_edit, periodic, title=title, window=window), out)
+
+
+def degradation_figure(
+    curve: pa.Table, per_edit: pa.Table, periodic: pa.Table, *, title: str, window: int = 50
+) -> Figure:
     """Scores (0-1) against edits applied: the immediate efficacy of every edit, rolling
     over `window` edits (`per_edit`: `n`, `success_rate`), the periodic retention of
     earlier edits (`periodic`: `n`, `retention`) and ES/PS/NS at the evaluation points
@@ -66,7 +73,7 @@ def plot_degradation(
     ax.grid(True, alpha=0.3)
     ax.set_title(title)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, fontsize=8.5)
-    return save(fig, out)
+    return fig
 
 
 def plot_sampled(ax: Axes, points: Points, *, color: str, label: str) -> None:
@@ -99,6 +106,11 @@ HEALTH_PANELS = (
 
 
 def plot_health(per_edit: pa.Table, periodic: pa.Table, out: Where, *, title: str) -> Location:
+    """Write health_figure to `out` (see `save`)."""
+    return save(health_figure(per_edit, periodic, title=title), out)
+
+
+def health_figure(per_edit: pa.Table, periodic: pa.Table, *, title: str) -> Figure:
     """Four panels of health against the number of edits applied.
 
     `per_edit`: columns `n` (edits applied), `success_rate`, `median_p_new` (rolling over
@@ -113,7 +125,7 @@ def plot_health(per_edit: pa.Table, periodic: pa.Table, out: Where, *, title: st
             ax.plot(*xy(points), label=label, marker=marker_for(points), markersize=3,
                     linewidth=1.2)  # fmt: skip
         if log and drawn:
-            log_y(ax, [v for points, _ in drawn for _, v in points])
+            log_y(ax)
         ax.set_title(panel, fontsize=10)
         ax.set_ylabel(ylabel, fontsize=9)
         ax.grid(True, alpha=0.3)
@@ -123,14 +135,20 @@ def plot_health(per_edit: pa.Table, periodic: pa.Table, out: Where, *, title: st
             ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
     for ax in axes[1]:
         ax.set_xlabel("edits applied (count)")
+        ax.set_xlim(left=0)  # whole edits: one edit alone would get ticks at 0.95 .. 1.05
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
-    return save(fig, out)
+    return fig
 
 
 def plot_norm_growth(
     runs: dict[str, tuple[pa.Table, pa.Table]], out: Where, *, title: str
 ) -> Location:
+    """Write norm_growth_figure to `out` (see `save`)."""
+    return save(norm_growth_figure(runs, title=title), out)
+
+
+def norm_growth_figure(runs: dict[str, tuple[pa.Table, pa.Table]], *, title: str) -> Figure:
     """Two panels against edits applied: the update norm of each edit (faint points, log
     scale) with its rolling median, and the cumulative relative weight drift of each edited
     layer. `runs`: campaign -> (plot_data.update_norms, plot_data.layer_drift) tables. One
@@ -160,13 +178,13 @@ def plot_norm_growth(
                        marker=marker_for(points), markersize=3, label=prefix + layer)  # fmt: skip
             drifts_drawn += [v for _, v in points]
     if norms_drawn:
-        log_y(left, norms_drawn)
+        log_y(left)
     left.set_title("Update norm of each edit", fontsize=10)
     left.set_ylabel("‖ΔW‖_F of the edit (weight units, log)", fontsize=9)
     right.set_title("Cumulative relative weight drift per edited layer", fontsize=10)
     drift_label = "‖W_t − W_0‖_F / ‖W_0‖_F (ratio)"
     if drifts_drawn and max(drifts_drawn) >= 10 * min(v for v in drifts_drawn if v > 0):
-        log_y(right, drifts_drawn)
+        log_y(right)
         drift_label = drift_label[:-1] + ", log)"
     right.set_ylabel(drift_label, fontsize=9)
     for ax in (left, right):
@@ -176,22 +194,47 @@ def plot_norm_growth(
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), markerscale=2)
     fig.suptitle(title)
-    return save(fig, out)
+    return fig
 
 
-def log_y(ax: Axes, values: Sequence[float]) -> None:
-    """Log y axis; when `values` span under two decades, plain tick labels at 1, 2, 3 and 5
-    times the powers of ten (20, 30, 50, 100, 200), as 9 labels a decade would crowd."""
+def log_y(ax: Axes) -> None:
+    """Log y axis whose ticks are labelled over any range it shows (`log_ticks`); the
+    default one labels only powers of ten, none when the data span less than a decade."""
     ax.set_yscale("log")
-    positive = [v for v in values if v > 0]
-    if positive and max(positive) < 100 * min(positive):
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.yaxis.set_minor_formatter(FuncFormatter(_minor_label))
+    ax.yaxis.set_major_locator(LabelledLogLocator())
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
-def _minor_label(value: float, _position: int) -> str:
-    """`value` plainly when its leading digit is 2, 3 or 5, else no label."""
-    return f"{value:g}" if f"{value:.0e}"[0] in "235" else ""
+class LabelledLogLocator(Locator):
+    """The major ticks of a log axis: `log_ticks` of the range it shows."""
+
+    def __call__(self) -> list[float]:
+        return self.tick_values(*self.axis.get_view_interval())
+
+    def tick_values(self, vmin: float, vmax: float) -> list[float]:
+        return log_ticks(vmin, vmax)
+
+
+def log_ticks(low: float, high: float) -> list[float]:
+    """At least three ticks from `low` to `high` (> 0) for a log axis, the sparsest of: the
+    powers of ten (thinned to at most ten, down from `high`'s), 1-2-5, 1-2-3-5 or 1..9
+    times them; for a range too narrow for any (0.62 to 0.68), round values evenly spaced
+    (0.62, 0.64, 0.66, 0.68), as a linear axis would have."""
+    low, high = sorted((low, high))
+    if high <= 0:
+        return []
+    low = low if low > 0 else high / 10
+    slack = 1e-9 * (high - low)
+    decades = range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
+    for subs in ((1,), (1, 2, 5), (1, 2, 3, 5), range(1, 10)):
+        ticks = [float(f"{m}e{k}") for k in decades for m in subs]
+        ticks = [t for t in ticks if low - slack <= t <= high + slack]
+        if len(ticks) >= 3:
+            stride = math.ceil(len(ticks) / 10)
+            return ticks[::-1][::stride][::-1]
+    linear = MaxNLocator(nbins=4).tick_values(low, high)
+    return [float(t) for t in linear if low - slack <= t <= high + slack]
 
 
 def _by_layer(drift: pa.Table) -> dict[str, Points]:

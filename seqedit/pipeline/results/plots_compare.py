@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import pyarrow as pa
 from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from seqedit.pipeline.results.plots import (
@@ -48,6 +49,11 @@ SCORES = {"es": "ES", "ps": "PS", "ns": "NS", "score": "score"}
 
 
 def plot_compare(runs: dict[str, CompareRun], out: Where) -> Location:
+    """Write compare_figure to `out` (see `plots.save`)."""
+    return save(compare_figure(runs), out)
+
+
+def compare_figure(runs: dict[str, CompareRun]) -> Figure:
     """Four panels against edits applied, one colour per campaign: immediate efficacy,
     retention, median P(new) after the edit, and the CounterFact scores (lines through the
     evaluation points, or bars when every campaign has a single one)."""
@@ -65,13 +71,13 @@ def plot_compare(runs: dict[str, CompareRun], out: Where) -> Location:
                         markersize=3, label=name)  # fmt: skip
             values += [v for _, v in points or []]
         if column == "median_p_new" and values:
-            log_y(ax, values)
+            log_y(ax)
         elif column != "median_p_new":
             ax.set_ylim(-0.02, 1.02)
         _finish(ax, title.format(window=window), ylabel, drawn=bool(values))
     _scores_panel(axes[1, 1], {name: run.curves for name, run in runs.items()})
     fig.suptitle("campaigns compared: degradation against edits applied")
-    return save(fig, out)
+    return fig
 
 
 def _scores_panel(ax: Axes, curves: dict[str, pa.Table]) -> None:

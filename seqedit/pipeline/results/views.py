@@ -15,6 +15,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.dataset as ds
 
+from seqedit.errors import SeqeditError
 from seqedit.pipeline.campaign_dir.parts import list_parts
 from seqedit.pipeline.campaign_dir.state import CampaignState, ShardState
 from seqedit.schemas.tables import TABLES, arrow_schema
@@ -24,7 +25,7 @@ from seqedit.workers.health import DRIFT_PREFIX, PERIODIC_CHECKS
 READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
 
 
-class QueryError(ValueError):
+class QueryError(SeqeditError, ValueError):
     """A query that may not run (it would modify the lake) or that failed."""
 
 
@@ -48,14 +49,14 @@ def check_other_name(name: str) -> None:
     """Refuse a schema name for another campaign that SQL could not use plainly as `name.view`:
     not an identifier, a view name, a DuckDB catalog/schema name or a reserved word."""
     if not _OTHER_NAME.fullmatch(name):
-        raise ValueError(
+        raise QueryError(
             f"campaign name {name!r}: use letters, digits and _ (not first a digit), e.g. b"
         )
     lower = name.lower()
     if lower in VIEWS:
-        raise ValueError(f"campaign name {name!r} is a view name; pick another, e.g. b")
+        raise QueryError(f"campaign name {name!r} is a view name; pick another, e.g. b")
     if lower in _TAKEN_SCHEMAS or lower in _reserved_words():
-        raise ValueError(f"campaign name {name!r} is reserved in DuckDB; pick another, e.g. b")
+        raise QueryError(f"campaign name {name!r} is reserved in DuckDB; pick another, e.g. b")
 
 
 def _resolve_others(others: Mapping[str, Where] | None) -> dict[str, Location]:
@@ -64,7 +65,7 @@ def _resolve_others(others: Mapping[str, Where] | None) -> dict[str, Location]:
     for name, folder in (others or {}).items():
         check_other_name(name)
         if name.lower() in {n.lower() for n in resolved}:
-            raise ValueError(f"campaign name {name!r} is given twice")
+            raise QueryError(f"campaign name {name!r} is given twice")
         where = location(folder)
         if not where.is_dir():
             raise FileNotFoundError(f"campaign {name!r}: {where}: no such directory")
@@ -97,7 +98,7 @@ def connect(
         except FileNotFoundError as exc:
             raise FileNotFoundError(f"campaign {name!r}: {exc}") from exc
         except ValueError as exc:
-            raise ValueError(f"campaign {name!r}: {exc}") from exc
+            raise QueryError(f"campaign {name!r}: {exc}") from exc
     con = duckdb.connect()
     con.execute("SET enable_external_access = false")
     _create_views(con, root, state, schema=None, tag="")

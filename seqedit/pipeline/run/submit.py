@@ -22,6 +22,7 @@ from pathlib import Path
 from pydantic import BaseModel
 from ray.job_submission import JobStatus, JobSubmissionClient
 
+from seqedit.errors import SeqeditError
 from seqedit.storage import Where, location
 
 JOB_FILE = "job.json"
@@ -37,7 +38,7 @@ class SubmittedJob(BaseModel):
     submitted_at: float
 
 
-class SubmitError(ValueError):
+class SubmitError(SeqeditError, ValueError):
     """A job that cannot be found or submitted; the message names the directory or job."""
 
 
