@@ -25,6 +25,7 @@ from seqedit.methods.method import Derived
 from seqedit.methods.registry import get_method, registered_methods
 from seqedit.methods.scoring import score_targets
 from seqedit.methods.updates import DenseDelta, EditResult, MemoryEntry, Update
+from seqedit.schemas.campaign import SpecError
 from seqedit.schemas.requests import EditRequest
 from seqedit.schemas.tables import EditRow, EvalRow, Protocol
 from seqedit.workers.checkpoints import load_checkpoint, save_checkpoint
@@ -55,7 +56,7 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
-_WEIGHT, _STATE = "weight.", "state."
+_WEIGHT, _STATE, _RNG = "weight.", "state.", "rng_state"
 
 
 class EditError(SeqeditError, RuntimeError):
@@ -125,7 +126,7 @@ class SequentialEditor:
         self.second_moments: dict[int, torch.Tensor] | None = None
         if self.method.uses_second_moment(self.config):
             if stats_dir is None:
-                raise ValueError(
+                raise SpecError(
                     f"method {method!r} with these hparams needs covariance stats: "
                     "set `stats:` in the campaign (build them with `seqedit stats build`)"
                 )
@@ -340,13 +341,15 @@ class SequentialEditor:
     def checkpoint(self) -> dict[str, torch.Tensor]:
         """Everything the next edit depends on, as copies: the fp32 masters of the edited
         modules ("weight.<module>"), the method's sequential state ("state.<name>", e.g.
-        AlphaEdit's accumulated K K^T) and the counts of edits and steps applied ("n_applied",
-        "n_steps", (1,) each)."""
+        AlphaEdit's accumulated K K^T, GRACE's codebook), the counts of edits and steps applied
+        ("n_applied", "n_steps", (1,) each) and torch's CPU random state ("rng_state": what a
+        method draws next, e.g. GRACE's cold value init, continues as in an uninterrupted run)."""
         tensors = {f"{_WEIGHT}{name}": m for name, m in self.edited.weights.copies().items()}
         for name, value in self.method.state(self.context).items():
             tensors[f"{_STATE}{name}"] = value
         tensors["n_applied"] = torch.tensor([self.n_applied], dtype=torch.int64)
         tensors["n_steps"] = torch.tensor([self.n_steps], dtype=torch.int64)
+        tensors[_RNG] = torch.get_rng_state()
         return tensors
 
     def restore(self, checkpoint: dict[str, torch.Tensor]) -> None:
@@ -362,6 +365,8 @@ class SequentialEditor:
         self.edited.weights.load(weights)
         self.n_applied = int(checkpoint["n_applied"][0])
         self.n_steps = int(checkpoint["n_steps"][0])
+        if _RNG in checkpoint:  # checkpoints written before edit contract v2 have none
+            torch.set_rng_state(checkpoint[_RNG].to(torch.uint8))
         self.edit_log = []
 
     def undo_last(self, *, keep_step: bool = True) -> None:

@@ -30,7 +30,7 @@ from seqedit.pipeline.run.eval_pool import EvalPool
 from seqedit.pipeline.run.health_steps import heldout_texts
 from seqedit.pipeline.run.ray_init import ensure_ray
 from seqedit.pipeline.run.shard_run import EvalTag, ProgressCallback, ShardRun, write_results
-from seqedit.schemas.campaign import CampaignSpec
+from seqedit.schemas.campaign import CampaignSpec, SpecError
 from seqedit.schemas.loaders import load_requests, write_quarantine
 from seqedit.schemas.requests import EditRequest
 from seqedit.storage import Location, Where, location
@@ -68,7 +68,7 @@ def select_requests(spec: CampaignSpec, campaign_dir: Location) -> list[EditRequ
         pool = [pool[i] for i in torch.randperm(len(pool), generator=generator).tolist()]
     chosen = pool[spec.dataset.offset : spec.dataset.offset + spec.n_edits]
     if len(chosen) < spec.n_edits:
-        raise ValueError(
+        raise SpecError(
             f"{spec.dataset.path}: n_edits is {spec.n_edits} but only {len(chosen)} valid "
             f"records remain after offset {spec.dataset.offset}"
         )
@@ -114,7 +114,7 @@ def run_campaign(
     validate_config(method.config_cls, spec.hparams, where=f"campaign {spec.name!r} hparams")
     if spec.edits_per_step > 1 and not method.batched:
         batched = ", ".join(sorted(m.name for m in registered_methods().values() if m.batched))
-        raise ValueError(
+        raise SpecError(
             f"campaign {spec.name!r}: edits_per_step is {spec.edits_per_step}, but method "
             f"{method.name!r} edits one request at a time (batched: {batched})"
         )
@@ -207,7 +207,7 @@ def _check_resources(spec: CampaignSpec) -> None:
     ):
         needed = editor_needs + evaluation.actors * each
         if needed > available.get(resource, 0) + 1e-9:
-            raise ValueError(
+            raise SpecError(
                 f"campaign {spec.name!r}: the editor ({editor_needs} {resource}) and "
                 f"{evaluation.actors} evaluator(s) ({each} {resource} each) need {needed:g} "
                 f"{resource}, the cluster has {available.get(resource, 0):g}; lower "
@@ -232,14 +232,15 @@ def _select_shards(state: CampaignState, chosen: Collection[int] | None) -> list
     known = range(len(state.shards))
     unknown = sorted(set(chosen) - set(known))
     if unknown:
-        raise ValueError(f"no shard {unknown[0]}: the campaign has shards 0..{len(known) - 1}")
+        last = len(known) - 1
+        raise CampaignDirError(f"no shard {unknown[0]}: the campaign has shards 0..{last}")
     return sorted(set(chosen))
 
 
 def _check_predecessor_done(root: Location, state: CampaignState, index: int) -> None:
     if index > 0 and state.shards[index - 1].status != "done":
         before = state.shards[index - 1]
-        raise ValueError(
+        raise CampaignDirError(
             f"{root}: shard {index} starts from the checkpoint of shard {index - 1}, which is "
             f"{before.status}; rerun shard {index - 1} first (or `seqedit rerun` to continue)"
         )

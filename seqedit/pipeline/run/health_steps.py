@@ -11,7 +11,7 @@ import ray
 
 from seqedit.pipeline.campaign_dir.parts import list_parts, read_part
 from seqedit.pipeline.campaign_dir.state import CampaignState
-from seqedit.schemas.campaign import CampaignSpec, HealthSpec
+from seqedit.schemas.campaign import CampaignSpec, HealthSpec, SpecError
 from seqedit.schemas.requests import EditRequest
 from seqedit.schemas.tables import EditRow, HealthRow
 from seqedit.storage import Where
@@ -82,7 +82,7 @@ def heldout_texts(health: HealthSpec) -> list[str]:
         raise FileNotFoundError(f"health.heldout: no held-out text file at {path}")
     texts = list(itertools.islice(iter_documents([path]), health.n_heldout))
     if not texts:
-        raise ValueError(f"health.heldout: {path} holds no text")
+        raise SpecError(f"field 'health.heldout': {path} holds no text")
     return texts
 
 
