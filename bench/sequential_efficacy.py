@@ -7,7 +7,8 @@ Builds (or reuses) the synthetic-300 testbed of `make demo` and the covariance o
 layers 0-3, then for each method applies the first N requests in order with one
 `SequentialEditor` and scores all N records once after the last edit (protocol "final":
 the hard, honest one). Prints one table; `--set` overrides one hparam for a tuning run.
-The hparams below are the ones docs/methods.md reports.
+The hparams are each method's `testbed_hparams` (on its record), the ones docs/methods.md
+reports.
 """
 
 from __future__ import annotations

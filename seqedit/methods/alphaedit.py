@@ -28,6 +28,7 @@ from seqedit.methods.config import names_for
 from seqedit.methods.context import BARE_TEMPLATE
 from seqedit.methods.keys_values import grouped_keys
 from seqedit.methods.memit import (
+    TESTBED_LAYERS,
     LayeredEditConfig,
     TemplateGroups,
     apply_layered_updates,
@@ -39,7 +40,12 @@ from seqedit.methods.memit import (
 from seqedit.methods.method import (
     Derived,
     EditMethod,
+    Footprint,
+    HparamsImport,
     SequentialState,
+    edited_shapes,
+    empty,
+    low_rank_step,
     one_at_a_time,
     rewrite_modules,
 )
@@ -275,12 +281,26 @@ def _load_state(context: AlphaEditContext, state: SequentialState) -> None:
     context.cache_c = cache
 
 
+def _modules(config: AlphaEditConfig, names: ModuleNames) -> list[str]:
+    return rewrite_modules(list(config.layers), names)
+
+
+def _state_after(model: PreTrainedModel, config: AlphaEditConfig, _edits: int) -> SequentialState:
+    """cache_c of every layer, (d_in, d_in) in the covariance's dtype as the editor loads it
+    (float32), whatever the number of edits."""
+    shapes = edited_shapes(model, config, _modules)
+    return {
+        f"{_CACHE}{layer}": empty(model, (d_in, d_in), torch.float32)
+        for layer, (_, d_in) in zip(config.layers, shapes.values(), strict=True)
+    }
+
+
 ALPHAEDIT = EditMethod(
     name="alphaedit",
     version="1",
     config_cls=AlphaEditConfig,
     layers=lambda config: list(config.layers),
-    modules=lambda config, names: rewrite_modules(list(config.layers), names),
+    modules=_modules,
     uses_second_moment=lambda config: True,
     prepare=_prepare,
     edit=one_at_a_time(alphaedit_batch),
@@ -289,4 +309,17 @@ ALPHAEDIT = EditMethod(
     load_state=_load_state,
     derive=_derive,
     derive_key=lambda config: {"nullspace_threshold": config.nullspace_threshold},
+    footprint=Footprint(  # factors in float64 (resid; the solve cast to it)
+        step=low_rank_step(_modules, torch.float64), state=_state_after
+    ),
+    hparams_import=HparamsImport(
+        easyedit_alg="AlphaEdit",
+        path_names=("AlphaEdit",),
+        dropped={
+            "mom2_update_weight": "read by no AlphaEdit code: preservation is the null-space "
+            "projection (nullspace_threshold) and L2",
+        },
+    ),
+    quick_hparams={"layers": [0], "v_loss_layer": 3, "context_templates": [["{}"]]},
+    testbed_hparams={**TESTBED_LAYERS, "L2": 0.5},
 )

@@ -34,8 +34,16 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from seqedit.methods.arch import ModuleNames, rewrite_weight
 from seqedit.methods.config import MethodConfig, names_for
 from seqedit.methods.keys_values import frozen_parameters, model_device
-from seqedit.methods.method import Derived, EditMethod, rewrite_modules
-from seqedit.methods.updates import DenseDelta, EditResult
+from seqedit.methods.method import (
+    Derived,
+    EditMethod,
+    Footprint,
+    HparamsImport,
+    edited_shapes,
+    empty,
+    rewrite_modules,
+)
+from seqedit.methods.updates import DenseDelta, EditResult, Update
 from seqedit.schemas.requests import EditRequest, spaced
 
 log = logging.getLogger(__name__)
@@ -271,19 +279,56 @@ def _edit(
     return ft_edit(model, tokenizer, request, config)
 
 
-def _ft_method(name: str, config_cls: type[FtConfig]) -> EditMethod:
+def _modules(config: FtConfig, names: ModuleNames) -> list[str]:
+    return rewrite_modules([config.layer], names)
+
+
+def _step(model: PreTrainedModel, config: FtConfig, _n: int) -> list[Update]:
+    """One float32 (d_out, d_in) dense delta (the difference of float32 weights)."""
+    return [
+        DenseDelta(module, empty(model, shape, torch.float32))
+        for module, shape in edited_shapes(model, config, _modules).items()
+    ]
+
+
+def _import(objective: str, path_names: tuple[str, ...]) -> HparamsImport:
+    """EasyEdit's FT files name the objective; the reference's FT (kmeng01) is FT-L."""
+    return HparamsImport(
+        easyedit_alg="FT",
+        selector=("objective_optimization", objective),
+        path_names=path_names,
+        renamed={"layers": "layer", "objective_optimization": "objective"},
+        dropped={
+            "kl_factor": "read by no FT code (EasyEdit's or the reference's)",
+            "wd_power_law": "null in the source: no weight-decay scaling (other values are "
+            "refused)",
+        },
+        null_only=("wd_power_law",),
+        false_means={"norm_constraint": None, "weight_decay": 0.0},
+    )
+
+
+_QUICK = {"layer": 0, "lr": 1e-2, "num_steps": 10}
+_TESTBED = {"layer": 3, "optimizer": "sgd", "lr": 5.0, "num_steps": 100, "early_stop_loss": 0.5}
+
+
+def _ft_method(name: str, config_cls: type[FtConfig], imports: HparamsImport) -> EditMethod:
     """FT-L and FT-M differ only in their config (its fixed objective)."""
     return EditMethod(
         name=name,
         version="1",
         config_cls=config_cls,
         layers=lambda config: [config.layer],
-        modules=lambda config, names: rewrite_modules([config.layer], names),
+        modules=_modules,
         uses_second_moment=lambda config: False,
         prepare=_prepare,
         edit=_edit,
+        footprint=Footprint(step=_step),
+        hparams_import=imports,
+        quick_hparams=dict(_QUICK),
+        testbed_hparams=dict(_TESTBED),
     )
 
 
-FT_L = _ft_method("ft-l", FtLConfig)
-FT_M = _ft_method("ft-m", FtMConfig)
+FT_L = _ft_method("ft-l", FtLConfig, _import("prompt_last", ("FT", "FT-L")))
+FT_M = _ft_method("ft-m", FtMConfig, _import("target_new", ("FT-M",)))

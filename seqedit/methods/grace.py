@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -57,12 +58,25 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from seqedit.methods.arch import get_module, module_weight
+from seqedit.methods.arch import (
+    get_module,
+    module_names_for_type,
+    module_weight,
+    supported_model_types,
+)
 from seqedit.methods.config import MethodConfig, names_for
 from seqedit.methods.hooks import reused_outputs
 from seqedit.methods.keys_values import frozen_parameters, model_device
-from seqedit.methods.method import Derived, EditMethod, MemoryHooks, SequentialState
-from seqedit.methods.updates import EditResult, MemoryEntry
+from seqedit.methods.method import (
+    Derived,
+    EditMethod,
+    Footprint,
+    HparamsImport,
+    MemoryHooks,
+    SequentialState,
+    empty,
+)
+from seqedit.methods.updates import EditResult, MemoryEntry, Update
 from seqedit.schemas.requests import EditRequest, spaced
 
 log = logging.getLogger(__name__)
@@ -436,6 +450,54 @@ def _train_value(
     return value.detach().clone(), steps, final
 
 
+def _inner_params(value: Any) -> tuple[dict[str, Any], str]:
+    """EasyEdit's `inner_params`, one parameter (`transformer.h[35].mlp.c_fc.weight`) ->
+    `layer` and `role`, by the module names of the families seqedit knows."""
+    given = value if isinstance(value, list) else [value]
+    if len(given) != 1 or not isinstance(given[0], str):
+        raise ValueError(f"GRACE edits one module: give one parameter name, got {value!r}")
+    module = re.sub(r"\[(\d+)\]", r".\1", given[0]).removesuffix(".weight")
+    for layer in map(int, re.findall(r"\.(\d+)\.", module)):
+        for family in supported_model_types():
+            names = module_names_for_type(family)
+            for role in ("mlp_out", *names.roles):
+                if names.module(role, layer) == module:
+                    note = f"inner_params: {value} -> layer: {layer}, role: {role}"
+                    return {"layer": layer, "role": role}, note
+    raise ValueError(
+        f"{module!r} is no block module of {', '.join(supported_model_types())}; "
+        "give `layer` and `role` instead"
+    )
+
+
+_LABEL_TOKENS = 4  # tokens of a target_new, for disk estimates
+
+
+def _adaptor_dims(model: PreTrainedModel, config: GraceConfig) -> tuple[int, int]:
+    """(d_in, d_out) of the adaptor."""
+    module = names_for(model, config).module(config.role, config.layer)
+    weight, transposed = module_weight(model, module)
+    rows, cols = weight.shape
+    return (rows, cols) if transposed else (cols, rows)
+
+
+def _rows(model: PreTrainedModel, config: GraceConfig, n: int) -> dict[str, torch.Tensor]:
+    """Empty codebook rows (keys, values, radii, labels) of n entries, on the model's device."""
+    (d_in, d_out), long = _adaptor_dims(model, config), torch.long
+    return {"keys": empty(model, (n, d_in), torch.float32),
+            "values": empty(model, (n, d_out), torch.float32),
+            "radii": empty(model, (n,), torch.float32),
+            "labels": empty(model, (n, _LABEL_TOKENS), long)}  # fmt: skip
+
+
+def _step(model: PreTrainedModel, config: GraceConfig, _n: int) -> list[Update]:
+    """One entry adding one row (a split writes two), with a typical info part."""
+    rows = {"rows": empty(model, (1,), torch.long), **_rows(model, config, 1)}
+    info = {"action": "add", "case_id": 10**6, "rows": [10**5], "distance": math.pi,
+            "target_new": "x" * 16}  # fmt: skip
+    return [MemoryEntry(tensors=rows, info=info)]
+
+
 GRACE = EditMethod(
     name="grace",
     version="1",
@@ -448,4 +510,17 @@ GRACE = EditMethod(
     state=_state,
     load_state=_load_state,
     memory=MemoryHooks(install=_install, apply=_apply, size=lambda context: context.keys.shape[0]),
+    footprint=Footprint(step=_step, state=_rows),  # the codebook: at most one row per edit
+    hparams_import=HparamsImport(
+        easyedit_alg="GRACE",
+        renamed={"eps": "eps_init"},
+        dropped={
+            "val_reg": "read by no GRACE code (EasyEdit's or the original)",
+            "reg": "read by no GRACE code (EasyEdit's or the original)",
+            "dropout": "read by no GRACE code (EasyEdit's or the original)",
+            "num_pert": "perturbation value training only, which seqedit refuses",
+        },
+        converted={"inner_params": _inner_params},
+    ),
+    quick_hparams={"layer": 0, "n_iter": 40, "edit_lr": 0.5, "eps_init": 0.1},
 )

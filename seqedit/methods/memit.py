@@ -36,7 +36,15 @@ from seqedit.methods.keys_values import (
     optimize_value,
     restored_tensors,
 )
-from seqedit.methods.method import Derived, EditMethod, one_at_a_time, rewrite_modules
+from seqedit.methods.method import (
+    Derived,
+    EditMethod,
+    Footprint,
+    HparamsImport,
+    low_rank_step,
+    one_at_a_time,
+    rewrite_modules,
+)
 from seqedit.methods.tokens import FactToken
 from seqedit.methods.updates import EditResult, LowRankDelta, apply_update_
 from seqedit.schemas.requests import EditRequest
@@ -375,14 +383,30 @@ def memit_batch(
     )
 
 
+def _modules(config: MemitConfig, names: ModuleNames) -> list[str]:
+    return rewrite_modules(list(config.layers), names)
+
+
+TESTBED_LAYERS: dict[str, object] = {
+    "layers": [0, 1],
+    "v_loss_layer": 3,
+    "context_templates": [["{}"]],
+}
+"""MEMIT/AlphaEdit on the synthetic-300 testbed: z at block 1, so two attention layers carry
+it (with their own lambda / L2, scaled to this model's keys)."""
+
 MEMIT = EditMethod(
     name="memit",
     version="1",
     config_cls=MemitConfig,
     layers=lambda config: list(config.layers),
-    modules=lambda config, names: rewrite_modules(list(config.layers), names),
+    modules=_modules,
     uses_second_moment=lambda config: True,
     prepare=_prepare,
     edit=one_at_a_time(memit_batch),
     edit_batch=memit_batch,
+    footprint=Footprint(step=low_rank_step(_modules, torch.float64)),  # resid and solve: f64
+    hparams_import=HparamsImport(easyedit_alg="MEMIT", path_names=("MEMIT",)),
+    quick_hparams={"layers": [0], "v_loss_layer": 3, "context_templates": [["{}"]]},
+    testbed_hparams={**TESTBED_LAYERS, "mom2_update_weight": 1000.0},
 )

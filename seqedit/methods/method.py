@@ -6,16 +6,16 @@ them. No inheritance: the editor calls the functions held here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 from pydantic import BaseModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from seqedit.methods.arch import ModuleNames
-from seqedit.methods.updates import EditResult, MemoryEntry
+from seqedit.methods.arch import ModuleNames, module_names_for, module_weight
+from seqedit.methods.updates import EditResult, LowRankDelta, MemoryEntry, Update
 from seqedit.schemas.requests import EditRequest
 
 Derived = dict[int, dict[str, torch.Tensor]]
@@ -113,6 +113,107 @@ class MemoryHooks:
     size: Callable[[Any], int]
 
 
+SourceConversion = Callable[[Any], tuple[dict[str, Any], str]]
+"""A source field's value -> (our fields and their values, a note saying what was done);
+raises ValueError (with the reason) for a value it cannot convert."""
+
+
+@dataclass(frozen=True)
+class HparamsImport:
+    """How `seqedit hparams import` reads this method's hyperparameter files of EasyEdit and
+    of the reference code (docs/hparams.md). Fields every method drops (`device`,
+    `stats_dir`, ...) and the module-name fields are the importer's; these are the method's.
+
+    Attributes:
+        easyedit_alg: EasyEdit's `alg_name` of this method (None: EasyEdit has none).
+        selector: (source field, value) picking this method among those sharing
+            `easyedit_alg` (FT-L and FT-M: `objective_optimization`); None: the name tells.
+        path_names: names of this method in the path of a reference file (its directory,
+            or a part of the file name split at `_` and `.`), matched case-insensitively.
+        renamed: source field -> our field, where the names differ.
+        dropped: source field -> why it is dropped.
+        null_only: fields of `dropped` accepted only when null (another value is refused).
+        false_means: our field -> its value where a source writes `false` (no clamp: null).
+        converted: source field -> how its value becomes our fields (GRACE's `inner_params`,
+            a parameter name, becomes `layer` and `role`).
+        one_layer_hint: added to the error when a file lists several layers for a `layer`.
+    """
+
+    easyedit_alg: str | None = None
+    selector: tuple[str, str] | None = None
+    path_names: tuple[str, ...] = ()
+    renamed: Mapping[str, str] = field(default_factory=dict)
+    dropped: Mapping[str, str] = field(default_factory=dict)
+    null_only: tuple[str, ...] = ()
+    false_means: Mapping[str, Any] = field(default_factory=dict)
+    converted: Mapping[str, SourceConversion] = field(default_factory=dict)
+    one_layer_hint: str = ""
+
+
+StepUpdates = Callable[[PreTrainedModel, Any, int], list[Update]]
+"""(model, config, requests in one step) -> the updates one step logs, as `torch.empty`
+tensors of their real shapes and dtypes on the model's device: the meta device for an
+estimate (no weights loaded, no memory used)."""
+
+StateAfter = Callable[[PreTrainedModel, Any, int], SequentialState]
+"""(model, config, edits applied) -> the sequential state `EditMethod.state` holds by then
+(its largest, where it depends on the edits), as `torch.empty` tensors like `StepUpdates`."""
+
+
+def no_state_after(_model: PreTrainedModel, _config: Any, _edits: int) -> SequentialState:
+    """The state footprint of a method that carries none."""
+    return {}
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What a method writes to disk, by shape and dtype: `seqedit validate` estimates a
+    campaign's edit log and checkpoints from it on a model built on the meta device.
+
+    Attributes:
+        step: what one edit step logs (`StepUpdates`).
+        state: the sequential state checkpointed after some edits (`StateAfter`).
+    """
+
+    step: StepUpdates
+    state: StateAfter = no_state_after
+
+
+Modules = Callable[[Any, ModuleNames], list[str]]
+"""(config, the model's module names) -> the dotted names of the linear maps it edits."""
+
+
+def low_rank_step(modules: Modules, dtype: torch.dtype) -> StepUpdates:
+    """The `StepUpdates` of a method logging, per module of `modules`, left (d_out, n) and
+    right (d_in, n) factors in `dtype` for a step of n requests (ROME, MEMIT, AlphaEdit)."""
+
+    def step(model: PreTrainedModel, config: Any, n: int) -> list[Update]:
+        return [
+            LowRankDelta(name, empty(model, (d_out, n), dtype), empty(model, (d_in, n), dtype))
+            for name, (d_out, d_in) in edited_shapes(model, config, modules).items()
+        ]
+
+    return step
+
+
+def edited_shapes(
+    model: PreTrainedModel, config: Any, modules: Modules
+) -> dict[str, tuple[int, int]]:
+    """Module of `modules` -> (d_out, d_in) of its weight in the math convention."""
+    names = config.module_names or module_names_for(model)
+    shapes = {}
+    for module in modules(config, names):
+        weight, transposed = module_weight(model, module, names.rewrite_weight_transposed)
+        rows, cols = weight.shape
+        shapes[module] = (int(cols), int(rows)) if transposed else (int(rows), int(cols))
+    return shapes
+
+
+def empty(model: PreTrainedModel, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor on the device of `model`'s parameters (meta: no memory)."""
+    return torch.empty(shape, dtype=dtype, device=next(model.parameters()).device)
+
+
 @dataclass(frozen=True)
 class EditMethod:
     """One registered editing method.
@@ -136,13 +237,20 @@ class EditMethod:
             them next to the stats and hands them to `prepare`. None: nothing to cache.
         derive_key: the config fields `derive` reads (part of the cache key).
         memory: for memory-based methods, how their side state changes outputs.
+        footprint: what it writes to disk, by shape and dtype (edit log, checkpoints);
+            None: `seqedit validate` makes no disk estimate for it.
+        hparams_import: how its EasyEdit / reference hparams files read (None: not at all).
+        quick_hparams: a fast, valid config for the tests' tiny testbed (layer 0 of a
+            4-layer, 64-wide GPT-2 with covariance stats of layer 0); a test edits with it.
+        testbed_hparams: hparams tuned on the synthetic-300 testbed of the demo and the
+            benchmarks (docs/methods.md, "Tuning on a small model"; stats of layers 0-3).
     """
 
     name: str
     version: str
     config_cls: type[BaseModel]
     layers: Callable[[Any], list[int]]
-    modules: Callable[[Any, ModuleNames], list[str]]
+    modules: Modules
     uses_second_moment: Callable[[Any], bool]
     prepare: Prepare
     edit: Edit
@@ -152,6 +260,10 @@ class EditMethod:
     derive: Derive | None = None
     derive_key: Callable[[Any], dict[str, Any]] = lambda _config: {}
     memory: MemoryHooks | None = None
+    footprint: Footprint | None = None
+    hparams_import: HparamsImport | None = None
+    quick_hparams: Mapping[str, Any] = field(default_factory=dict)
+    testbed_hparams: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def batched(self) -> bool:

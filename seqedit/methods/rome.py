@@ -30,7 +30,14 @@ from seqedit.methods.keys_values import (
     module_io_at_subjects,
     optimize_value,
 )
-from seqedit.methods.method import Derived, EditMethod, rewrite_modules
+from seqedit.methods.method import (
+    Derived,
+    EditMethod,
+    Footprint,
+    HparamsImport,
+    low_rank_step,
+    rewrite_modules,
+)
 from seqedit.methods.tokens import FactToken, fill
 from seqedit.methods.updates import EditResult, LowRankDelta
 from seqedit.schemas.requests import EditRequest
@@ -329,14 +336,27 @@ def _edit(
     )
 
 
+def _modules(config: RomeConfig, names: ModuleNames) -> list[str]:
+    return rewrite_modules([config.layer], names)
+
+
 ROME = EditMethod(
     name="rome",
     version="1",
     config_cls=RomeConfig,
     layers=lambda config: [config.layer],
-    modules=lambda config, names: rewrite_modules([config.layer], names),
+    modules=_modules,
     uses_second_moment=lambda config: config.mom2_adjustment,
     prepare=_prepare,
     edit=_edit,
     derive=_derive,
+    footprint=Footprint(step=low_rank_step(_modules, torch.float32)),  # rank 1, float32
+    hparams_import=HparamsImport(
+        easyedit_alg="ROME",
+        path_names=("ROME",),
+        renamed={"layers": "layer"},
+        one_layer_hint=" (or import the file as memit)",
+    ),
+    quick_hparams={"layer": 0, "context_templates": ["{}"]},
+    testbed_hparams={"layer": 0, "context_templates": ["{}"]},
 )

@@ -214,3 +214,23 @@ def test_render_yaml_round_trips() -> None:
     imported = import_hparams(EASY_FT_M)
     parsed = yaml.safe_load(render_yaml(imported, EASY_FT_M))
     assert parsed == {"method": "ft-m", "hparams": imported.hparams}
+
+
+EASY_GRACE = FIXTURES / "easyedit" / "GRACE" / "gpt2-xl.yaml"
+
+
+def test_easyedit_grace_values(tmp_path: Path) -> None:
+    imported = import_hparams(EASY_GRACE)
+    assert imported.method == "grace"
+    assert imported.hparams == {
+        "layer": 35, "role": "mlp_in", "eps_init": 1.0, "n_iter": 200, "edit_lr": 1.0,
+        "replacement": "replace_last", "dist_fn": "euc", "val_init": "cold", "val_train": "sgd",
+        "eps_expand": "coverage",
+    }  # fmt: skip
+    assert imported.renamed == {"inner_params": "layer, role", "eps": "eps_init"}
+    assert {"val_reg", "reg", "dropout", "num_pert", "model_name"} <= set(imported.dropped)
+    source = yaml.safe_load(EASY_GRACE.read_text())
+    llama = source | {"inner_params": ["model.layers[27].mlp.down_proj.weight"]}
+    assert import_hparams(_write(tmp_path / "llama.yaml", llama)).hparams["role"] == "mlp_out"
+    with pytest.raises(HparamsError, match=r"field 'inner_params': 'foo\.bar' is no block"):
+        import_hparams(_write(tmp_path / "bad.yaml", source | {"inner_params": ["foo.bar"]}))

@@ -5,30 +5,30 @@ Adding a method to the registry adds it here: the test reads the registry, not a
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from seqedit.methods.registry import METHODS
 from seqedit.testbed.build import load_testbed
+from seqedit.workers.edit_log import encode_edit_log
 from seqedit.workers.editor import SequentialEditor
 from tests.conftest import TINY_LAYER
 
-# The fewest fields that make each method fast on the tiny testbed; anything else is default.
-LAYERED = {"layers": [TINY_LAYER], "v_loss_layer": 3, "context_templates": [["{}"]]}
+# Each method's fast config on the tiny testbed (`EditMethod.quick_hparams`, written for its
+# layer 0: the layer the session's stats cover).
+assert TINY_LAYER == 0, "the methods' quick_hparams edit layer 0 of the tiny testbed"
 QUICK_HPARAMS: dict[str, dict[str, object]] = {
-    "rome": {"layer": TINY_LAYER, "context_templates": ["{}"]},
-    "memit": LAYERED,
-    "alphaedit": LAYERED,
-    "ft-l": {"layer": TINY_LAYER, "lr": 1e-2, "num_steps": 10},
-    "ft-m": {"layer": TINY_LAYER, "lr": 1e-2, "num_steps": 10},
+    name: copy.deepcopy(dict(method.quick_hparams)) for name, method in METHODS.items()
 }
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_method_raises_the_new_target(name: str, tiny_testbed: Path, tiny_stats: Path) -> None:
-    assert name in QUICK_HPARAMS, f"add quick hparams for the new method {name!r}"
+    assert QUICK_HPARAMS[name], f"give the new method {name!r} its quick_hparams"
     hparams = QUICK_HPARAMS[name]
     editor = SequentialEditor(
         str(tiny_testbed), name, hparams, stats_dir=str(tiny_stats), campaign="t"
@@ -38,6 +38,33 @@ def test_method_raises_the_new_target(name: str, tiny_testbed: Path, tiny_stats:
     row = editor.edit(requests[0], 0)
     assert row.method == name and row.method_version
     assert row.p_new_after > row.p_new_before
-    assert row.update_norm > 0 and editor.weights_fingerprint() != before
+    method = METHODS[name]
+    if method.memory is None:
+        assert row.update_norm > 0
+    else:
+        assert row.memory_size == 1
+    assert editor.weights_fingerprint() != before
     described = json.loads(json.dumps(editor.describe()))  # what method.json records
-    assert described["method"] == name and described["modules"]
+    assert described["method"] == name and (described["modules"] or described["memory"])
+    _matches_footprint(editor, name)
+
+
+def _described(tensors: dict[str, torch.Tensor], shapes: bool) -> dict[str, object]:
+    return {k: (tuple(t.shape) if shapes else None, t.dtype) for k, t in tensors.items()}
+
+
+def _matches_footprint(editor: SequentialEditor, name: str) -> None:
+    """What the method's footprint says one step logs and a checkpoint holds is what the
+    edit logged and the checkpoint holds: the same names and dtypes, and shapes (a memory's
+    are typical sizes: its label width depends on the target)."""
+    method = METHODS[name]
+    assert method.footprint is not None, f"give the new method {name!r} its footprint"
+    shapes = method.memory is None
+    logged = editor.edit_log_since(0)
+    said = encode_edit_log([(0, method.footprint.step(editor.model, editor.config, 1))])
+    assert _described(said, shapes) == _described(logged, shapes)
+    state = {k: v for k, v in editor.checkpoint().items() if k.startswith("state.")}
+    said_state = method.footprint.state(editor.model, editor.config, 1)
+    assert _described({f"state.{k}": v for k, v in said_state.items()}, shapes) == _described(
+        state, shapes
+    )

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from seqedit.methods.config import validate_config
-from seqedit.methods.registry import get_method
+from seqedit.methods.registry import get_method, registered_methods
 from seqedit.pipeline.cli.hparams_import import read_hparams_file
 from seqedit.pipeline.cli.main import CliError
 from seqedit.schemas.loaders import load_requests
@@ -67,10 +67,11 @@ def _check_flags(
 ) -> None:
     """Refuse, before the model is loaded, hparams or flags the method cannot work with."""
     method = get_method(name)
-    if batch and method.edit_batch is None:
+    if batch and not method.batched:
+        batched = ", ".join(sorted(m.name for m in registered_methods().values() if m.batched))
         raise CliError(
             f"--batch: method {method.name!r} edits one request at a time; apply the "
-            "requests sequentially (methods with batches: memit, alphaedit)"
+            f"requests sequentially (methods with batches: {batched})"
         )
     config = validate_config(method.config_cls, hparams, where=f"{hparams_file}: hparams")
     if stats is None and method.uses_second_moment(config):

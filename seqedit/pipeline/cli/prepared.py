@@ -4,12 +4,14 @@ when it was made from the same inputs (source and seed; model and layers)."""
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from seqedit.files import write_text_atomic
+from seqedit.methods.registry import METHODS
 from seqedit.testbed.build import CORPUS_FILE, TestbedReport, build_synthetic_testbed, load_testbed
 from seqedit.testbed.world import fact_statements, synthetic_world
 from seqedit.workers.stats import StatsConfig, compute_stats
@@ -17,18 +19,14 @@ from seqedit.workers.stats_store import load_accumulators, save_stats
 
 Say = Callable[[str], None]
 
-_MULTI = {"layers": [0, 1], "v_loss_layer": 3, "context_templates": [["{}"]]}
-_FT_SGD = {"layer": 3, "optimizer": "sgd", "lr": 5.0, "num_steps": 100, "early_stop_loss": 0.5}
 TESTBED_HPARAMS: dict[str, dict[str, Any]] = {
-    "rome": {"layer": 0, "context_templates": ["{}"]},
-    "memit": {**_MULTI, "mom2_update_weight": 1000.0},
-    "alphaedit": {**_MULTI, "L2": 0.5},
-    "ft-l": dict(_FT_SGD),
-    "ft-m": dict(_FT_SGD),
+    name: copy.deepcopy(dict(method.testbed_hparams))
+    for name, method in METHODS.items()
+    if method.testbed_hparams
 }
-"""Hparams tuned on the synthetic-300 testbed (docs/methods.md, "Tuning on a small model"):
-MEMIT/AlphaEdit put z at block 1 so two attention layers carry it; lambda and L2 scaled
-to this model's keys. The benchmarks use them; copy before changing one."""
+"""Method -> its hparams tuned on the synthetic-300 testbed (`EditMethod.testbed_hparams`,
+docs/methods.md "Tuning on a small model"), for every registered method that has them. The
+benchmarks use them; copy before changing one."""
 
 
 def ensure_testbed(model_dir: Path, n_facts: int, seed: int, say: Say = print) -> TestbedReport:
