@@ -182,7 +182,7 @@ class CampaignSpec(BaseModel):
         default=1,
         ge=1,
         description="Requests applied together as one batched edit step (methods with a "
-        "batched solve: memit, alphaedit); the last step may hold fewer.",
+        "batched solve, `edit_batch`: see docs/methods.md); the last step may hold fewer.",
     )
     shard_size: int | None = Field(default=None, gt=0, description="Steps per shard.")
     eval_every: int | None = Field(
@@ -198,6 +198,12 @@ class CampaignSpec(BaseModel):
         ge=1,
         description="Attempts per shard when its editor process dies; each retry starts a "
         "new editor from the last checkpoint. Other errors stop the campaign at once.",
+    )
+    disk_budget_gb: float = Field(
+        default=50.0,
+        gt=0,
+        description="`seqedit validate` warns when its estimate of what the campaign writes "
+        "(edit log, checkpoints, tables) exceeds this many GB (1e9 bytes).",
     )
 
     @property

@@ -2,7 +2,8 @@
 
 `validate` checks a spec without running it: the schema, the method and every hparam
 (did-you-mean for unknown ones), and, unless `schema_only`, that the model, the dataset
-(enough valid records) and the stats it names exist. `status` reads `state.json`, which
+(enough valid records) and the stats it names exist; `plan_disk` estimates what the
+campaign will write (`disk_plan`) against its disk budget. `status` reads `state.json`, which
 the driver rewrites atomically after every edit, so it can run while the campaign does.
 `rerun` runs a campaign directory again from its frozen `spec.yaml`: unfinished shards
 resume from the last checkpoint. `rebuild_model` writes the model at any step from the
@@ -18,10 +19,11 @@ import yaml
 from pydantic import ValidationError
 
 from seqedit.methods.config import validate_config
-from seqedit.methods.registry import get_method
+from seqedit.methods.registry import get_method, registered_methods
 from seqedit.pipeline.campaign_dir.lock import driver_running
 from seqedit.pipeline.campaign_dir.parts import list_parts
 from seqedit.pipeline.campaign_dir.state import CampaignState, ShardState
+from seqedit.pipeline.cli.disk_plan import GB, DiskEstimate, estimate_for_model_dir
 from seqedit.pipeline.cli.main import CliError
 from seqedit.pipeline.run.driver import ProgressCallback, run_campaign
 from seqedit.pipeline.run.eval_plan import shard_plan
@@ -41,10 +43,11 @@ def validate_spec(spec_file: Path, *, schema_only: bool = False) -> CampaignSpec
     spec = load_spec(spec_file)
     method = get_method(spec.method)
     config = validate_config(method.config_cls, spec.hparams, where=f"{spec_file}: hparams")
-    if spec.edits_per_step > 1 and method.edit_batch is None:
+    if spec.edits_per_step > 1 and not method.batched:
+        batched = ", ".join(sorted(m.name for m in registered_methods().values() if m.batched))
         raise SpecError(
             f"{spec_file}: field 'edits_per_step' is {spec.edits_per_step}, but method "
-            f"{method.name!r} edits one request at a time (batched: memit, alphaedit)"
+            f"{method.name!r} edits one request at a time (batched: {batched})"
         )
     if schema_only:
         return spec
@@ -72,6 +75,31 @@ def validate_spec(spec_file: Path, *, schema_only: bool = False) -> CampaignSpec
             f"{usable} valid records after offset {spec.dataset.offset}"
         )
     return spec
+
+
+def plan_disk(
+    spec: CampaignSpec, *, budget_gb: float | None = None
+) -> tuple[DiskEstimate | None, str | None]:
+    """(what the campaign will write, a message or None): with an estimate, the message is
+    a warning that it exceeds `budget_gb` (default: the spec's `disk_budget_gb`); without
+    one, why there is none. The estimate needs the model's config.json (not its weights)
+    and a method with a `footprint` (`disk_plan.estimate_disk`)."""
+    if not (Path(spec.model) / "config.json").is_file():
+        return None, f"no disk estimate: no config.json in {spec.model}"
+    try:
+        estimate = estimate_for_model_dir(spec)
+    except (OSError, ValueError, LookupError) as exc:  # a config transformers cannot build
+        return None, f"no disk estimate: {exc}"
+    if estimate is None:
+        return None, f"no disk estimate: method {spec.method!r} declares no footprint"
+    budget = spec.disk_budget_gb if budget_gb is None else budget_gb
+    if estimate.total <= budget * GB:
+        return estimate, None
+    return estimate, (
+        f"campaign {spec.name!r} would write about {estimate.total / GB:.1f} GB, over the "
+        f"disk budget of {budget:g} GB (raise `disk_budget_gb` or pass --disk-budget, or "
+        "make fewer shards: fewer checkpoints)"
+    )
 
 
 def frozen_spec(campaign_dir: Where) -> CampaignSpec:

@@ -145,7 +145,8 @@ def cmd_cancel(args: argparse.Namespace) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
-    from seqedit.pipeline.cli.campaign_ops import validate_spec
+    from seqedit.pipeline.cli.campaign_ops import plan_disk, validate_spec
+    from seqedit.pipeline.cli.disk_plan import format_estimate
 
     spec = validate_spec(args.spec, schema_only=args.schema_only)
     checked = "schema and hparams" if args.schema_only else "schema, hparams, model, data, stats"
@@ -153,6 +154,14 @@ def cmd_validate(args: argparse.Namespace) -> None:
         f"{args.spec}: ok ({checked}): {spec.name}, {spec.method}, {spec.n_edits} edits "
         f"in shards of {spec.shard_size or spec.n_edits}"
     )
+    estimate, message = plan_disk(spec, budget_gb=args.disk_budget)
+    if estimate is None:
+        print(message)
+        return
+    print("disk estimate (written by the campaign):")
+    print(format_estimate(estimate))
+    if message is not None:
+        print(f"seqedit: warning: {message}", file=sys.stderr)
 
 
 def cmd_status(args: argparse.Namespace) -> None:
@@ -416,7 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     order = edit.add_mutually_exclusive_group()
     order.add_argument("--sequential", action="store_true", help="one edit after another (default)")
     order.add_argument(
-        "--batch", action="store_true", help="all requests as one batched edit (memit, alphaedit)"
+        "--batch",
+        action="store_true",
+        help="all requests as one batched edit (methods with a batched solve)",
     )
     edit.add_argument("--save-deltas", required=True, type=Path, help="OUT.safetensors")
     edit.add_argument("--save-model", type=Path, default=None, help="write the edited model here")
@@ -440,6 +451,13 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("spec", type=Path)
     validate.add_argument(
         "--schema-only", action="store_true", help="skip the checks of model, data and stats"
+    )
+    validate.add_argument(
+        "--disk-budget",
+        type=float,
+        default=None,
+        metavar="GB",
+        help="warn above this many GB written (default: the spec's disk_budget_gb)",
     )
     validate.set_defaults(func=cmd_validate)
 
