@@ -84,7 +84,9 @@ def test_a_dead_actors_tasks_go_to_its_replacement_in_order(
         tasks = [task for task, _ in answers]
         assert [t for t in tasks if t in (0, dying, 4)] == [0, dying, 4]  # in order, once
         assert [t for t in tasks if t in (1, 3, 5)] == [1, 3, 5]
-        assert (pool.deaths, pool.resubmitted, pool.n_pending) == (1, 2, 0)
+        assert (pool.deaths, pool.n_pending) == (1, 0)
+        # die and 4 go out again, and 0 too when its answer was lost with its actor
+        assert pool.resubmitted in (2, 3)
         assert pool.handles[0] is not before[0] and pool.handles[1] is before[1]
     finally:
         pool.close()
