@@ -24,7 +24,7 @@ from seqedit.pipeline.campaign_dir.lock import driver_running
 from seqedit.pipeline.campaign_dir.parts import list_parts
 from seqedit.pipeline.campaign_dir.state import CampaignState, ShardState
 from seqedit.pipeline.cli.disk_plan import GB, DiskEstimate, estimate_for_model_dir
-from seqedit.pipeline.cli.main import CliError
+from seqedit.pipeline.cli.handlers import CliError
 from seqedit.pipeline.run.driver import ProgressCallback, run_campaign
 from seqedit.pipeline.run.eval_plan import shard_plan
 from seqedit.pipeline.run.shard_run import editlog_path

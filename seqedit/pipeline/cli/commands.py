@@ -14,7 +14,7 @@ from transformers import AutoConfig
 from seqedit.methods.arch import module_names_for_type
 from seqedit.pipeline.campaign_dir.state import CampaignState
 from seqedit.pipeline.cli.campaign_ops import validate_spec
-from seqedit.pipeline.cli.main import CliError
+from seqedit.pipeline.cli.handlers import CliError
 from seqedit.pipeline.results.plot_data import layer_drift, update_norms
 from seqedit.pipeline.results.plots import plot_degradation, plot_health, plot_norm_growth
 from seqedit.pipeline.results.views import query

@@ -13,8 +13,8 @@ from typing import Any
 
 from seqedit.methods.config import validate_config
 from seqedit.methods.registry import get_method, registered_methods
+from seqedit.pipeline.cli.handlers import CliError
 from seqedit.pipeline.cli.hparams_import import read_hparams_file
-from seqedit.pipeline.cli.main import CliError
 from seqedit.schemas.loaders import load_requests
 from seqedit.schemas.tables import EditRow
 from seqedit.workers.editor import SequentialEditor
