@@ -6,6 +6,7 @@ them. No inheritance: the editor calls the functions held here.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -274,3 +275,23 @@ class EditMethod:
 def rewrite_modules(layers: list[int], names: ModuleNames) -> list[str]:
     """The rewrite module (MLP output projection) of each of `layers`."""
     return [names.rewrite_module_tmp.format(layer) for layer in layers]
+
+
+def jsonable(value: Any) -> Any:
+    """A JSON-safe view of a method context: tensors become their shape and dtype."""
+    if isinstance(value, torch.Tensor):
+        return {"tensor": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
+    if hasattr(value, "_asdict"):  # NamedTuple
+        return jsonable(value._asdict())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return repr(value)
+
+
+_WEIGHT, _STATE, _RNG = "weight.", "state.", "rng_state"

@@ -131,6 +131,20 @@ Update = LowRankDelta | DenseDelta | MemoryEntry
 """Anything one edit step returns."""
 
 
+def non_finite(updates: list[Update]) -> str | None:
+    """What holds NaN/Inf among `updates` ("<module> update" or "memory entry"), or None."""
+    for update in updates:
+        if isinstance(update, MemoryEntry):
+            tensors, what = list(update.tensors.values()), "memory entry"
+        elif isinstance(update, DenseDelta):
+            tensors, what = [update.delta], f"{update.module} update"
+        else:
+            tensors, what = [update.left, update.right], f"{update.module} update"
+        if not all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point()):
+            return what
+    return None
+
+
 def apply_update_(
     weight: torch.Tensor, update: WeightUpdate, *, transposed: bool, alpha: float = 1.0
 ) -> torch.Tensor:

@@ -7,7 +7,6 @@ the model, so small updates are not rounded away in low precision over thousands
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -21,10 +20,10 @@ import torch
 from seqedit.errors import SeqeditError
 from seqedit.methods.config import names_for, validate_config, with_step_budget
 from seqedit.methods.locality import locality_drift, next_token_log_probs, perplexity
-from seqedit.methods.method import Derived
+from seqedit.methods.method import Derived, jsonable
 from seqedit.methods.registry import get_method, registered_methods
 from seqedit.methods.scoring import score_targets
-from seqedit.methods.updates import DenseDelta, EditResult, MemoryEntry, Update
+from seqedit.methods.updates import EditResult, MemoryEntry, Update, non_finite
 from seqedit.schemas.campaign import SpecError
 from seqedit.schemas.requests import EditRequest
 from seqedit.schemas.tables import EditRow, EvalRow, Protocol
@@ -39,45 +38,11 @@ from seqedit.workers.stats_store import load_stats
 log = logging.getLogger(__name__)
 
 
-def _jsonable(value: Any) -> Any:
-    """A JSON-safe view of a method context: tensors become their shape and dtype."""
-    if isinstance(value, torch.Tensor):
-        return {"tensor": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
-    if hasattr(value, "_asdict"):  # NamedTuple
-        return _jsonable(value._asdict())
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if value is None or isinstance(value, str | int | float | bool):
-        return value
-    return repr(value)
-
-
 _WEIGHT, _STATE, _RNG = "weight.", "state.", "rng_state"
 
 
 class EditError(SeqeditError, RuntimeError):
     """An edit that produced an unusable update (NaN/Inf), naming the step and case."""
-
-
-def _check_finite(updates: Sequence[Update], step: int, requests: Sequence[EditRequest]) -> None:
-    """Refuse an update holding NaN/Inf before anything is applied."""
-    for update in updates:
-        if isinstance(update, MemoryEntry):
-            tensors, what = list(update.tensors.values()), "memory entry"
-        elif isinstance(update, DenseDelta):
-            tensors, what = [update.delta], f"{update.module} update"
-        else:
-            tensors, what = [update.left, update.right], f"{update.module} update"
-        if not all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()):
-            cases = ", ".join(str(r.case_id) for r in requests)
-            raise EditError(
-                f"step {step} (case_id {cases}): the {what} contains NaN/Inf; the model was "
-                "left unchanged"
-            )
 
 
 class SequentialEditor:
@@ -229,7 +194,13 @@ class SequentialEditor:
                 result = compute()
         else:
             result = compute()
-        _check_finite(result.updates, step, requests)
+        bad = non_finite(result.updates)
+        if bad is not None:
+            cases = ", ".join(str(r.case_id) for r in requests)
+            raise EditError(
+                f"step {step} (case_id {cases}): the {bad} contains NaN/Inf; the model was "
+                "left unchanged"
+            )
         update_norm = 0.0
         for update in result.updates:
             if not isinstance(update, MemoryEntry):
@@ -320,7 +291,7 @@ class SequentialEditor:
             "config": self.config.model_dump(mode="json"),
             "modules": self.modules,
             "memory": self.edited.has_memory,
-            "context": _jsonable(self.context),
+            "context": jsonable(self.context),
         }
 
     def layer_drifts(self) -> dict[str, float]:
