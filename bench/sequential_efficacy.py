@@ -1,6 +1,6 @@
 """100 sequential edits per method on the synthetic fact testbed: ES/PS/NS after all of them.
 
-    .venv/bin/python bench/sequential_efficacy.py [--edits 100] [--methods rome,memit,...]
+    .venv/bin/python bench/sequential_efficacy.py [--edits 100] [--facts 300] [--methods rome,...]
         [--set memit.mom2_update_weight=50] [--out runs/bench-efficacy]
 
 Builds (or reuses) the synthetic-300 testbed of `make demo` and the covariance of its
@@ -34,9 +34,9 @@ N_FACTS, SEED, STATS_LAYERS = 300, 0, [0, 1, 2, 3]
 HPARAMS = TESTBED_HPARAMS
 
 
-def _testbed(out: Path) -> tuple[Path, Path]:
-    model = out / "testbed"
-    ensure_testbed(model, N_FACTS, SEED)
+def _testbed(out: Path, n_facts: int = N_FACTS) -> tuple[Path, Path]:
+    model = out / ("testbed" if n_facts == N_FACTS else f"testbed-{n_facts}")
+    ensure_testbed(model, n_facts, SEED)
     return model, ensure_stats(out / "stats", model, STATS_LAYERS)
 
 
@@ -69,13 +69,17 @@ def run_method(model: Path, stats: Path, method: str, hparams: dict[str, Any], n
         "ns": mean("ns"),
         "immediate_es": round(statistics.fmean(r.success for r in rows), 3),
         "s_per_edit": round(edit_seconds / n, 3),
-        "drift": round(rows[-1].weight_drift, 3),
+        "drift": None if rows[-1].weight_drift is None else round(rows[-1].weight_drift, 3),
+        "memory": rows[-1].memory_size,
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--edits", type=int, default=100)
+    parser.add_argument(
+        "--facts", type=int, default=N_FACTS, help="facts of the synthetic testbed (>= --edits)"
+    )
     parser.add_argument("--methods", default=",".join(HPARAMS))
     parser.add_argument("--set", action="append", default=[], metavar="METHOD.FIELD=VALUE")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-efficacy"))
@@ -83,7 +87,7 @@ def main() -> None:
     hparams = {name: dict(fields) for name, fields in HPARAMS.items()}
     for assignment in args.set:
         _override(hparams, assignment)
-    model, stats = _testbed(args.out)
+    model, stats = _testbed(args.out, args.facts)
     results = []
     for method in args.methods.split(","):
         results.append(run_method(model, stats, method, hparams[method], args.edits))

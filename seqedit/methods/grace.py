@@ -29,17 +29,7 @@ A new value starts 'cold' (U[0, 1), torch's CPU generator) or 'warm' (the adapto
 at q); `n_iter` Adam steps of `edit_lr` on the mean NLL of target_new, the adaptor output
 replaced by the codebook with this edit written in, by the hook's rule.
 
-References read: thartvigsen/GRACE `grace/editors/grace.py`, `grace_barebones.py`,
-`config/editor/grace.yaml`; zjunlp/EasyEdit `easyeditor/models/grace/GRACE.py`,
-`grace_main.py`, `grace_hparams.py`, `hparams/GRACE/{gpt2-xl,llama-7b}.yaml`. Departures, on
-purpose: the query position (EasyEdit keeps the last edit's token index for later inputs);
-'replace_all' is causal (the reference also overwrites the prompt before the key token);
-labels compare token ids exactly (the reference compares means of label tensors, prompt masks
-included); a split never grows a radius nor exceeds eps_init, and an exact duplicate query
-overwrites (the reference's split gives radii 0 and -1e-5 there, the tie goes to the old key,
-and neither edit answers); the blocks below the adaptor run once per edit. Refused:
-'replace_prompt', dist_fn other than 'euc' (both references compute Euclidean distances
-only), perturbation training ('adv').
+References read, and where and why this departs from them: docs/methods.md, GRACE.
 """
 
 from __future__ import annotations
@@ -64,6 +54,7 @@ from seqedit.methods.arch import (
     module_weight,
     supported_model_types,
 )
+from seqedit.methods.codebook import NAMES, pad_labels, retrieve, substitute, upsert
 from seqedit.methods.config import MethodConfig, names_for
 from seqedit.methods.hooks import reused_outputs
 from seqedit.methods.keys_values import frozen_parameters, model_device
@@ -82,8 +73,6 @@ from seqedit.schemas.requests import EditRequest, spaced
 log = logging.getLogger(__name__)
 
 _MARGIN = 1e-5  # the reference's gap between the two radii of a split
-_PAD = -1  # label padding (token ids are >= 0)
-_NAMES = ("keys", "values", "radii", "labels")
 
 _REFUSED = {
     "replacement": {"replace_prompt": "not implemented (it is not causal); use 'replace_last'"},
@@ -183,38 +172,6 @@ def _prepare(
                         blank.new_zeros(0, d_out), blank, blank.new_zeros(0, 0).long())  # fmt: skip
 
 
-def retrieve(inputs: torch.Tensor, keys: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
-    """(B, T) row retrieved at each position of `inputs` (B, T, d_in), -1 where none.
-
-    The nearest of `keys` (n, d_in) by exact Euclidean distance in float32 (pairwise
-    differences, not the matmul expansion), kept when within its radius (`radii` (n,)).
-    """
-    batch, width, dim = inputs.shape
-    if keys.shape[0] == 0:
-        return torch.full((batch, width), -1, dtype=torch.long, device=inputs.device)
-    flat = inputs.detach().reshape(batch * width, dim).float()
-    dist = torch.cdist(flat, keys, compute_mode="donot_use_mm_for_euclid_dist")  # (BT, n)
-    nearest, row = dist.min(dim=1)  # (BT,), (BT,)
-    row = torch.where(nearest <= radii[row], row, -1)
-    return row.reshape(batch, width)
-
-
-def substitute(
-    outputs: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, replacement: str
-) -> torch.Tensor:
-    """`outputs` (B, T, d_out) with the retrieved `values` (n, d_out) put in (`rows` (B, T)
-    from `retrieve`); differentiable in `values`."""
-    if replacement == "replace_all":  # carry the latest retrieval forward along the row
-        positions = torch.arange(rows.shape[1], device=rows.device).expand_as(rows)
-        latest = torch.where(rows >= 0, positions, -1).cummax(dim=1).values  # (B, T)
-        rows = torch.where(latest >= 0, rows.gather(1, latest.clamp_min(0)), -1)
-    hit = rows >= 0  # (B, T)
-    if not bool(hit.any()):
-        return outputs
-    picked = values[rows.clamp_min(0)].to(outputs.dtype)  # (B, T, d_out)
-    return torch.where(hit[..., None], picked, outputs)
-
-
 def _install(model: PreTrainedModel, context: GraceContext) -> RemovableHandle:
     """The hook applying the context's codebook as it is at each call."""
 
@@ -227,35 +184,6 @@ def _install(model: PreTrainedModel, context: GraceContext) -> RemovableHandle:
     return get_module(model, context.module).register_forward_hook(hook)
 
 
-def _pad_labels(labels: torch.Tensor, width: int) -> torch.Tensor:
-    """(m, W) labels padded with -1 to (m, width)."""
-    return nn.functional.pad(labels, (0, width - labels.shape[1]), value=_PAD)
-
-
-def upsert(
-    codebook: tuple[torch.Tensor, ...], entry: dict[str, torch.Tensor]
-) -> tuple[torch.Tensor, ...]:
-    """New (keys, values, radii, labels) with `entry`'s rows written in; a row equal to the
-    current size onwards appends (consecutively). Exact copies: replays are bit for bit."""
-    keys, values, radii, labels = codebook
-    rows = entry["rows"].to(device=keys.device, dtype=torch.long)  # (m,)
-    size, listed = keys.shape[0], rows.tolist()
-    new = sorted(r for r in listed if r >= size)
-    if len(set(listed)) != len(listed) or new != list(range(size, size + len(new))):
-        raise ValueError(f"memory entry rows {listed} do not fit a codebook of {size}")
-    width = max(labels.shape[1], entry["labels"].shape[1])
-    out = []
-    for current, name in zip(
-        (keys, values, radii, _pad_labels(labels, width)), _NAMES, strict=True
-    ):
-        part = entry[name].to(device=current.device, dtype=current.dtype)
-        if name == "labels":
-            part = _pad_labels(part, width)
-        grown = torch.cat([current, current.new_zeros((len(new), *current.shape[1:]))])
-        out.append(grown.index_copy(0, rows, part))
-    return tuple(out)
-
-
 def _apply(context: GraceContext, entry: MemoryEntry) -> None:
     context.keys, context.values, context.radii, context.labels = upsert(
         context.tensors(), entry.tensors
@@ -263,12 +191,12 @@ def _apply(context: GraceContext, entry: MemoryEntry) -> None:
 
 
 def _state(context: GraceContext) -> SequentialState:
-    return {name: t.clone() for name, t in zip(_NAMES, context.tensors(), strict=True)}
+    return {name: t.clone() for name, t in zip(NAMES, context.tensors(), strict=True)}
 
 
 def _load_state(context: GraceContext, state: SequentialState) -> None:
-    if set(state) != set(_NAMES):
-        raise ValueError(f"a GRACE state holds {sorted(_NAMES)}, got {sorted(state)}")
+    if set(state) != set(NAMES):
+        raise ValueError(f"a GRACE state holds {sorted(NAMES)}, got {sorted(state)}")
     n = state["keys"].shape[0]
     wanted = {"keys": (n, context.keys.shape[1]), "values": (n, context.values.shape[1]),
               "radii": (n,), "labels": (n, state["labels"].shape[-1])}  # fmt: skip
@@ -277,7 +205,7 @@ def _load_state(context: GraceContext, state: SequentialState) -> None:
             raise ValueError(f"GRACE state {name}: shape {tuple(state[name].shape)}, not {shape}")
     context.keys, context.values, context.radii, context.labels = (
         state[name].to(device=old.device, dtype=old.dtype).clone()
-        for name, old in zip(_NAMES, context.tensors(), strict=True)
+        for name, old in zip(NAMES, context.tensors(), strict=True)
     )
 
 
@@ -309,8 +237,8 @@ def plan_edit(
     float32 with `label` (N,) token ids and a new value's `init` (d_out,)."""
     keys, values, radii, labels = context.tensors()
     n, width = keys.shape[0], max(labels.shape[1], label.shape[0])
-    labels = _pad_labels(labels, width)
-    label = _pad_labels(label[None], width)[0]
+    labels = pad_labels(labels, width)
+    label = pad_labels(label[None], width)[0]
     eps = torch.tensor(config.eps_init, device=keys.device)
 
     def plan(action: str, rows: list[int], *parts: torch.Tensor, trained: int = 0) -> _Plan:
@@ -523,4 +451,5 @@ GRACE = EditMethod(
         converted={"inner_params": _inner_params},
     ),
     quick_hparams={"layer": 0, "n_iter": 40, "edit_lr": 0.5, "eps_init": 0.1},
+    testbed_hparams={"layer": 1, "eps_init": 1.0, "n_iter": 30, "edit_lr": 1.0},
 )

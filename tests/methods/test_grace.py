@@ -13,7 +13,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from seqedit.methods.grace import GRACE, GraceConfig, GraceContext, retrieve, substitute
+from seqedit.methods.codebook import retrieve, substitute
+from seqedit.methods.grace import GRACE, GraceConfig, GraceContext
 from seqedit.methods.hooks import ModuleTrace
 from seqedit.methods.registry import get_method
 from seqedit.methods.scoring import TargetScore, score_targets

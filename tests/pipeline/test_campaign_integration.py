@@ -159,7 +159,7 @@ def _wait_for_step(
     campaign: Path, shard: int, after_steps: int, alive: subprocess.Popen | None = None
 ) -> ShardState:
     """Poll state.json until `shard` has done `after_steps` steps; its state then."""
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 900  # slow, busy machines too
     while time.monotonic() < deadline:
         if alive is not None and alive.poll() is not None:
             raise RuntimeError(f"the campaign process exited early ({alive.returncode})")

@@ -1,0 +1,79 @@
+"""A discrete key-value codebook: the shared ops of memory-based editors (GRACE).
+
+Rows are (key (d_in,), value (d_out,), radius, label (W,) int64 padded with -1). A
+position retrieves the nearest key within its radius; the retrieved value replaces the
+output there. Rows are written by upserts with exact copies, so a codebook replayed from an
+edit log's memory entries is bit for bit the one that was edited.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+PAD = -1
+"""Label padding (token ids are >= 0)."""
+
+NAMES = ("keys", "values", "radii", "labels")
+"""The codebook's tensors, in the order `upsert` takes and returns them."""
+
+
+def retrieve(inputs: torch.Tensor, keys: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
+    """(B, T) row retrieved at each position of `inputs` (B, T, d_in), -1 where none.
+
+    The nearest of `keys` (n, d_in) by exact Euclidean distance in float32 (pairwise
+    differences, not the matmul expansion), kept when within its radius (`radii` (n,)).
+    """
+    batch, width, dim = inputs.shape
+    if keys.shape[0] == 0:
+        return torch.full((batch, width), -1, dtype=torch.long, device=inputs.device)
+    flat = inputs.detach().reshape(batch * width, dim).float()
+    dist = torch.cdist(flat, keys, compute_mode="donot_use_mm_for_euclid_dist")  # (BT, n)
+    nearest, row = dist.min(dim=1)  # (BT,), (BT,)
+    row = torch.where(nearest <= radii[row], row, -1)
+    return row.reshape(batch, width)
+
+
+def substitute(
+    outputs: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, replacement: str
+) -> torch.Tensor:
+    """`outputs` (B, T, d_out) with the retrieved `values` (n, d_out) put in (`rows` (B, T)
+    from `retrieve`); differentiable in `values`."""
+    if replacement == "replace_all":  # carry the latest retrieval forward along the row
+        positions = torch.arange(rows.shape[1], device=rows.device).expand_as(rows)
+        latest = torch.where(rows >= 0, positions, -1).cummax(dim=1).values  # (B, T)
+        rows = torch.where(latest >= 0, rows.gather(1, latest.clamp_min(0)), -1)
+    hit = rows >= 0  # (B, T)
+    if not bool(hit.any()):
+        return outputs
+    picked = values[rows.clamp_min(0)].to(outputs.dtype)  # (B, T, d_out)
+    return torch.where(hit[..., None], picked, outputs)
+
+
+def pad_labels(labels: torch.Tensor, width: int) -> torch.Tensor:
+    """(m, W) labels padded with -1 to (m, width)."""
+    return nn.functional.pad(labels, (0, width - labels.shape[1]), value=PAD)
+
+
+def upsert(
+    codebook: tuple[torch.Tensor, ...], entry: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, ...]:
+    """New (keys, values, radii, labels) with `entry`'s rows written in; a row equal to the
+    current size onwards appends (consecutively). Exact copies: replays are bit for bit."""
+    keys, values, radii, labels = codebook
+    rows = entry["rows"].to(device=keys.device, dtype=torch.long)  # (m,)
+    size, listed = keys.shape[0], rows.tolist()
+    new = sorted(r for r in listed if r >= size)
+    if len(set(listed)) != len(listed) or new != list(range(size, size + len(new))):
+        raise ValueError(f"memory entry rows {listed} do not fit a codebook of {size}")
+    width = max(labels.shape[1], entry["labels"].shape[1])
+    out = []
+    for current, name in zip(
+        (keys, values, radii, pad_labels(labels, width)), NAMES, strict=True
+    ):
+        part = entry[name].to(device=current.device, dtype=current.dtype)
+        if name == "labels":
+            part = pad_labels(part, width)
+        grown = torch.cat([current, current.new_zeros((len(new), *current.shape[1:]))])
+        out.append(grown.index_copy(0, rows, part))
+    return tuple(out)
