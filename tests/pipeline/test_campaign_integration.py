@@ -19,7 +19,7 @@ from seqedit.pipeline.cli.commands import curve_sql
 from seqedit.pipeline.cli.main import main
 from seqedit.pipeline.results.views import query
 from seqedit.pipeline.run.driver import CampaignDirError, run_campaign
-from seqedit.schemas.campaign import load_spec
+from seqedit.schemas.campaign import CampaignSpec, load_spec
 from seqedit.workers.editor import SequentialEditor
 from tests.conftest import TINY_LAYER
 from tests.pipeline.specs import write_spec
@@ -181,6 +181,19 @@ def _kill_editor_in_shard(campaign: Path, shard: int, after_steps: int) -> int:
     return pid
 
 
+def run_with_editor_killed(
+    spec: CampaignSpec, campaign: Path, *, shard: int, after_steps: int
+) -> tuple[object, int]:
+    """Run `spec` into `campaign`, SIGKILL its editor once `shard` has done `after_steps`
+    steps; (the campaign's final state, the killed pid)."""
+    outcome: dict[str, object] = {}
+    runner = threading.Thread(target=lambda: outcome.update(state=run_campaign(spec, campaign)))
+    runner.start()
+    killed_pid = _kill_editor_in_shard(campaign, shard=shard, after_steps=after_steps)
+    runner.join(timeout=900)
+    return outcome.get("state"), killed_pid
+
+
 @pytest.mark.slow
 def test_killed_editor_is_retried_from_the_checkpoint_with_identical_results(
     ray_local: None, tiny_testbed: Path, tiny_stats: Path, tmp_path: Path
@@ -188,14 +201,7 @@ def test_killed_editor_is_retried_from_the_checkpoint_with_identical_results(
     spec = load_spec(_spec(tmp_path, tiny_testbed, tiny_stats, health=FAULT_HEALTH))
     reference = run_campaign(spec, tmp_path / "reference")
 
-    outcome: dict[str, object] = {}
-    runner = threading.Thread(
-        target=lambda: outcome.update(state=run_campaign(spec, tmp_path / "killed"))
-    )
-    runner.start()
-    killed_pid = _kill_editor_in_shard(tmp_path / "killed", shard=1, after_steps=3)
-    runner.join(timeout=300)
-    state = outcome["state"]
+    state, killed_pid = run_with_editor_killed(spec, tmp_path / "killed", shard=1, after_steps=3)
     assert isinstance(state, CampaignState) and state.status == "done"
     assert state.shards[0].attempt == 0 and state.shards[1].attempt == 1
     assert state.shards[1].worker_pid != killed_pid

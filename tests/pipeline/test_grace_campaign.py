@@ -4,7 +4,6 @@ base model)."""
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import pytest
@@ -20,8 +19,8 @@ from tests.conftest import TINY_LAYER
 from tests.pipeline.specs import write_spec
 from tests.pipeline.test_campaign_integration import (
     FAULT_HEALTH,
-    _kill_editor_in_shard,
     assert_same_rows,
+    run_with_editor_killed,
 )
 
 GRACE_HPARAMS = {"layer": TINY_LAYER + 1, "eps_init": 1.0, "n_iter": 30, "edit_lr": 1.0}
@@ -43,14 +42,7 @@ def test_a_killed_grace_editor_resumes_to_the_uninterrupted_result(
 ) -> None:
     spec = load_spec(_spec(tmp_path, tiny_testbed))
     reference = run_campaign(spec, tmp_path / "reference")
-    outcome: dict[str, object] = {}
-    runner = threading.Thread(
-        target=lambda: outcome.update(state=run_campaign(spec, tmp_path / "killed"))
-    )
-    runner.start()
-    killed_pid = _kill_editor_in_shard(tmp_path / "killed", shard=1, after_steps=3)
-    runner.join(timeout=600)
-    state = outcome["state"]
+    state, killed_pid = run_with_editor_killed(spec, tmp_path / "killed", shard=1, after_steps=3)
     assert isinstance(state, CampaignState) and state.status == "done"
     assert state.shards[1].attempt == 1 and state.shards[1].worker_pid != killed_pid
     assert [s.weights_fingerprint for s in state.shards] == [
