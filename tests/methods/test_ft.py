@@ -227,12 +227,12 @@ def test_one_sgd_step_is_a_low_rank_update(
     loss sees every position through attention); Adam's per-entry scaling makes it dense."""
     config = config_cls(layer=0, optimizer="sgd", lr=1.0, num_steps=1, early_stop_loss=None)
     (delta,) = ft_edit(model, tokenizer, REQUEST, config).updates
-    dense = delta.left @ delta.right.T
+    dense = delta.dense()
     prompt, target = _ids(tokenizer)
     positions = len(prompt) + (len(target) - 1 if objective == "target_new" else 0)
     assert 0 < int(torch.linalg.matrix_rank(dense.double(), rtol=1e-6)) <= positions
     adam = config.model_copy(update={"optimizer": "adam", "lr": 1e-3})
     (dense_adam,) = ft_edit(model, tokenizer, REQUEST, adam).updates
     assert (
-        int(torch.linalg.matrix_rank((dense_adam.left @ dense_adam.right.T).double())) > positions
+        int(torch.linalg.matrix_rank(dense_adam.dense().double())) > positions
     )
