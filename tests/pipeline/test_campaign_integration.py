@@ -135,8 +135,10 @@ def test_missing_checkpoint_is_a_clear_error(
         run_campaign(spec, tmp_path / "c")
 
 
-FAULT_HEALTH = {"window": 4, "every": 5, "n_probes": 4, "n_retention": 4}
-"""A trend window and periodic checks that straddle the shard boundary (shards of 10)."""
+FAULT_HEALTH = {"window": 4, "every": 5, "n_probes": 4, "n_retention": 4, "on_trend": "record"}
+"""A trend window and periodic checks that straddle the shard boundary (shards of 10), whose
+rows must come out the same after a restart; a trend below its threshold is recorded, not a
+stop: these tests are about resuming, however well the tiny testbed edits on a given CPU."""
 
 
 def assert_same_rows(campaign: Path, reference: Path) -> None:
