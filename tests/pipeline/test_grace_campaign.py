@@ -81,7 +81,7 @@ def test_the_evaluators_score_the_memory_as_the_editor_does(
     pairs = [(row["es"], float(row["success"])) for row in immediate.to_pylist()]
     assert len(pairs) == N_EDITS and all(es == success for es, success in pairs)
 
-    # after all edits: the evaluators' retention ES is an editor's, replaying the same log
+    # after all edits: the evaluators' final ES is an editor's, replaying the same log
     editor = SequentialEditor(str(spec.model), "grace", GRACE_HPARAMS, stats_dir=None,
                               campaign=spec.name)  # fmt: skip
     shards = CampaignState.load(campaign).shards
@@ -90,7 +90,7 @@ def test_the_evaluators_score_the_memory_as_the_editor_does(
     assert editor.weights_fingerprint() == shards[-1].weights_fingerprint
     _, requests = load_testbed(tiny_testbed)
     own = editor.evaluate(requests[:N_EDITS], list(range(N_EDITS)), protocol="retention")
-    scored = query(campaign, "SELECT case_id, es FROM evals WHERE protocol = 'retention' AND "
+    scored = query(campaign, "SELECT case_id, es FROM evals WHERE protocol = 'final' AND "
                    f"n_edits_applied = {N_EDITS} ORDER BY case_id").to_pylist()  # fmt: skip
     assert [(r["case_id"], r["es"]) for r in scored] == [(r.case_id, r.es) for r in own]
     assert sum(r.es for r in own) / N_EDITS >= 0.5  # the memory answers, not the base model
