@@ -87,6 +87,7 @@ def test_nan_update_is_refused_and_the_model_left_unchanged(
         version="0",
         config_cls=editor.method.config_cls,
         layers=editor.method.layers,
+        modules=editor.method.modules,
         uses_second_moment=editor.method.uses_second_moment,
         prepare=editor.method.prepare,
         edit=nan_edit,
