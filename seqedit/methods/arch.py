@@ -9,6 +9,8 @@ Adding an architecture is one entry in `_NAMES`.
 
 from __future__ import annotations
 
+import re
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
@@ -185,3 +187,20 @@ def rewrite_dims(model: nn.Module, names: ModuleNames, layer: int) -> tuple[int,
     """(d_in, d_out) of the rewrite module at `layer`, whatever its storage layout."""
     rows, cols = rewrite_weight(model, names, layer).shape
     return (rows, cols) if names.rewrite_weight_transposed else (cols, rows)
+
+
+def layer_and_role(parameter: str) -> tuple[int, str]:
+    """(layer, role) of a block module named as the reference hparams files do
+    (`transformer.h[35].mlp.c_fc.weight`, `model.layers.27.mlp.down_proj`), by the module
+    names of the families seqedit knows: the inverse of `ModuleNames.module`."""
+    module = re.sub(r"\[(\d+)\]", r".\1", parameter).removesuffix(".weight")
+    for layer in map(int, re.findall(r"\.(\d+)\.", module)):
+        for family in supported_model_types():
+            names = _NAMES[family]
+            for role in ("mlp_out", *names.roles):
+                if names.module(role, layer) == module:
+                    return layer, role
+    raise ValueError(
+        f"{module!r} is no block module of {', '.join(supported_model_types())}; "
+        "give `layer` and `role` instead"
+    )

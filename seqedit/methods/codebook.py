@@ -8,6 +8,8 @@ edit log's memory entries is bit for bit the one that was edited.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -77,3 +79,17 @@ def upsert(
         grown = torch.cat([current, current.new_zeros((len(new), *current.shape[1:]))])
         out.append(grown.index_copy(0, rows, part))
     return tuple(out)
+
+
+LABEL_TOKENS = 4
+"""Typical label width (tokens of a target_new), for disk estimates."""
+
+
+def footprint_rows(
+    empty: Callable[[tuple[int, ...], torch.dtype], torch.Tensor], d_in: int, d_out: int, n: int
+) -> dict[str, torch.Tensor]:
+    """n codebook rows made by `empty(shape, dtype)` (no data needed): keys (n, d_in),
+    values (n, d_out), radii (n,) float32 and labels (n, LABEL_TOKENS) int64."""
+    return {"keys": empty((n, d_in), torch.float32), "values": empty((n, d_out), torch.float32),
+            "radii": empty((n,), torch.float32),
+            "labels": empty((n, LABEL_TOKENS), torch.long)}  # fmt: skip

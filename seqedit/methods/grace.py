@@ -10,14 +10,9 @@ radius r_i; label, the token ids of the edit's target_new ((n, W) int64, padded 
 Retrieval (the hook): at EVERY position, the nearest key to the adaptor's input (Euclidean,
 float32, ties to the lowest row) is retrieved when within its radius; the output there
 becomes its value ('replace_last'), or that position and all later ones of the row take the
-latest retrieved value ('replace_all'). The hook cannot tell where a prompt ends inside a
-teacher-forced prompt + target row (packed targets, either padding side), so every position
-is a candidate: the edit's prompt has the same last-token activation there as when edited
-(prompt and target tokenised apart and joined, as `scoring` does), and the rule is causal
-(an output at t depends on tokens <= t only), as packing and cached generation need. Caveats:
-a prompt that starts with another edit's whole prompt retrieves at that token too; a
-'replace_all' carry does not cross KV-cached generation steps, and a left pad that retrieved
-(pads never come near a key in practice) would carry into its row.
+latest retrieved value ('replace_all'). Every position is a candidate because a hook cannot
+tell where a prompt ends inside a packed, padded prompt + target row; the rule is causal.
+Why, and its caveats: docs/methods.md, GRACE.
 
 One edit, query q at the last prompt token, nearest key j at distance d:
   * empty codebook, or d > eps_init + r_j: ADD (q, init, eps_init);
@@ -36,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -50,11 +44,17 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from seqedit.methods.arch import (
     get_module,
-    module_names_for_type,
+    layer_and_role,
     module_weight,
-    supported_model_types,
 )
-from seqedit.methods.codebook import NAMES, pad_labels, retrieve, substitute, upsert
+from seqedit.methods.codebook import (
+    NAMES,
+    footprint_rows,
+    pad_labels,
+    retrieve,
+    substitute,
+    upsert,
+)
 from seqedit.methods.config import MethodConfig, names_for
 from seqedit.methods.hooks import reused_outputs
 from seqedit.methods.keys_values import frozen_parameters, model_device
@@ -380,42 +380,21 @@ def _train_value(
 
 def _inner_params(value: Any) -> tuple[dict[str, Any], str]:
     """EasyEdit's `inner_params`, one parameter (`transformer.h[35].mlp.c_fc.weight`) ->
-    `layer` and `role`, by the module names of the families seqedit knows."""
+    `layer` and `role`."""
     given = value if isinstance(value, list) else [value]
     if len(given) != 1 or not isinstance(given[0], str):
         raise ValueError(f"GRACE edits one module: give one parameter name, got {value!r}")
-    module = re.sub(r"\[(\d+)\]", r".\1", given[0]).removesuffix(".weight")
-    for layer in map(int, re.findall(r"\.(\d+)\.", module)):
-        for family in supported_model_types():
-            names = module_names_for_type(family)
-            for role in ("mlp_out", *names.roles):
-                if names.module(role, layer) == module:
-                    note = f"inner_params: {value} -> layer: {layer}, role: {role}"
-                    return {"layer": layer, "role": role}, note
-    raise ValueError(
-        f"{module!r} is no block module of {', '.join(supported_model_types())}; "
-        "give `layer` and `role` instead"
-    )
-
-
-_LABEL_TOKENS = 4  # tokens of a target_new, for disk estimates
-
-
-def _adaptor_dims(model: PreTrainedModel, config: GraceConfig) -> tuple[int, int]:
-    """(d_in, d_out) of the adaptor."""
-    module = names_for(model, config).module(config.role, config.layer)
-    weight, transposed = module_weight(model, module)
-    rows, cols = weight.shape
-    return (rows, cols) if transposed else (cols, rows)
+    layer, role = layer_and_role(given[0])
+    note = f"inner_params: {value} -> layer: {layer}, role: {role}"
+    return {"layer": layer, "role": role}, note
 
 
 def _rows(model: PreTrainedModel, config: GraceConfig, n: int) -> dict[str, torch.Tensor]:
-    """Empty codebook rows (keys, values, radii, labels) of n entries, on the model's device."""
-    (d_in, d_out), long = _adaptor_dims(model, config), torch.long
-    return {"keys": empty(model, (n, d_in), torch.float32),
-            "values": empty(model, (n, d_out), torch.float32),
-            "radii": empty(model, (n,), torch.float32),
-            "labels": empty(model, (n, _LABEL_TOKENS), long)}  # fmt: skip
+    """Empty codebook rows of n entries at the adaptor, on the model's device (disk plans)."""
+    module = names_for(model, config).module(config.role, config.layer)
+    weight, transposed = module_weight(model, module)
+    d_in, d_out = weight.shape if transposed else weight.shape[::-1]
+    return footprint_rows(lambda shape, dtype: empty(model, shape, dtype), d_in, d_out, n)
 
 
 def _step(model: PreTrainedModel, config: GraceConfig, _n: int) -> list[Update]:
