@@ -90,18 +90,33 @@ _LLAMA_LIKE = _decoder(
 
 _NAMES: dict[str, ModuleNames] = {
     "gpt2": _decoder(
-        "transformer.h", "c_proj", "attn", "transformer.ln_f",
+        "transformer.h",
+        "c_proj",
+        "attn",
+        "transformer.ln_f",
         {"attn_qkv": "attn.c_attn", "attn_out": "attn.c_proj", "mlp_in": "mlp.c_fc"},
     ).model_copy(update={"rewrite_weight_transposed": True}),
     "gptj": _decoder(
-        "transformer.h", "fc_out", "attn", "transformer.ln_f",
-        {**{r: f"attn.{n}" for r, n in _QKV_SPLIT.items()}, "attn_out": "attn.out_proj",
-         "mlp_in": "mlp.fc_in"},
+        "transformer.h",
+        "fc_out",
+        "attn",
+        "transformer.ln_f",
+        {
+            **{r: f"attn.{n}" for r, n in _QKV_SPLIT.items()},
+            "attn_out": "attn.out_proj",
+            "mlp_in": "mlp.fc_in",
+        },
     ),
     "gpt_neox": _decoder(
-        "gpt_neox.layers", "dense_4h_to_h", "attention", "gpt_neox.final_layer_norm",
-        {"attn_qkv": "attention.query_key_value", "attn_out": "attention.dense",
-         "mlp_in": "mlp.dense_h_to_4h"},
+        "gpt_neox.layers",
+        "dense_4h_to_h",
+        "attention",
+        "gpt_neox.final_layer_norm",
+        {
+            "attn_qkv": "attention.query_key_value",
+            "attn_out": "attention.dense",
+            "mlp_in": "mlp.dense_h_to_4h",
+        },
     ),
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,

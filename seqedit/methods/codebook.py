@@ -70,9 +70,7 @@ def upsert(
         raise ValueError(f"memory entry rows {listed} do not fit a codebook of {size}")
     width = max(labels.shape[1], entry["labels"].shape[1])
     out = []
-    for current, name in zip(
-        (keys, values, radii, pad_labels(labels, width)), NAMES, strict=True
-    ):
+    for current, name in zip((keys, values, radii, pad_labels(labels, width)), NAMES, strict=True):
         part = entry[name].to(device=current.device, dtype=current.dtype)
         if name == "labels":
             part = pad_labels(part, width)

@@ -28,12 +28,8 @@ from seqedit.methods.arch import ModuleNames, rewrite_dims, rewrite_weight
 from seqedit.methods.config import ValueSearchOptions, names_for
 from seqedit.methods.context import BARE_TEMPLATE, context_templates_for
 from seqedit.methods.keys_values import (
-    KL_PROMPTS,
-    ValueResult,
-    ValueSearch,
     grouped_keys,
     module_io_at_subjects,
-    optimize_value,
     restored_tensors,
 )
 from seqedit.methods.method import (
@@ -47,6 +43,7 @@ from seqedit.methods.method import (
 )
 from seqedit.methods.tokens import FactToken
 from seqedit.methods.updates import EditResult, LowRankDelta, apply_update_
+from seqedit.methods.value_search import KL_PROMPTS, ValueResult, ValueSearch, optimize_value
 from seqedit.schemas.requests import EditRequest
 
 log = logging.getLogger(__name__)

@@ -24,12 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from seqedit.methods.arch import ModuleNames, rewrite_dims
 from seqedit.methods.config import ValueSearchOptions, names_for
 from seqedit.methods.context import BARE_TEMPLATE, context_templates_for
-from seqedit.methods.keys_values import (
-    KL_PROMPTS,
-    ValueSearch,
-    module_io_at_subjects,
-    optimize_value,
-)
+from seqedit.methods.keys_values import module_io_at_subjects
 from seqedit.methods.method import (
     Derived,
     EditMethod,
@@ -40,6 +35,7 @@ from seqedit.methods.method import (
 )
 from seqedit.methods.tokens import FactToken, fill
 from seqedit.methods.updates import EditResult, LowRankDelta
+from seqedit.methods.value_search import KL_PROMPTS, ValueSearch, optimize_value
 from seqedit.schemas.requests import EditRequest
 
 log = logging.getLogger(__name__)
