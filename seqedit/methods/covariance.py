@@ -111,6 +111,44 @@ def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor
     raise TypeError("module was called without a tensor input")
 
 
+class _InputCapture:
+    """Forward pre-hooks that add each module's non-padding inputs to its accumulator, and
+    abort the forward once every module has been seen."""
+
+    def __init__(self, accs: dict[str, SecondMomentAccumulator], names: list[str]) -> None:
+        self.accs, self.names = accs, names
+        self.mask: torch.Tensor | None = None  # (B, T) bool, of the batch running
+        self.seen: set[str] = set()
+
+    def hook(self, name: str) -> Callable[..., None]:
+        def capture(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if name in self.seen:
+                raise RuntimeError(f"{name} was called twice in one forward pass")
+            k = _first_tensor(args, kwargs)  # (B, T, d_in)
+            assert self.mask is not None
+            if k.shape[:2] != self.mask.shape:
+                raise RuntimeError(
+                    f"{name}: input shape {tuple(k.shape)} does not start with (B, T) "
+                    f"{tuple(self.mask.shape)}"
+                )
+            self.accs[name].update(k[self.mask])  # (n_tokens, d_in)
+            self.seen.add(name)
+            if len(self.seen) == len(self.names):
+                raise _StopForward
+
+        return capture
+
+    def run(self, model: nn.Module, ids: torch.Tensor, att: torch.Tensor) -> int:
+        """One forward of ids/att (B, T); returns the number of non-padding tokens."""
+        self.mask, self.seen = att.bool(), set()
+        try:
+            model(input_ids=ids, attention_mask=att, use_cache=False)
+        except _StopForward:
+            return int(self.mask.sum().item())
+        never = sorted(set(self.names) - self.seen)
+        raise RuntimeError(f"forward finished without calling modules {never}")
+
+
 def accumulate_second_moments(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -150,29 +188,9 @@ def accumulate_second_moments(
         accs.setdefault(name, SecondMomentAccumulator(dtype=dtype))
 
     device = next(model.parameters()).device
-    state: dict[str, Any] = {"mask": None, "seen": set()}
-
-    def make_hook(name: str) -> Callable[..., None]:
-        def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            seen: set[str] = state["seen"]
-            if name in seen:
-                raise RuntimeError(f"{name} was called twice in one forward pass")
-            k = _first_tensor(args, kwargs)  # (B, T, d_in)
-            mask: torch.Tensor = state["mask"]  # (B, T) bool
-            if k.shape[:2] != mask.shape:
-                raise RuntimeError(
-                    f"{name}: input shape {tuple(k.shape)} does not start with (B, T) "
-                    f"{tuple(mask.shape)}"
-                )
-            accs[name].update(k[mask])  # (n_tokens, d_in)
-            seen.add(name)
-            if len(seen) == len(module_names):
-                raise _StopForward
-
-        return hook
-
+    capture = _InputCapture(accs, module_names)
     handles = [
-        modules[name].register_forward_pre_hook(make_hook(name), with_kwargs=True)
+        modules[name].register_forward_pre_hook(capture.hook(name), with_kwargs=True)
         for name in module_names
     ]
     try:
@@ -183,21 +201,10 @@ def accumulate_second_moments(
                         f"input_ids {tuple(input_ids.shape)} and attention_mask "
                         f"{tuple(attention_mask.shape)} must both be (B, T)"
                     )
-                ids = input_ids.to(device)
-                att = attention_mask.to(device)
-                state["mask"] = att.bool()
-                state["seen"] = set()
-                try:
-                    model(input_ids=ids, attention_mask=att, use_cache=False)
-                except _StopForward:
-                    pass
-                else:
-                    never = sorted(set(module_names) - state["seen"])
-                    raise RuntimeError(f"forward finished without calling modules {never}")
+                n_tokens = capture.run(model, input_ids.to(device), attention_mask.to(device))
                 if on_batch is not None:
-                    on_batch(int(ids.shape[0]), int(state["mask"].sum().item()))
+                    on_batch(int(input_ids.shape[0]), n_tokens)
     finally:
         for handle in handles:
             handle.remove()
-        state.clear()
     return accs

@@ -173,6 +173,21 @@ def rome_context_templates(
     )
 
 
+def _inverse_for(
+    config: RomeConfig,
+    second_moment: torch.Tensor | None,
+    inv_second_moment: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """(d_in, d_in) C^-1 for mom2_adjustment (the precomputed one first), else None."""
+    if not config.mom2_adjustment:
+        return None
+    if inv_second_moment is not None:
+        return inv_second_moment
+    if second_moment is None:
+        raise ValueError("mom2_adjustment=True needs second_moment or inv_second_moment")
+    return invert_second_moment(second_moment)
+
+
 def rome_edit(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -205,14 +220,7 @@ def rome_edit(
         log.warning("rome_edit on a model in training mode: dropout makes keys and values noisy")
     names = names or names_for(model, config)
     module = names.rewrite_module_tmp.format(config.layer)
-    c_inv: torch.Tensor | None = None
-    if config.mom2_adjustment:
-        if inv_second_moment is not None:
-            c_inv = inv_second_moment
-        elif second_moment is not None:
-            c_inv = invert_second_moment(second_moment)
-        else:
-            raise ValueError("mom2_adjustment=True needs second_moment or inv_second_moment")
+    c_inv = _inverse_for(config, second_moment, inv_second_moment)
     _, d_out = rewrite_dims(model, names, config.layer)
     subject = request.subject
 
@@ -223,18 +231,13 @@ def rome_edit(
     )  # (n_ctx, d_in), (n_ctx, d_out)
     key = keys.mean(dim=0)
 
-    search = ValueSearch.of(config)
+    lower = [names.layer_module_tmp.format(i) for i in range(config.layer)]
     value = optimize_value(
-        model,
-        tokenizer,
-        request,
-        context_templates,
+        *(model, tokenizer, request, context_templates),
         edit_module=names.mlp_module_tmp.format(config.layer),
         dim=d_out,
-        search=search,
-        reuse_outputs_of=[names.layer_module_tmp.format(i) for i in range(config.layer)]
-        if config.reuse_lower_layers
-        else [],
+        search=ValueSearch.of(config),
+        reuse_outputs_of=lower if config.reuse_lower_layers else [],
     )
     target = value.target
 
@@ -244,7 +247,7 @@ def rome_edit(
         k_raw, o_raw = module_io_at_subjects(
             model, tokenizer, [request.prompt], [subject], module, config.fact_token
         )
-        key_update, out_current = k_raw[0], o_raw[0]
+        key_update, out_current = k_raw[0], o_raw[0]  # (d_in,), (d_out,)
     update = rome_update_from_kv(
         None, c_inv, key, target, key_update=key_update, out_current=out_current
     )
@@ -264,17 +267,10 @@ def rome_edit(
         update_norm=delta.norm(),
         denominator=float(update.denominator),
     )
-    log.info(
-        "ROME case %d at %s: loss %.4f -> %.4f in %d steps, P(target) %.4f -> %.4f, ||dW|| %.4g",
-        request.case_id,
-        module,
-        result.initial_loss,
-        result.loss,
-        result.steps,
-        result.initial_target_prob,
-        result.target_prob,
-        result.update_norm,
-    )
+    log.info("ROME case %d at %s: loss %.4f -> %.4f in %d steps, P(target) %.4f -> %.4f, "
+             "||dW|| %.4g", request.case_id, module, result.initial_loss, result.loss,
+             result.steps, result.initial_target_prob, result.target_prob,
+             result.update_norm)  # fmt: skip
     return result
 
 
