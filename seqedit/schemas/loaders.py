@@ -94,6 +94,24 @@ def _record_errors(
     ]
 
 
+def _parse_one(
+    fmt: RequestFormat, raw: RawRecord, first_index: dict[int, int]
+) -> tuple[int | None, EditRequest | None, list[FieldIssue]]:
+    """(case_id, request, issues) of one decoded record; `first_index` (case_id -> record
+    index) finds duplicate case ids and learns this record's."""
+    if raw.decode_error is not None:
+        return None, None, [FieldIssue(field="", reason=raw.decode_error)]
+    parsed = parse_record(fmt.value, raw.value, raw.index)
+    case_id, issues = parsed.case_id, list(parsed.issues)
+    if case_id is not None:
+        if case_id in first_index:
+            reason = f"duplicate case_id {case_id}: also used by record {first_index[case_id]}"
+            issues.append(FieldIssue(field="case_id", reason=reason))
+        else:
+            first_index[case_id] = raw.index
+    return case_id, parsed.request, issues
+
+
 def load_requests(
     path: str | Path,
     format: FormatName | str = "auto",
@@ -135,29 +153,11 @@ def load_requests(
         if limit is not None and len(requests) >= limit:
             break
         scanned += 1
-        if raw.decode_error is not None:
-            case_id, request = None, None
-            issues = [FieldIssue(field="", reason=raw.decode_error)]
-        else:
-            parsed = parse_record(fmt.value, raw.value, raw.index)
-            case_id, request, issues = parsed.case_id, parsed.request, list(parsed.issues)
-        if case_id is not None:
-            if case_id in first_index:
-                reason = f"duplicate case_id {case_id}: also used by record {first_index[case_id]}"
-                issues.append(FieldIssue(field="case_id", reason=reason))
-            else:
-                first_index[case_id] = raw.index
+        case_id, request, issues = _parse_one(fmt, raw, first_index)
         if issues or request is None:
             errors = _record_errors(str(path), raw, case_id, issues)
-            rejected.append(
-                RejectedRecord(
-                    index=raw.index,
-                    line=raw.line,
-                    case_id=case_id,
-                    errors=errors,
-                    record=raw.value,
-                )
-            )
+            rejected.append(RejectedRecord(index=raw.index, line=raw.line, case_id=case_id,
+                                           errors=errors, record=raw.value))  # fmt: skip
         else:
             requests.append(request)
 
