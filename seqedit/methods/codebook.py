@@ -1,6 +1,7 @@
 """A discrete key-value codebook: the shared ops of memory-based editors (GRACE).
 
-Rows are (key (d_in,), value (d_out,), radius, label (W,) int64 padded with -1). A
+Rows are (key (d_in,), value (d_out,), radius, label (W,) int64 padded with -1); `plan_edit`
+is the rule that decides which rows an edit adds or changes. A
 position retrieves the nearest key within its radius; the retrieved value replaces the
 output there. Rows are written by upserts with exact copies, so a codebook replayed from an
 edit log's memory entries is bit for bit the one that was edited.
@@ -9,6 +10,7 @@ edit log's memory entries is bit for bit the one that was edited.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -18,6 +20,9 @@ PAD = -1
 
 NAMES = ("keys", "values", "radii", "labels")
 """The codebook's tensors, in the order `upsert` takes and returns them."""
+
+MARGIN = 1e-5
+"""The gap between the two radii of a split (as in the GRACE reference)."""
 
 
 def retrieve(inputs: torch.Tensor, keys: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
@@ -77,6 +82,65 @@ def upsert(
         grown = torch.cat([current, current.new_zeros((len(new), *current.shape[1:]))])
         out.append(grown.index_copy(0, rows, part))
     return tuple(out)
+
+
+@dataclass
+class Plan:
+    """What one edit writes: rows (m,), their keys (m, d_in), values (m, d_out) (the
+    trained one is `values[trained]`), radii (m,), labels (m, W)."""
+
+    action: str
+    rows: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    radii: torch.Tensor
+    labels: torch.Tensor
+    trained: int
+    distance: float | None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The memory entry's tensors."""
+        return {"rows": self.rows, "keys": self.keys, "values": self.values,
+                "radii": self.radii, "labels": self.labels}  # fmt: skip
+
+
+def plan_edit(
+    codebook: tuple[torch.Tensor, ...], query: torch.Tensor, label: torch.Tensor,
+    init: torch.Tensor, eps_init: float, eps_expand: str,
+) -> Plan:  # fmt: skip
+    """GRACE's add / split / overwrite / expand / update decision for `query` (d_in,)
+    float32 with `label` (N,) token ids and a new value's `init` (d_out,), against
+    `codebook` (keys, values, radii, labels); new keys get radius `eps_init`, and a same-label
+    expansion also moves the key halfway to the query when `eps_expand` is 'moving_average'."""
+    keys, values, radii, labels = codebook
+    n, width = keys.shape[0], max(labels.shape[1], label.shape[0])
+    labels = pad_labels(labels, width)
+    label = pad_labels(label[None], width)[0]
+    eps = torch.tensor(eps_init, device=keys.device)
+
+    def plan(action: str, rows: list[int], *parts: torch.Tensor, trained: int = 0) -> Plan:
+        tensors = [torch.stack(list(p)) for p in zip(*parts, strict=True)]
+        index = torch.tensor(rows, device=keys.device)
+        return Plan(action, index, *tensors, trained, None if n == 0 else float(d))
+
+    if n == 0:
+        return plan("add", [0], (query, init, eps, label))
+    dists = torch.cdist(query[None], keys, compute_mode="donot_use_mm_for_euclid_dist")[0]
+    d, j = dists.min(dim=0)
+    j = int(j)
+    old = (keys[j], values[j], radii[j], labels[j])
+    if bool(d > eps + radii[j]):
+        return plan("add", [n], (query, init, eps, label))
+    if not torch.equal(labels[j], label):
+        if bool(d / 2 <= MARGIN):
+            return plan("overwrite", [j], (keys[j], init, radii[j], label))
+        shrunk = torch.minimum(radii[j], d / 2 - MARGIN)
+        new = (query, init, torch.minimum(eps, d / 2), label)
+        return plan("split", [j, n], (*old[:2], shrunk, old[3]), new, trained=1)
+    if bool(d > radii[j]):
+        key = 0.5 * keys[j] + 0.5 * query if eps_expand == "moving_average" else keys[j]
+        return plan("expand", [j], (key, values[j], d, labels[j]))
+    return plan("update", [j], old)
 
 
 LABEL_TOKENS = 4

@@ -49,8 +49,9 @@ from seqedit.methods.arch import (
 )
 from seqedit.methods.codebook import (
     NAMES,
+    Plan,
     footprint_rows,
-    pad_labels,
+    plan_edit,
     retrieve,
     substitute,
     upsert,
@@ -71,8 +72,6 @@ from seqedit.methods.updates import EditResult, MemoryEntry, Update
 from seqedit.schemas.requests import EditRequest, spaced
 
 log = logging.getLogger(__name__)
-
-_MARGIN = 1e-5  # the reference's gap between the two radii of a split
 
 _REFUSED = {
     "replacement": {"replace_prompt": "not implemented (it is not causal); use 'replace_last'"},
@@ -209,63 +208,6 @@ def _load_state(context: GraceContext, state: SequentialState) -> None:
     )
 
 
-@dataclass
-class _Plan:
-    """What one edit writes: rows (m,), their keys (m, d_in), values (m, d_out) (the
-    trained one is `values[trained]`), radii (m,), labels (m, W)."""
-
-    action: str
-    rows: torch.Tensor
-    keys: torch.Tensor
-    values: torch.Tensor
-    radii: torch.Tensor
-    labels: torch.Tensor
-    trained: int
-    distance: float | None
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """The memory entry's tensors."""
-        return {"rows": self.rows, "keys": self.keys, "values": self.values,
-                "radii": self.radii, "labels": self.labels}  # fmt: skip
-
-
-def plan_edit(
-    context: GraceContext, query: torch.Tensor, label: torch.Tensor, init: torch.Tensor,
-    config: GraceConfig,
-) -> _Plan:  # fmt: skip
-    """GRACE's add / split / overwrite / expand / update decision for `query` (d_in,)
-    float32 with `label` (N,) token ids and a new value's `init` (d_out,)."""
-    keys, values, radii, labels = context.tensors()
-    n, width = keys.shape[0], max(labels.shape[1], label.shape[0])
-    labels = pad_labels(labels, width)
-    label = pad_labels(label[None], width)[0]
-    eps = torch.tensor(config.eps_init, device=keys.device)
-
-    def plan(action: str, rows: list[int], *parts: torch.Tensor, trained: int = 0) -> _Plan:
-        tensors = [torch.stack(list(p)) for p in zip(*parts, strict=True)]
-        index = torch.tensor(rows, device=keys.device)
-        return _Plan(action, index, *tensors, trained, None if n == 0 else float(d))
-
-    if n == 0:
-        return plan("add", [0], (query, init, eps, label))
-    dists = torch.cdist(query[None], keys, compute_mode="donot_use_mm_for_euclid_dist")[0]
-    d, j = dists.min(dim=0)
-    j = int(j)
-    old = (keys[j], values[j], radii[j], labels[j])
-    if bool(d > eps + radii[j]):
-        return plan("add", [n], (query, init, eps, label))
-    if not torch.equal(labels[j], label):
-        if bool(d / 2 <= _MARGIN):
-            return plan("overwrite", [j], (keys[j], init, radii[j], label))
-        shrunk = torch.minimum(radii[j], d / 2 - _MARGIN)
-        new = (query, init, torch.minimum(eps, d / 2), label)
-        return plan("split", [j, n], (*old[:2], shrunk, old[3]), new, trained=1)
-    if bool(d > radii[j]):
-        key = 0.5 * keys[j] + 0.5 * query if config.eps_expand == "moving_average" else keys[j]
-        return plan("expand", [j], (key, values[j], d, labels[j]))
-    return plan("update", [j], old)
-
-
 @contextmanager
 def _adaptor_output(
     module: nn.Module, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -323,7 +265,8 @@ def grace_edit(
         query = seen["inputs"][0, last].float()  # (d_in,)
         init = (torch.rand(context.values.shape[1]).to(device) if config.val_init == "cold"
                 else seen["own"][0, last].float())  # fmt: skip
-        plan = plan_edit(context, query, label, init, config)
+        plan = plan_edit(context.tensors(), query, label, init, config.eps_init,
+                         config.eps_expand)  # fmt: skip
         value, steps, loss = _train_value(model, ids, last, label, module, context, plan, config)
     plan.values = plan.values.index_put((torch.tensor([plan.trained], device=device),), value[None])
     entry = MemoryEntry(
@@ -346,7 +289,7 @@ def grace_edit(
 
 def _train_value(
     model: PreTrainedModel, ids: torch.Tensor, last: int, label: torch.Tensor,
-    module: nn.Module, context: GraceContext, plan: _Plan, config: GraceConfig,
+    module: nn.Module, context: GraceContext, plan: Plan, config: GraceConfig,
 ) -> tuple[torch.Tensor, int, float]:  # fmt: skip
     """(trained value (d_out,), Adam steps, final NLL): the codebook with `plan` written in
     retrieves from the adaptor's input of `ids` (1, T), the trained row's value is learnt."""
