@@ -87,3 +87,40 @@ def locality_drift(base: torch.Tensor, edited: torch.Tensor) -> LocalityDrift:
     kl = (base.exp() * (base - edited)).sum(dim=-1)  # (n,)
     same = base.argmax(dim=-1) == edited.argmax(dim=-1)  # (n,)
     return LocalityDrift(kl=float(kl.mean()), top1=float(same.float().mean()))
+
+
+class BaseMeasures:
+    """The base model's side of the locality and perplexity checks, taken once.
+
+    Args:
+        model, tokenizer: the model before any edit.
+        probes: prompts whose next-token distributions (n, V) are kept.
+        heldout: texts whose perplexity is kept (none: no perplexity check).
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        probes: Sequence[str] = (),
+        heldout: Sequence[str] = (),
+    ) -> None:
+        self.probes, self.heldout = list(probes), list(heldout)
+        self.probe_log_probs = next_token_log_probs(model, tokenizer, self.probes)
+        self.perplexity = perplexity(model, tokenizer, self.heldout) if heldout else math.nan
+
+    def compare(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+    ) -> dict[str, float]:
+        """`locality_kl` and `locality_top1` on the probes, held-out `perplexity` and its
+        `perplexity_ratio` to the base model's, for the model as it is now (each where its
+        inputs were given)."""
+        metrics: dict[str, float] = {}
+        if self.probes:
+            now = next_token_log_probs(model, tokenizer, self.probes)
+            drift = locality_drift(self.probe_log_probs, now)
+            metrics["locality_kl"], metrics["locality_top1"] = drift.kl, drift.top1
+        if self.heldout:
+            metrics["perplexity"] = perplexity(model, tokenizer, self.heldout)
+            metrics["perplexity_ratio"] = metrics["perplexity"] / self.perplexity
+        return metrics

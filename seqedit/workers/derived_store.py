@@ -25,10 +25,12 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
+from seqedit.methods.arch import ModuleNames
 from seqedit.methods.method import Derived, EditMethod
+from seqedit.schemas.campaign import SpecError
 from seqedit.storage import Location, Where, location
 from seqedit.workers.stats import StatsStoreError
-from seqedit.workers.stats_store import tensors_sha256
+from seqedit.workers.stats_store import load_stats, tensors_sha256
 from seqedit.workers.tensor_files import read_safetensors, write_safetensors
 
 log = logging.getLogger(__name__)
@@ -115,3 +117,33 @@ def derived_tensors(
         _save(path, key, derived[layer])
         counts["computed"] += 1
     return derived, counts
+
+
+def method_statistics(
+    method: EditMethod,
+    config: Any,
+    names: ModuleNames,
+    *,
+    model_dir: str,
+    stats_dir: Where | None,
+) -> tuple[dict[int, torch.Tensor] | None, Derived | None, dict[str, int]]:
+    """What a method with this config needs from the stats directory: the second moments C
+    (layer -> (d_in, d_in) float32) of its layers, the tensors it derives from them, and the
+    derived-cache counts. (None, None, zero counts) when the method uses no covariance."""
+    counts = {"loaded": 0, "computed": 0}
+    if not method.uses_second_moment(config):
+        return None, None, counts
+    if stats_dir is None:
+        raise SpecError(
+            f"method {method.name!r} with these hparams needs covariance stats: "
+            "set `stats:` in the campaign (build them with `seqedit stats build`)"
+        )
+    second_moments = load_stats(
+        stats_dir,  # a local path or a storage URI
+        model_dir=model_dir,
+        layers=method.layers(config),
+        module_tmp=names.rewrite_module_tmp,
+        dtype=torch.float32,
+    )
+    derived, counts = derived_tensors(method, config, second_moments, stats_dir=stats_dir)
+    return second_moments, derived, counts

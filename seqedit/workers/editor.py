@@ -19,21 +19,19 @@ import torch
 
 from seqedit.errors import SeqeditError
 from seqedit.methods.config import names_for, validate_config, with_step_budget
-from seqedit.methods.locality import locality_drift, next_token_log_probs, perplexity
-from seqedit.methods.method import Derived, jsonable
+from seqedit.methods.locality import BaseMeasures
+from seqedit.methods.method import jsonable
 from seqedit.methods.registry import get_method, registered_methods
 from seqedit.methods.scoring import score_targets
 from seqedit.methods.updates import EditResult, MemoryEntry, Update, non_finite
-from seqedit.schemas.campaign import SpecError
 from seqedit.schemas.requests import EditRequest
 from seqedit.schemas.tables import EditRow, EvalRow, Protocol
 from seqedit.workers.checkpoints import load_checkpoint, save_checkpoint
-from seqedit.workers.derived_store import derived_tensors
+from seqedit.workers.derived_store import method_statistics
 from seqedit.workers.edit_log import encode_edit_log, parse_edit_log
 from seqedit.workers.edited_model import EditedModel, save_memory
 from seqedit.workers.evaluator import evaluate_records
 from seqedit.workers.model_io import load_model
-from seqedit.workers.stats_store import load_stats
 
 log = logging.getLogger(__name__)
 
@@ -88,26 +86,9 @@ class SequentialEditor:
         self.names = names_for(self.model, self.config)
         self.layers: list[int] = self.method.layers(self.config)
         self.modules: list[str] = self.method.modules(self.config, self.names)
-        self.second_moments: dict[int, torch.Tensor] | None = None
-        if self.method.uses_second_moment(self.config):
-            if stats_dir is None:
-                raise SpecError(
-                    f"method {method!r} with these hparams needs covariance stats: "
-                    "set `stats:` in the campaign (build them with `seqedit stats build`)"
-                )
-            self.second_moments = load_stats(
-                stats_dir,  # a local path or a storage URI
-                model_dir=model_dir,
-                layers=self.layers,
-                module_tmp=self.names.rewrite_module_tmp,
-                dtype=torch.float32,
-            )
-        derived: Derived | None = None
-        self.derived_counts = {"loaded": 0, "computed": 0}  # layers, from the cache or fresh
-        if self.second_moments is not None and stats_dir is not None:
-            derived, self.derived_counts = derived_tensors(
-                self.method, self.config, self.second_moments, stats_dir=stats_dir
-            )
+        self.second_moments, derived, self.derived_counts = method_statistics(
+            self.method, self.config, self.names, model_dir=model_dir, stats_dir=stats_dir
+        )
         self.context = self.method.prepare(
             self.model, self.tokenizer, self.config, self.second_moments, derived
         )
@@ -117,10 +98,7 @@ class SequentialEditor:
         self.n_steps = 0  # edit steps applied (a batch is one step)
         self.keep_undo = keep_undo
         self._undo: dict[str, torch.Tensor] | None = None
-        self._probes: list[str] = []
-        self._probe_base = torch.empty(0)
-        self._heldout: list[str] = []
-        self._heldout_base = math.nan
+        self._base: BaseMeasures | None = None
 
     # --- editing -------------------------------------------------------------------------
 
@@ -250,11 +228,7 @@ class SequentialEditor:
         does, right after construction)."""
         if self.n_steps:
             raise ValueError("probes must be set on the base model, before any edit")
-        self._probes = list(prompts)
-        self._probe_base = next_token_log_probs(self.model, self.tokenizer, self._probes)
-        self._heldout = list(heldout)
-        if self._heldout:
-            self._heldout_base = perplexity(self.model, self.tokenizer, self._heldout)
+        self._base = BaseMeasures(self.model, self.tokenizer, prompts, heldout)
 
     def periodic_health(self, retention: Sequence[EditRequest]) -> dict[str, float]:
         """Measurements for the periodic health checks, on the model as it is now:
@@ -265,13 +239,8 @@ class SequentialEditor:
         if retention:
             held = [true is None or new > true for new, true in self._rewrite_probs(retention)]
             metrics["retention"] = sum(held) / len(held)
-        if self._probes:
-            now = next_token_log_probs(self.model, self.tokenizer, self._probes)
-            drift = locality_drift(self._probe_base, now)
-            metrics["locality_kl"], metrics["locality_top1"] = drift.kl, drift.top1
-        if self._heldout:
-            metrics["perplexity"] = perplexity(self.model, self.tokenizer, self._heldout)
-            metrics["perplexity_ratio"] = metrics["perplexity"] / self._heldout_base
+        if self._base is not None:
+            metrics.update(self._base.compare(self.model, self.tokenizer))
         metrics.update({f"weight_drift.{name}": d for name, d in self.layer_drifts().items()})
         memory_size = self.edited.memory_size()
         if memory_size is not None:
