@@ -32,11 +32,12 @@ from typing import ClassVar, Final
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from transformers import PreTrainedTokenizerFast
 
 from seqedit.files import file_sha256
 from seqedit.schemas.requests import EditRequest
+from seqedit.testbed.text import PackedRows, train_tokenizer
 from seqedit.testbed.train import (
-    PackedRows,
     RecallPoint,
     TestbedConfig,
     first_token_hits,
@@ -46,7 +47,6 @@ from seqedit.testbed.train import (
     pair_recall,
     quiet_build,
     train_model,
-    train_tokenizer,
 )
 from seqedit.testbed.world import TestbedError, fact_statements, synthetic_world
 
@@ -93,6 +93,37 @@ class TestbedReport(BaseModel):
     unknown_case_ids: list[int] = Field(description="Facts whose first token is not top-1.")
 
 
+def _tokenizer_and_rows(
+    requests: Sequence[EditRequest], statements: list[str], config: TestbedConfig
+) -> tuple[PreTrainedTokenizerFast, PackedRows]:
+    """A BPE tokenizer trained on `statements` (every target a single piece where it can
+    be), and the statements packed into training rows."""
+    targets = sorted(
+        {t for r in requests for t in (r.target_new, r.target_true) if t}
+        | {n.target for r in requests for n in r.neighborhood_prompts}
+    )
+    tokenizer = train_tokenizer(statements, config.vocab_size, config.n_positions, targets)
+    (dot_id,) = tokenizer.encode(".", add_special_tokens=False)
+    rows = PackedRows(
+        [tokenizer.encode(s, add_special_tokens=False) for s in statements],
+        [tokenizer.encode(" " + s, add_special_tokens=False) for s in statements],
+        seq_len=config.seq_len,
+        eos_id=tokenizer.eos_token_id,
+        dot_id=dot_id,
+        context_prob=config.context_prob,
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+    return tokenizer, rows
+
+
+def _write_inputs(out: Path, requests: Sequence[EditRequest], statements: list[str]) -> None:
+    """The requests (JSONL) and the corpus of statements, beside the model."""
+    with (out / REQUESTS_FILE).open("w", encoding="utf-8") as handle:
+        handle.writelines(r.model_dump_json() + "\n" for r in requests)
+    with (out / CORPUS_FILE).open("w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps({"text": s}, ensure_ascii=False) + "\n" for s in statements)
+
+
 def build_testbed(
     out_dir: str | Path,
     requests: Sequence[EditRequest],
@@ -111,7 +142,7 @@ def build_testbed(
     as testbed.json, last). Raises TestbedError for an empty request list or a request
     without target_true. Existing files in `out_dir` are overwritten.
     """
-    config = config or TestbedConfig()
+    config = config or TestbedConfig.for_facts(len(requests))
     if seed is not None:
         config = config.model_copy(update={"seed": seed})
     if source_sha256 is None and Path(source).is_file():
@@ -123,22 +154,7 @@ def build_testbed(
     out.mkdir(parents=True, exist_ok=True)
     (out / REPORT_FILE).unlink(missing_ok=True)
     statements = fact_statements(requests)
-    targets = sorted(
-        {t for r in requests for t in (r.target_new, r.target_true) if t}
-        | {n.target for r in requests for n in r.neighborhood_prompts}
-    )
-    tokenizer = train_tokenizer(statements, config.vocab_size, config.n_positions, targets)
-    encoded = [tokenizer.encode(s, add_special_tokens=False) for s in statements]
-    (dot_id,) = tokenizer.encode(".", add_special_tokens=False)
-    rows = PackedRows(
-        encoded,
-        [tokenizer.encode(" " + s, add_special_tokens=False) for s in statements],
-        seq_len=config.seq_len,
-        eos_id=tokenizer.eos_token_id,
-        dot_id=dot_id,
-        context_prob=config.context_prob,
-        generator=torch.Generator().manual_seed(config.seed),
-    )
+    tokenizer, rows = _tokenizer_and_rows(requests, statements, config)
     tokenizer_seconds = time.perf_counter() - t_start
     eos_id = tokenizer.eos_token_id
     assert eos_id == 0, "the BPE trainer puts the first special token at id 0"
@@ -157,10 +173,7 @@ def build_testbed(
     )
     para = [(p, r.target_true or "") for r in requests for p in r.paraphrase_prompts]
     near = [(n.prompt, n.target) for r in requests for n in r.neighborhood_prompts]
-    with (out / REQUESTS_FILE).open("w", encoding="utf-8") as handle:
-        handle.writelines(r.model_dump_json() + "\n" for r in requests)
-    with (out / CORPUS_FILE).open("w", encoding="utf-8") as handle:
-        handle.writelines(json.dumps({"text": s}, ensure_ascii=False) + "\n" for s in statements)
+    _write_inputs(out, requests, statements)
     report = TestbedReport(
         model_dir=str(out),
         source=source,
@@ -169,7 +182,7 @@ def build_testbed(
         config=config,
         n_facts=len(requests),
         n_statements=len(statements),
-        n_train_tokens=sum(map(len, encoded)),
+        n_train_tokens=rows.n_tokens,
         vocab_size=len(tokenizer),
         n_params=sum(p.numel() for p in model.parameters()),
         recall=mean_or_none(hits) or 0.0,
@@ -190,13 +203,8 @@ def build_testbed(
         unknown_case_ids=[r.case_id for r, hit in zip(requests, hits, strict=True) if not hit],
     )
     (out / REPORT_FILE).write_text(report.model_dump_json(indent=1) + "\n", encoding="utf-8")
-    log.info(
-        "testbed %s: recall %.3f after %d steps (%.1f s)",
-        out,
-        report.recall,
-        run.steps,
-        report.total_seconds,
-    )
+    log.info("testbed %s: recall %.3f after %d steps (%.1f s)",
+             out, report.recall, run.steps, report.total_seconds)  # fmt: skip
     return report
 
 
@@ -209,7 +217,7 @@ def build_synthetic_testbed(
     progress: bool = True,
 ) -> TestbedReport:
     """Build a testbed on `synthetic_world(n, seed)`; `seed` also seeds training."""
-    config = (config or TestbedConfig()).model_copy(update={"seed": seed})
+    config = (config or TestbedConfig.for_facts(n)).model_copy(update={"seed": seed})
     return build_testbed(
         out_dir, synthetic_world(n, seed), config, source=f"synthetic:{n}:{seed}", progress=progress
     )

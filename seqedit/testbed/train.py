@@ -1,4 +1,5 @@
-"""Training the testbed: its tokenizer, packed batches, the training loop and recall checks.
+"""Training the testbed: the model, the training loop and recall checks (its tokenizer and
+packed rows are in `text`).
 
 Deterministic for a seed on a given machine, torch version and thread count: the model is
 initialised under a forked, seeded RNG and batches come from a private `torch.Generator`.
@@ -8,14 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Iterator, Sequence
-from typing import ClassVar, Final, Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 from transformers import (
     AutoModelForCausalLM,
@@ -32,11 +33,9 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from seqedit.schemas.requests import spaced
+from seqedit.testbed.text import PackedRows
 
 log = logging.getLogger(__name__)
-
-EOS: Final = "<|endoftext|>"
-_TARGET_REPEATS: Final = 4  # copies of each target in the tokenizer training text
 
 
 TestbedArchitecture = Literal["gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2"]
@@ -85,6 +84,15 @@ class TestbedConfig(BaseModel):
         return self
 
     @classmethod
+    def for_facts(cls, n_facts: int) -> TestbedConfig:
+        """The default configuration with a schedule long enough for `n_facts` facts: the
+        defaults' 400 steps up to 300 facts, then steps in proportion (a 1,000-fact world
+        reaches 50% recall in 400 steps), in whole recall-check intervals."""
+        default = cls()
+        wanted = math.ceil(default.steps * n_facts / 300 / default.eval_every) * default.eval_every
+        return default.model_copy(update={"steps": max(default.steps, wanted)})
+
+    @classmethod
     def tiny(cls, seed: int = 0) -> TestbedConfig:
         """A fast configuration for tests: ~50 facts in seconds, still 4 layers."""
         return cls(
@@ -110,113 +118,6 @@ class RecallPoint(BaseModel):
     loss: float = Field(description="Mean training loss since the previous point.")
     recall: float
     seconds: float = Field(description="Wall seconds since training started.")
-
-
-def train_tokenizer(
-    statements: Sequence[str],
-    vocab_size: int,
-    n_positions: int,
-    targets: Sequence[str] = (),
-) -> PreTrainedTokenizerFast:
-    """A GPT-2-style byte-level BPE trained on `statements`; `<|endoftext|>` is id 0 and
-    serves as bos, eos, pad and unk.
-
-    `targets` (objects, scored with a leading space) are added to the tokenizer's training
-    text a few times each, so every object gets a compact tokenisation even when it is
-    rare among the true facts: a new target should be a word of the model's vocabulary, not
-    a string of single bytes it has never produced. The model itself never trains on them.
-    """
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    target_text = [" " + t.strip() for t in targets for _ in range(_TARGET_REPEATS)]
-    tok.train_from_iterator([*statements, *target_text], trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=EOS,
-        eos_token=EOS,
-        pad_token=EOS,
-        unk_token=EOS,
-        model_max_length=n_positions,
-    )
-
-
-class PackedRows:
-    """Batches of rows packing whole shuffled statements: s1 <eos> s2 <eos> ... <pad>.
-
-    With probability `context_prob` a statement is preceded by a context fragment, the
-    first tokens of another statement and a ".", as in ROME's context templates
-    ("The mother tongue of. {}"): facts must hold after such text too, not only at the
-    start of a sequence. Fragments condition the statement but are not predicted
-    (label -100); padding is masked. Statements longer than a row are truncated. Every
-    random choice comes from the private, seeded `generator`.
-    """
-
-    def __init__(
-        self,
-        bare: list[list[int]],
-        spaced: list[list[int]],
-        *,
-        seq_len: int,
-        eos_id: int,
-        dot_id: int,
-        context_prob: float,
-        generator: torch.Generator,
-    ) -> None:
-        self._bare, self._spaced = bare, spaced
-        self._seq_len, self._eos, self._dot = seq_len, eos_id, dot_id
-        self._context_prob = context_prob
-        self._gen = generator
-        self._queue: list[int] = []
-
-    def _rand(self, high: int) -> int:
-        return int(torch.randint(high, (1,), generator=self._gen))
-
-    def _item(self, index: int) -> tuple[list[int], list[int]]:
-        """(tokens, labels) of one statement, maybe after a fragment, without separator."""
-        if self._context_prob <= 0 or float(torch.rand(1, generator=self._gen)) >= (
-            self._context_prob
-        ):
-            return self._bare[index], self._bare[index]
-        other = self._bare[self._rand(len(self._bare))]
-        fragment = [*other[: 1 + self._rand(max(1, len(other) - 1))], self._dot]
-        statement = self._spaced[index]
-        return fragment + statement, [-100] * len(fragment) + statement
-
-    def _row(self) -> tuple[list[int], list[int]]:
-        tokens: list[int] = []
-        labels: list[int] = []
-        while True:
-            if not self._queue:
-                self._queue = torch.randperm(len(self._bare), generator=self._gen).tolist()
-            item, item_labels = self._item(self._queue[-1])
-            if tokens:
-                item, item_labels = [self._eos, *item], [self._eos, *item_labels]
-                if len(tokens) + len(item) > self._seq_len:
-                    return tokens, labels
-            self._queue.pop()
-            tokens += item
-            labels += item_labels
-            if len(tokens) >= self._seq_len:
-                return tokens[: self._seq_len], labels[: self._seq_len]
-
-    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(inputs, labels, attention_mask), each (size, seq_len) int64."""
-        inputs = torch.full((size, self._seq_len), self._eos, dtype=torch.long)
-        labels = torch.full((size, self._seq_len), -100, dtype=torch.long)
-        mask = torch.zeros((size, self._seq_len), dtype=torch.long)
-        for i in range(size):
-            tokens, row_labels = self._row()
-            inputs[i, : len(tokens)] = torch.tensor(tokens)
-            labels[i, : len(tokens)] = torch.tensor(row_labels)
-            mask[i, : len(tokens)] = 1
-        return inputs, labels, mask
 
 
 @torch.no_grad()
