@@ -14,6 +14,7 @@ from seqedit.files import write_text_atomic
 from seqedit.methods.registry import METHODS
 from seqedit.testbed.build import CORPUS_FILE, TestbedReport, build_synthetic_testbed, load_testbed
 from seqedit.testbed.world import fact_statements, synthetic_world
+from seqedit.workers.model_io import model_fingerprint
 from seqedit.workers.stats import StatsConfig, compute_stats
 from seqedit.workers.stats_store import load_accumulators, save_stats
 
@@ -48,10 +49,12 @@ def ensure_testbed(model_dir: Path, n_facts: int, seed: int, say: Say = print) -
 
 def ensure_stats(stats_dir: Path, model_dir: Path, layers: Sequence[int], say: Say = print) -> Path:
     """Covariance stats of `layers` of `model_dir` over its own corpus at `stats_dir`:
-    reused when they cover those layers of that model, else computed (all `layers`)."""
+    reused when they cover those layers of that model (its weights, not only its path: a
+    rebuilt testbed gets new stats), else computed (all `layers`)."""
     try:
         meta = load_accumulators(stats_dir).meta
-        if set(layers) <= set(meta.layers) and meta.model_dir == str(model_dir.resolve()):
+        same_model = meta.model_fingerprint == model_fingerprint(model_dir)
+        if set(layers) <= set(meta.layers) and same_model:
             say(f"reusing covariance {stats_dir} ({meta.token_count} tokens)")
             return stats_dir
     except (ValueError, FileNotFoundError):
