@@ -37,6 +37,7 @@ from seqedit.pipeline.cli.handlers import (  # noqa: F401  (CliError: re-exporte
     cmd_testbed_build,
     cmd_validate,
 )
+from seqedit.pipeline.cli.trace_command import cmd_trace
 
 if TYPE_CHECKING:
     pass
@@ -152,6 +153,26 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--save-model", type=Path, default=None, help="write the edited model here")
     edit.add_argument("--quiet", action="store_true")
     edit.set_defaults(func=cmd_edit)
+
+    trace = sub.add_parser(
+        "trace", help="causal tracing (ROME): where a model recalls its facts, to choose a layer"
+    )
+    trace.add_argument("--model", required=True, type=Path, help="HF model directory")
+    trace.add_argument("--requests", required=True, type=Path, help="requests file (any format)")
+    trace.add_argument("--format", default="auto", help="requests format (default: detected)")
+    trace.add_argument("--limit", type=int, default=None, help="first N records")
+    trace.add_argument("--samples", type=int, default=10, help="noisy copies of each prompt")
+    trace.add_argument("--noise", type=float, default=3.0,
+                       help="noise std, times the std of the subject embeddings")  # fmt: skip
+    trace.add_argument("--window", type=int, default=10,
+                       help="MLP/attention layers restored together, at most the model's depth "
+                       "(1: single layers, for a few-layer model)")  # fmt: skip
+    trace.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    trace.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0")
+    trace.add_argument("--out", required=True, type=Path,
+                       help="heatmap PNG; the result JSON goes beside it (same stem)")  # fmt: skip
+    trace.add_argument("--quiet", action="store_true", help="no progress bar")
+    trace.set_defaults(func=cmd_trace)
 
     hparams = sub.add_parser("hparams", help="hyperparameter files").add_subparsers(
         dest="action", required=True, metavar="ACTION"
