@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from seqedit.methods.tracing import TraceResult
+from seqedit.methods.trace_rows import TraceResult
 from seqedit.pipeline.cli.main import main
 from tests.methods.test_tracing import fact_requests, trained_model
 from tests.methods.tiny import tiny_tokenizer
@@ -85,7 +85,7 @@ def test_out_must_be_a_png(
 
 
 def test_the_heatmap_greys_out_a_row_no_fact_has(tmp_path: Path) -> None:
-    from seqedit.methods.tracing import ROW_LABELS, BestLayers, TraceSettings
+    from seqedit.methods.trace_rows import ROW_LABELS, BestLayers, TraceSettings
     from seqedit.pipeline.results.trace_plot import aie_matrix, plot_trace
 
     rows = [[0.1 * i + 0.01 * layer for layer in range(48)] for i in range(6)]

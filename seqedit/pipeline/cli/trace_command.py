@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING
 from seqedit.pipeline.cli.handlers import CliError
 
 if TYPE_CHECKING:
-    from seqedit.methods.tracing import TraceResult, TraceSettings
+    from seqedit.methods.trace_rows import TraceResult, TraceSettings
 
 
 def cmd_trace(args: argparse.Namespace) -> None:
-    from seqedit.methods.tracing import TraceSettings
+    from seqedit.methods.trace_rows import TraceSettings
 
     settings = TraceSettings(samples=args.samples, noise=args.noise, window=args.window,
                              seed=args.seed)  # fmt: skip
@@ -94,7 +94,7 @@ def best_layers_table(result: TraceResult) -> str:
     AIE, as an aligned terminal table."""
     import pyarrow as pa
 
-    from seqedit.methods.tracing import KINDS, LAST_SUBJECT_ROW, LAST_TOKEN_ROW
+    from seqedit.methods.trace_rows import KINDS, LAST_SUBJECT_ROW, LAST_TOKEN_ROW
     from seqedit.pipeline.results.tables_format import format_table
 
     rows = []

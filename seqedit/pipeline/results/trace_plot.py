@@ -2,7 +2,7 @@
 
 Three heatmaps side by side, as in ROME's Figure 2: restoring the hidden state (block
 output), the MLP outputs and the attention outputs. Rows are the six token positions of
-`methods.tracing.ROW_LABELS`, columns the layers (for MLP/attention, the centre of the
+`methods.trace_rows.ROW_LABELS`, columns the layers (for MLP/attention, the centre of the
 restored window). One colour scale for all three, so the panels compare; the best layer
 of each kind at the last subject token and at the last token is outlined.
 """
@@ -22,7 +22,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from seqedit.methods.tracing import KINDS, LAST_SUBJECT_ROW, LAST_TOKEN_ROW, TraceResult
+from seqedit.methods.trace_rows import KINDS, LAST_SUBJECT_ROW, LAST_TOKEN_ROW, TraceResult
 from seqedit.pipeline.results.plots import save
 from seqedit.storage import Location, Where
 
