@@ -8,6 +8,7 @@ standard Hugging Face model directory:
     config.json, model.safetensors, generation_config.json   the model (save_pretrained)
     tokenizer.json, tokenizer_config.json                    the tokenizer (save_pretrained)
     requests.jsonl    the EditRequests the model was trained on, one JSON per line
+    splits.json       with `split=`: train/validation/test case_ids, no subject shared
     corpus.jsonl      the training statements, {"text": ...} per line (a covariance corpus)
     testbed.json      TestbedReport, written last: its presence marks a complete build
 
@@ -28,14 +29,22 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import ClassVar, Final
+from typing import Any, ClassVar, Final
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from seqedit.files import file_sha256
 from seqedit.schemas.requests import EditRequest
+from seqedit.testbed.splits import (
+    SPLITS_FILE,
+    RequestSplits,
+    SplitName,
+    SplitSpec,
+    split_requests,
+    write_splits,
+)
 from seqedit.testbed.text import PackedRows, train_tokenizer
 from seqedit.testbed.train import (
     RecallPoint,
@@ -91,6 +100,9 @@ class TestbedReport(BaseModel):
     history: list[RecallPoint]
     case_ids: list[int]
     unknown_case_ids: list[int] = Field(description="Facts whose first token is not top-1.")
+    split_sizes: dict[SplitName, int] | None = Field(
+        default=None, description="Requests per split of splits.json; None: built unsplit."
+    )
 
 
 def _tokenizer_and_rows(
@@ -116,12 +128,44 @@ def _tokenizer_and_rows(
     return tokenizer, rows
 
 
-def _write_inputs(out: Path, requests: Sequence[EditRequest], statements: list[str]) -> None:
-    """The requests (JSONL) and the corpus of statements, beside the model."""
+def _write_inputs(
+    out: Path,
+    requests: Sequence[EditRequest],
+    statements: list[str],
+    splits: RequestSplits | None,
+) -> None:
+    """The requests (JSONL), the corpus of statements and the splits (if any), beside the
+    model."""
     with (out / REQUESTS_FILE).open("w", encoding="utf-8") as handle:
         handle.writelines(r.model_dump_json() + "\n" for r in requests)
     with (out / CORPUS_FILE).open("w", encoding="utf-8") as handle:
         handle.writelines(json.dumps({"text": s}, ensure_ascii=False) + "\n" for s in statements)
+    if splits is not None:
+        write_splits(out, splits)
+
+
+def _recall_fields(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerFast,
+    requests: Sequence[EditRequest],
+    statements: list[str],
+) -> dict[str, Any]:
+    """The report's recall fields: first-token recall of the rewrite prompts (bare and after
+    a context fragment), the paraphrases and the neighbours, and the facts not recalled."""
+    prompts, targets = [r.filled_prompt for r in requests], [r.target_true or "" for r in requests]
+    hits = first_token_hits(model, tokenizer, prompts, targets)
+    in_context = first_token_hits(
+        model, tokenizer, in_context_prompts(prompts, statements), targets
+    )
+    para = [(p, r.target_true or "") for r in requests for p in r.paraphrase_prompts]
+    near = [(n.prompt, n.target) for r in requests for n in r.neighborhood_prompts]
+    return {
+        "recall": mean_or_none(hits) or 0.0,
+        "paraphrase_recall": pair_recall(model, tokenizer, para),
+        "context_recall": mean_or_none(in_context) or 0.0,
+        "neighborhood_recall": pair_recall(model, tokenizer, near),
+        "unknown_case_ids": [r.case_id for r, hit in zip(requests, hits, strict=True) if not hit],
+    }
 
 
 def build_testbed(
@@ -133,14 +177,17 @@ def build_testbed(
     source: str = "requests",
     source_sha256: str | None = None,
     progress: bool = True,
+    split: SplitSpec | None = None,
 ) -> TestbedReport:
     """Train a tokenizer and a tiny GPT-2 on the true facts of `requests`; save to `out_dir`.
 
     `seed` (when given) overrides `config.seed`. `source` names where the requests came
     from (a dataset path or "synthetic:N:seed"); when it is an existing file and no
     `source_sha256` is given, the file's sha256 is recorded. Returns the report (also saved
-    as testbed.json, last). Raises TestbedError for an empty request list or a request
-    without target_true. Existing files in `out_dir` are overwritten.
+    as testbed.json, last). `split` also writes splits.json (`testbed.splits`; made before
+    training, so an impossible split fails fast; the model still learns every fact). Raises
+    TestbedError for no requests, a request without target_true or an impossible split.
+    Existing files in `out_dir` are overwritten, an earlier splits.json removed.
     """
     config = config or TestbedConfig.for_facts(len(requests))
     if seed is not None:
@@ -149,10 +196,12 @@ def build_testbed(
         source_sha256 = file_sha256(source)
     if not requests:
         raise TestbedError("build_testbed needs at least one request")
+    splits = split_requests(requests, split) if split is not None else None
     t_start, cpu_start = time.perf_counter(), time.process_time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / REPORT_FILE).unlink(missing_ok=True)
+    for stale in (REPORT_FILE, SPLITS_FILE):
+        (out / stale).unlink(missing_ok=True)
     statements = fact_statements(requests)
     tokenizer, rows = _tokenizer_and_rows(requests, statements, config)
     tokenizer_seconds = time.perf_counter() - t_start
@@ -167,13 +216,7 @@ def build_testbed(
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
 
-    hits = first_token_hits(model, tokenizer, *rewrite)
-    in_context = first_token_hits(
-        model, tokenizer, in_context_prompts(rewrite[0], statements), rewrite[1]
-    )
-    para = [(p, r.target_true or "") for r in requests for p in r.paraphrase_prompts]
-    near = [(n.prompt, n.target) for r in requests for n in r.neighborhood_prompts]
-    _write_inputs(out, requests, statements)
+    _write_inputs(out, requests, statements, splits)
     report = TestbedReport(
         model_dir=str(out),
         source=source,
@@ -185,10 +228,7 @@ def build_testbed(
         n_train_tokens=rows.n_tokens,
         vocab_size=len(tokenizer),
         n_params=sum(p.numel() for p in model.parameters()),
-        recall=mean_or_none(hits) or 0.0,
-        paraphrase_recall=pair_recall(model, tokenizer, para),
-        context_recall=mean_or_none(in_context) or 0.0,
-        neighborhood_recall=pair_recall(model, tokenizer, near),
+        **_recall_fields(model, tokenizer, requests, statements),
         steps=run.steps,
         stopped_early=run.stopped_early,
         final_loss=run.final_loss,
@@ -200,7 +240,7 @@ def build_testbed(
         torch_version=torch.__version__,
         history=run.history,
         case_ids=[r.case_id for r in requests],
-        unknown_case_ids=[r.case_id for r, hit in zip(requests, hits, strict=True) if not hit],
+        split_sizes=splits.sizes() if splits is not None else None,
     )
     (out / REPORT_FILE).write_text(report.model_dump_json(indent=1) + "\n", encoding="utf-8")
     log.info("testbed %s: recall %.3f after %d steps (%.1f s)",
@@ -215,11 +255,13 @@ def build_synthetic_testbed(
     config: TestbedConfig | None = None,
     *,
     progress: bool = True,
+    split: SplitSpec | None = None,
 ) -> TestbedReport:
     """Build a testbed on `synthetic_world(n, seed)`; `seed` also seeds training."""
     config = (config or TestbedConfig.for_facts(n)).model_copy(update={"seed": seed})
+    source = f"synthetic:{n}:{seed}"
     return build_testbed(
-        out_dir, synthetic_world(n, seed), config, source=f"synthetic:{n}:{seed}", progress=progress
+        out_dir, synthetic_world(n, seed), config, source=source, progress=progress, split=split
     )
 
 
@@ -231,12 +273,15 @@ def build_dataset_testbed(
     format: str = "auto",
     config: TestbedConfig | None = None,
     progress: bool = True,
+    split: SplitSpec | None = None,
 ) -> TestbedReport:
     """Build a testbed on the first `limit` requests of a dataset file (any loader format)."""
     from seqedit.schemas.loaders import load_requests
 
     loaded = load_requests(dataset, format, limit=limit)
-    return build_testbed(out_dir, loaded.requests, config, source=str(dataset), progress=progress)
+    return build_testbed(
+        out_dir, loaded.requests, config, source=str(dataset), progress=progress, split=split
+    )
 
 
 def load_testbed(model_dir: str | Path) -> tuple[TestbedReport, list[EditRequest]]:

@@ -95,21 +95,30 @@ def build_testbed_command(
     seed: int,
     progress: bool,
     architecture: str = "gpt2",
+    split: str | None = None,
+    split_seed: int | None = None,
 ) -> TestbedReport:
-    """`seqedit testbed build`: facts from a dataset file or a synthetic world."""
+    """`seqedit testbed build`: facts from a dataset file or a synthetic world; `split`
+    ('0.8,0.1,0.1') also splits the requests by subject into splits.json."""
     from seqedit.testbed.build import (
         TestbedConfig,
         build_dataset_testbed,
         build_synthetic_testbed,
     )
+    from seqedit.testbed.splits import SplitSpec
 
+    if split is None and split_seed is not None:
+        raise CliError("--split-seed goes with --split")
+    spec = None if split is None else SplitSpec.parse(split, seed=split_seed or 0)
     config = TestbedConfig.model_validate({"seed": seed, "architecture": architecture})
     if dataset is not None:
-        return build_dataset_testbed(out, dataset, limit=limit, config=config, progress=progress)
+        return build_dataset_testbed(
+            out, dataset, limit=limit, config=config, progress=progress, split=spec
+        )
     if limit is not None:
         raise CliError("--limit goes with --dataset; --synthetic N already sets the size")
     assert synthetic is not None
-    return build_synthetic_testbed(out, synthetic, seed, config, progress=progress)
+    return build_synthetic_testbed(out, synthetic, seed, config, progress=progress, split=spec)
 
 
 def build_stats_command(

@@ -48,10 +48,14 @@ def cmd_testbed_build(args: argparse.Namespace) -> None:
         seed=args.seed,
         progress=not args.quiet,
         architecture=args.architecture,
+        split=args.split,
+        split_seed=args.split_seed,
     )
+    sizes = report.split_sizes
+    split = "" if sizes is None else ", split " + " / ".join(f"{n} {k}" for n, k in sizes.items())
     print(
         f"testbed: {report.n_facts} facts, top-1 recall {report.recall:.1%}, "
-        f"trained in {report.train_seconds:.1f}s ({report.steps} steps) -> {args.out}"
+        f"trained in {report.train_seconds:.1f}s ({report.steps} steps){split} -> {args.out}"
     )
 
 

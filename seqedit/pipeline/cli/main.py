@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="gpt2",
         help="model family: gpt2 (default), gptj, gpt_neox, llama, mistral or qwen2",
     )
+    build.add_argument("--split", metavar="TRAIN,VAL,TEST",
+                       help="also split the requests by subject into OUT/splits.json, e.g. "
+                       "0.8,0.1,0.1 (the model still learns every fact)")  # fmt: skip
+    build.add_argument("--split-seed", type=int, default=None,
+                       help="seed of the split's subject shuffle (default 0)")  # fmt: skip
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     build.set_defaults(func=cmd_testbed_build)
 
