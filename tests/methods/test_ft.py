@@ -24,7 +24,7 @@ from seqedit.methods.ft import (
 from seqedit.methods.scoring import score_targets
 from seqedit.methods.updates import DenseDelta, LowRankDelta, apply_update_
 from seqedit.schemas.requests import EditRequest, spaced
-from tests.methods.tiny import tiny_gpt2, tiny_tokenizer
+from tests.methods.tiny import tiny_gpt2
 
 REQUEST = EditRequest(
     case_id=0,
@@ -36,14 +36,7 @@ REQUEST = EditRequest(
 LAYER = 1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> PreTrainedTokenizerFast:
-    return tiny_tokenizer()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

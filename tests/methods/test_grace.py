@@ -20,7 +20,7 @@ from seqedit.methods.registry import get_method
 from seqedit.methods.scoring import TargetScore, score_targets
 from seqedit.methods.updates import EditResult, MemoryEntry
 from seqedit.schemas.requests import EditRequest
-from tests.methods.tiny import tiny_gpt2, tiny_tokenizer
+from tests.methods.tiny import tiny_gpt2
 
 BORN = EditRequest(
     case_id=0,
@@ -39,14 +39,7 @@ attention, weakly in a 2-layer model: success is asserted on a one-token target.
 UNRELATED = "By profession, Dovana Ravensworth is a"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> PreTrainedTokenizerFast:
-    return tiny_tokenizer()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

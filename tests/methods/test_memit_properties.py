@@ -24,7 +24,7 @@ from seqedit.methods.alphaedit import (
 from seqedit.methods.arch import module_names_for, rewrite_weight
 from seqedit.methods.memit import MEMIT, MemitConfig, memit_deltas, memit_right_factor
 from seqedit.schemas.requests import EditRequest
-from tests.methods.tiny import tiny_gpt2, tiny_tokenizer
+from tests.methods.tiny import tiny_gpt2
 
 GROUPS = [["{}"], ["The city lies in the north. {}", "In the evenings. {}"]]
 REQUESTS = [
@@ -36,11 +36,6 @@ REQUESTS = [
 LAYERS = [0, 1]
 D_IN = 128
 THRESHOLD = 0.5
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> PreTrainedTokenizerFast:
-    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from seqedit.methods.rome import RomeConfig, rome_edit, rome_update_from_kv
 from seqedit.methods.tokens import batch_subject_positions, encode_batch, subject_index
 from seqedit.methods.updates import LowRankDelta, apply_update_
 from seqedit.schemas.requests import EditRequest
-from tests.methods.tiny import tiny_gpt2, tiny_tokenizer
+from tests.methods.tiny import tiny_gpt2
 
 TEMPLATES = ["{}", "The city lies in the north. {}", "In the evenings. {}"]
 REQUEST = EditRequest(
@@ -25,11 +25,6 @@ REQUEST = EditRequest(
     target_true="Corvale",
 )
 LAYER = 1
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> PreTrainedTokenizerFast:
-    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,6 @@ from seqedit.methods.tracing import (
     window_layers,
 )
 from seqedit.schemas.requests import EditRequest, spaced
-from tests.methods.tiny import tiny_tokenizer
 
 N_LAYER = 3
 FACTS = [
@@ -89,11 +88,6 @@ def trained_model(arch: str, tokenizer: PreTrainedTokenizerFast) -> PreTrainedMo
     for param in model.parameters():
         param.requires_grad_(False)
     return model
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> PreTrainedTokenizerFast:
-    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
