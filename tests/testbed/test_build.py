@@ -27,7 +27,6 @@ from seqedit.testbed.build import (
 )
 from seqedit.testbed.world import fact_statements, synthetic_world, write_counterfact
 from seqedit.workers.model_io import load_model
-from tests.shared_files import require_dev_file
 
 # A few steps only: enough to test determinism and files, not to learn the facts.
 SHORT = TestbedConfig.tiny().model_copy(update={"steps": 12, "target_recall": None})
@@ -181,17 +180,3 @@ def test_config_is_validated() -> None:
         TestbedConfig(n_layer=2)
     with pytest.raises(ValueError, match="at least one request"):
         build_testbed("/nonexistent/never", [], SHORT)
-
-
-@pytest.mark.slow
-def test_synthetic_300_reaches_90_percent(tmp_path: Path) -> None:
-    report = build_synthetic_testbed(tmp_path / "syn", 300, 0, progress=False)
-    assert report.recall >= 0.9
-
-
-@pytest.mark.slow
-def test_counterfact_300_reaches_90_percent(tmp_path: Path) -> None:
-    dev = require_dev_file("counterfact_dev.json")
-    report = build_dataset_testbed(tmp_path / "cf", dev, limit=300, progress=False)
-    assert report.recall >= 0.9
-    assert report.source_sha256 is not None
