@@ -141,6 +141,17 @@ rows must come out the same after a restart; a trend below its threshold is reco
 stop: these tests are about resuming, however well the tiny testbed edits on a given CPU."""
 
 
+@pytest.fixture(scope="module")
+def fault_reference(
+    ray_local: None, tiny_testbed: Path, tiny_stats: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, CampaignState]:
+    """The uninterrupted FAULT_HEALTH campaign the kill tests compare with, run once: its
+    directory and final state."""
+    root = tmp_path_factory.mktemp("fault-reference")
+    spec = load_spec(_spec(root, tiny_testbed, tiny_stats, health=FAULT_HEALTH))
+    return root / "reference", run_campaign(spec, root / "reference")
+
+
 def assert_same_rows(campaign: Path, reference: Path) -> None:
     """Every table of `campaign` holds exactly the rows of `reference` (timings, attempt
     numbers and Ray node ids aside), and no (step, case) appears twice."""
@@ -198,10 +209,11 @@ def run_with_editor_killed(
 
 @pytest.mark.slow
 def test_killed_editor_is_retried_from_the_checkpoint_with_identical_results(
-    ray_local: None, tiny_testbed: Path, tiny_stats: Path, tmp_path: Path
-) -> None:
+    fault_reference: tuple[Path, CampaignState], tiny_testbed: Path, tiny_stats: Path,
+    tmp_path: Path,
+) -> None:  # fmt: skip
     spec = load_spec(_spec(tmp_path, tiny_testbed, tiny_stats, health=FAULT_HEALTH))
-    reference = run_campaign(spec, tmp_path / "reference")
+    reference_dir, reference = fault_reference
 
     state, killed_pid = run_with_editor_killed(spec, tmp_path / "killed", shard=1, after_steps=3)
     assert isinstance(state, CampaignState) and state.status == "done"
@@ -210,12 +222,12 @@ def test_killed_editor_is_retried_from_the_checkpoint_with_identical_results(
     assert [s.weights_fingerprint for s in state.shards] == [
         s.weights_fingerprint for s in reference.shards
     ]
-    assert_same_rows(tmp_path / "killed", tmp_path / "reference")
+    assert_same_rows(tmp_path / "killed", reference_dir)
 
 
 @pytest.mark.slow
 def test_killed_driver_process_then_rerun_gives_the_uninterrupted_result(
-    ray_local: None,
+    fault_reference: tuple[Path, CampaignState],
     tiny_testbed: Path,
     tiny_stats: Path,
     tmp_path: Path,
@@ -224,7 +236,7 @@ def test_killed_driver_process_then_rerun_gives_the_uninterrupted_result(
     """`seqedit run` in its own process group (driver plus its embedded Ray) is killed
     mid-shard, as a crashed machine would be; `seqedit rerun` then finishes the campaign."""
     spec_file = _spec(tmp_path, tiny_testbed, tiny_stats, health=FAULT_HEALTH)
-    reference = run_campaign(load_spec(spec_file), tmp_path / "reference")
+    reference_dir, reference = fault_reference
     campaign = tmp_path / "killed"
     driver = subprocess.Popen(
         [sys.executable, "-m", "seqedit.pipeline.cli", "run", str(spec_file),
@@ -253,7 +265,7 @@ def test_killed_driver_process_then_rerun_gives_the_uninterrupted_result(
     assert [s.weights_fingerprint for s in state.shards] == [
         s.weights_fingerprint for s in reference.shards
     ]
-    assert_same_rows(campaign, tmp_path / "reference")
+    assert_same_rows(campaign, reference_dir)
 
 
 COLLAPSE = {"layer": TINY_LAYER, "context_templates": ["{}"], "clamp_norm_factor": 1000,
