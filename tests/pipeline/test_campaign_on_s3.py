@@ -48,7 +48,8 @@ def _wait_for_step(campaign: str, shard: int, after_steps: int, driver: subproce
     raise TimeoutError(f"shard {shard} did not reach step {after_steps}")
 
 
-@pytest.mark.slow
+@pytest.mark.extended  # the local kill/rerun tests and test_submit's campaign on S3 cover
+# its parts in CI; this adds the two together (make test-extended)
 def test_a_killed_campaign_on_s3_reruns_to_the_local_result(
     ray_local: None,
     tiny_testbed: Path,
