@@ -117,7 +117,8 @@ def test_status_and_rerun_of_a_failed_shard(
     assert "no failed shard to rerun" in capsys.readouterr().err
 
 
-@pytest.mark.slow
+@pytest.mark.extended  # in CI: rerun of a failed shard and of shards apart; this adds
+# --failed stopping early, --shard staleness and repeats (make test-extended)
 def test_rerun_failed_and_one_shard(
     tiny_testbed: Path, tiny_stats: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

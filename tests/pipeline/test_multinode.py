@@ -51,7 +51,8 @@ def two_worker_cluster() -> Iterator[Cluster]:
         cluster.shutdown()
 
 
-@pytest.mark.slow
+@pytest.mark.extended  # in CI, test_submit runs campaigns with their actors on a cluster;
+# this adds several nodes and the equality of rows across layouts (make test-extended)
 def test_a_campaign_on_two_worker_nodes_equals_a_one_node_run(
     tiny_testbed: Path, tmp_path: Path, s3_root: str
 ) -> None:

@@ -108,7 +108,8 @@ def _busy_worker_pid() -> int:
     raise TimeoutError("no covariance actor was computing a shard")
 
 
-@pytest.mark.slow
+@pytest.mark.extended  # in CI: a corrupt partial recomputed, a build resumed from its
+# partials on S3; this adds killed actors and drivers (make test-extended)
 def test_a_killed_actor_and_a_killed_driver_lose_no_finished_shard(
     ray_local: None, tiny_testbed: Path, tmp_path: Path
 ) -> None:
