@@ -59,8 +59,10 @@ class PackedRows:
     first tokens of another statement and a ".", as in ROME's context templates
     ("The mother tongue of. {}"): facts must hold after such text too, not only at the
     start of a sequence. Fragments condition the statement but are not predicted
-    (label -100); padding is masked. Statements longer than a row are truncated. Every
-    random choice comes from the private, seeded `generator`.
+    (label -100); padding is masked. Statements longer than a row are truncated. With
+    `english` sentences, each item is one of them with probability `english_share`, taken
+    in a shuffled order of its own, so the model learns the language as well as the facts.
+    Every random choice comes from the private, seeded `generator`.
     """
 
     def __init__(
@@ -73,8 +75,12 @@ class PackedRows:
         dot_id: int,
         context_prob: float,
         generator: torch.Generator,
+        english: Sequence[list[int]] = (),
+        english_share: float = 0.0,
     ) -> None:
         self._bare, self._spaced = bare, spaced
+        self._english, self._english_share = list(english), english_share
+        self._english_queue: list[int] = []
         self._seq_len, self._eos, self._dot = seq_len, eos_id, dot_id
         self._context_prob = context_prob
         self._gen = generator
@@ -84,6 +90,11 @@ class PackedRows:
     def n_tokens(self) -> int:
         """Tokens in the statements, each counted once (no fragments, no separators)."""
         return sum(map(len, self._bare))
+
+    @property
+    def n_english_tokens(self) -> int:
+        """Tokens in the English sentences, each counted once."""
+        return sum(map(len, self._english))
 
     def _rand(self, high: int) -> int:
         return int(torch.randint(high, (1,), generator=self._gen))
@@ -99,18 +110,28 @@ class PackedRows:
         statement = self._spaced[index]
         return fragment + statement, [-100] * len(fragment) + statement
 
+    def _next(self) -> tuple[list[int], list[int], list[int]]:
+        """(tokens, labels, queue it came from) of the next item; not yet taken."""
+        if self._english and float(torch.rand(1, generator=self._gen)) < self._english_share:
+            if not self._english_queue:
+                order = torch.randperm(len(self._english), generator=self._gen)
+                self._english_queue = order.tolist()
+            sentence = self._english[self._english_queue[-1]]
+            return sentence, sentence, self._english_queue
+        if not self._queue:
+            self._queue = torch.randperm(len(self._bare), generator=self._gen).tolist()
+        return (*self._item(self._queue[-1]), self._queue)
+
     def _row(self) -> tuple[list[int], list[int]]:
         tokens: list[int] = []
         labels: list[int] = []
         while True:
-            if not self._queue:
-                self._queue = torch.randperm(len(self._bare), generator=self._gen).tolist()
-            item, item_labels = self._item(self._queue[-1])
+            item, item_labels, queue = self._next()
             if tokens:
                 item, item_labels = [self._eos, *item], [self._eos, *item_labels]
                 if len(tokens) + len(item) > self._seq_len:
                     return tokens, labels
-            self._queue.pop()
+            queue.pop()
             tokens += item
             labels += item_labels
             if len(tokens) >= self._seq_len:

@@ -168,6 +168,14 @@ def _name(rng: random.Random, kind: str) -> str:
     return _word(rng, rng.randint(1, 2)) + rng.choice(_SUFFIXES[kind])
 
 
+def invent_name(rng: random.Random, taken: set[str]) -> str:
+    """A novel two-word person-like name whose casefold is not in `taken`."""
+    while True:
+        name = _name(rng, "person")
+        if name.casefold() not in taken:
+            return name
+
+
 class _Names:
     """Draws names that are unique across the whole world."""
 
