@@ -18,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from seqedit.testbed.build import TestbedReport, build_dataset_testbed, build_synthetic_testbed
+from seqedit.testbed.build import TestbedReport, build_synthetic_testbed
+from seqedit.testbed.dataset import build_dataset_testbed
 
 MIN_RECALL = 0.9
 

@@ -9,12 +9,12 @@ their true facts and writes a standard Hugging Face model directory with `testbe
 from seqedit.testbed.build import (
     TestbedConfig,
     TestbedReport,
-    build_dataset_testbed,
     build_synthetic_testbed,
     build_testbed,
     first_token_hits,
     load_testbed,
 )
+from seqedit.testbed.dataset import build_dataset_testbed
 from seqedit.testbed.world import fact_statements, synthetic_world, write_counterfact
 
 __all__ = [

@@ -36,7 +36,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from seqedit.files import file_sha256
-from seqedit.schemas.requests import EditRequest
+from seqedit.methods.locality import perplexity
+from seqedit.schemas.requests import EditRequest, spaced
+from seqedit.testbed.english import EnglishText
+from seqedit.testbed.phrasings import relation_phrasings, subject_phrasings
 from seqedit.testbed.splits import (
     SPLITS_FILE,
     RequestSplits,
@@ -64,6 +67,19 @@ log = logging.getLogger(__name__)
 REPORT_FILE: Final = "testbed.json"
 REQUESTS_FILE: Final = "requests.jsonl"
 CORPUS_FILE: Final = "corpus.jsonl"
+SUPPORT_FILE: Final = "support.jsonl"
+HELDOUT_FILE: Final = "heldout.jsonl"
+HELDOUT_SCORED: Final = 500  # held-out sentences the report's perplexity scores
+CORPUS_ENGLISH: Final = 10_000
+"""English sentences in corpus.jsonl beside the facts: the covariance corpus holds the
+language and the subjects' facts, as Wikipedia does for the original ROME/MEMIT statistics
+(with English alone, the directions of subject keys go unmeasured and C^-1 k overshoots
+along them: docs/methods.md)."""
+
+
+def _write_jsonl(path: Path, lines: Sequence[str]) -> None:
+    with path.open("w", encoding="utf-8") as handle:
+        handle.writelines(line + "\n" for line in lines)
 
 
 class TestbedReport(BaseModel):
@@ -103,18 +119,30 @@ class TestbedReport(BaseModel):
     split_sizes: dict[SplitName, int] | None = Field(
         default=None, description="Requests per split of splits.json; None: built unsplit."
     )
+    n_support: int = Field(
+        default=0, description="Support records learned, never edited (support.jsonl)."
+    )
+    english: str | None = Field(default=None, description="English text trained on, if any.")
+    heldout_perplexity: float | None = Field(
+        default=None, description="Perplexity on the held-out English (heldout.jsonl)."
+    )
 
 
 def _tokenizer_and_rows(
-    requests: Sequence[EditRequest], statements: list[str], config: TestbedConfig
+    requests: Sequence[EditRequest],
+    statements: list[str],
+    config: TestbedConfig,
+    english: Sequence[str] = (),
 ) -> tuple[PreTrainedTokenizerFast, PackedRows]:
-    """A BPE tokenizer trained on `statements` (every target a single piece where it can
-    be), and the statements packed into training rows."""
+    """A BPE tokenizer trained on `statements` and `english` (every target a single piece
+    where it can be), and both packed into training rows."""
     targets = sorted(
         {t for r in requests for t in (r.target_new, r.target_true) if t}
         | {n.target for r in requests for n in r.neighborhood_prompts}
     )
-    tokenizer = train_tokenizer(statements, config.vocab_size, config.n_positions, targets)
+    tokenizer = train_tokenizer(
+        [*statements, *english], config.vocab_size, config.n_positions, targets
+    )
     (dot_id,) = tokenizer.encode(".", add_special_tokens=False)
     rows = PackedRows(
         [tokenizer.encode(s, add_special_tokens=False) for s in statements],
@@ -124,8 +152,22 @@ def _tokenizer_and_rows(
         dot_id=dot_id,
         context_prob=config.context_prob,
         generator=torch.Generator().manual_seed(config.seed),
+        english=tokenizer(list(english), add_special_tokens=False)["input_ids"] if english else [],
+        english_share=config.english_share,
     )
     return tokenizer, rows
+
+
+def _statements(requests: Sequence[EditRequest], max_phrasings: int) -> list[str]:
+    """The facts of `requests` as text, each also in up to `max_phrasings` other phrasings
+    of its relation (found across `requests`), deduplicated in first-seen order."""
+    statements = fact_statements(requests)
+    if max_phrasings:
+        phrasings = relation_phrasings(requests)
+        for request in requests:
+            truth = spaced(request.target_true or "")
+            statements += [p + truth for p in subject_phrasings(request, phrasings, max_phrasings)]
+    return list(dict.fromkeys(statements))
 
 
 def _write_inputs(
@@ -178,8 +220,16 @@ def build_testbed(
     source_sha256: str | None = None,
     progress: bool = True,
     split: SplitSpec | None = None,
+    support: Sequence[EditRequest] = (),
+    english: EnglishText | None = None,
 ) -> TestbedReport:
     """Train a tokenizer and a tiny GPT-2 on the true facts of `requests`; save to `out_dir`.
+
+    `support` records are learned too but never edited (`closure`: they make every
+    target_new something the model says); they go to support.jsonl. With `english`, the
+    model also learns its training sentences (`config.english_share` of the items), the
+    corpus (covariance) adds `CORPUS_ENGLISH` of them to the facts, and the held-out
+    sentences go to heldout.jsonl.
 
     `seed` (when given) overrides `config.seed`. `source` names where the requests came
     from (a dataset path or "synthetic:N:seed"); when it is an existing file and no
@@ -202,8 +252,9 @@ def build_testbed(
     out.mkdir(parents=True, exist_ok=True)
     for stale in (REPORT_FILE, SPLITS_FILE):
         (out / stale).unlink(missing_ok=True)
-    statements = fact_statements(requests)
-    tokenizer, rows = _tokenizer_and_rows(requests, statements, config)
+    statements = _statements([*requests, *support], config.max_phrasings)
+    english_train = english.train if english is not None else []
+    tokenizer, rows = _tokenizer_and_rows(requests, statements, config, english_train)
     tokenizer_seconds = time.perf_counter() - t_start
     eos_id = tokenizer.eos_token_id
     assert eos_id == 0, "the BPE trainer puts the first special token at id 0"
@@ -216,7 +267,10 @@ def build_testbed(
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
 
-    _write_inputs(out, requests, statements, splits)
+    _write_inputs(out, requests, [*statements, *english_train[:CORPUS_ENGLISH]], splits)
+    _write_jsonl(out / SUPPORT_FILE, [r.model_dump_json() for r in support])
+    if english is not None:
+        _write_jsonl(out / HELDOUT_FILE, [json.dumps({"text": t}) for t in english.heldout])
     report = TestbedReport(
         model_dir=str(out),
         source=source,
@@ -241,6 +295,13 @@ def build_testbed(
         history=run.history,
         case_ids=[r.case_id for r in requests],
         split_sizes=splits.sizes() if splits is not None else None,
+        n_support=len(support),
+        english=english.path if english is not None else None,
+        heldout_perplexity=(
+            perplexity(model, tokenizer, english.heldout[:HELDOUT_SCORED])
+            if english is not None
+            else None
+        ),
     )
     (out / REPORT_FILE).write_text(report.model_dump_json(indent=1) + "\n", encoding="utf-8")
     log.info("testbed %s: recall %.3f after %d steps (%.1f s)",
@@ -262,25 +323,6 @@ def build_synthetic_testbed(
     source = f"synthetic:{n}:{seed}"
     return build_testbed(
         out_dir, synthetic_world(n, seed), config, source=source, progress=progress, split=split
-    )
-
-
-def build_dataset_testbed(
-    out_dir: str | Path,
-    dataset: str | Path,
-    *,
-    limit: int | None = None,
-    format: str = "auto",
-    config: TestbedConfig | None = None,
-    progress: bool = True,
-    split: SplitSpec | None = None,
-) -> TestbedReport:
-    """Build a testbed on the first `limit` requests of a dataset file (any loader format)."""
-    from seqedit.schemas.loaders import load_requests
-
-    loaded = load_requests(dataset, format, limit=limit)
-    return build_testbed(
-        out_dir, loaded.requests, config, source=str(dataset), progress=progress, split=split
     )
 
 

@@ -8,6 +8,7 @@ initialised under a forked, seeded RNG and batches come from a private `torch.Ge
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import math
 import time
@@ -69,6 +70,25 @@ class TestbedConfig(BaseModel):
         description="Share of statements trained after a context fragment ('The mother tongue "
         "of. {}'), so facts hold inside text as ROME's context templates need.",
     )
+    max_phrasings: int = Field(
+        default=0,
+        ge=0,
+        description="Extra phrasings of each fact's relation (`testbed.phrasings`) trained per "
+        "subject, so facts live with the subject as in large LMs (0: none).",
+    )
+    english_share: float = Field(
+        default=0.5,
+        ge=0,
+        lt=1,
+        description="With an English text: the share of training items that are English "
+        "sentences (the rest are facts).",
+    )
+    english_train: int = Field(
+        default=40_000, ge=1, description="With an English text: sentences trained on."
+    )
+    english_heldout: int = Field(
+        default=1_000, ge=1, description="With an English text: sentences held out (perplexity)."
+    )
     eval_every: int = Field(default=25, ge=1, description="Steps between recall checks.")
     target_recall: float | None = Field(
         default=0.97, gt=0, le=1, description="Stop once rewrite recall reaches this (None: never)."
@@ -91,6 +111,15 @@ class TestbedConfig(BaseModel):
         default = cls()
         wanted = math.ceil(default.steps * n_facts / 300 / default.eval_every) * default.eval_every
         return default.model_copy(update={"steps": max(default.steps, wanted)})
+
+    @classmethod
+    def language_model(cls, n_facts: int) -> TestbedConfig:
+        """The default for a dataset testbed trained on English as well as its facts
+        (measured on CounterFact, docs/methods.md): a 6,000-token vocabulary, each fact in
+        6 more phrasings of its relation, half the items English, 1,000 steps up to 300
+        facts and in proportion beyond."""
+        steps = max(1000, math.ceil(1000 * n_facts / 300 / 100) * 100)
+        return cls(vocab_size=6000, max_phrasings=6, english_share=0.5, eval_every=100, steps=steps)
 
     @classmethod
     def tiny(cls, seed: int = 0) -> TestbedConfig:
@@ -184,18 +213,42 @@ def pair_recall(
     return mean_or_none(first_token_hits(model, tokenizer, prompts, targets))
 
 
+_MMAP_THRESHOLD, _TRIM_THRESHOLD = -3, -1  # glibc mallopt parameters
+_KEEP_BYTES = 1 << 30
+
+
+def keep_large_allocations() -> bool:
+    """Ask glibc malloc to reuse freed blocks up to 1 GiB instead of returning each one to
+    the kernel. Every training step frees and reallocates its (batch, seq, vocab) logits
+    and their gradients (~50 MB each); with glibc's default, each is a fresh mmap whose
+    pages fault in again: about a quarter of a step's time goes to the kernel on this
+    2-core machine (bench/testbed_build.py). Numerics are unchanged. Returns whether the
+    allocator took the setting (False off glibc)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(
+            libc.mallopt(_MMAP_THRESHOLD, _KEEP_BYTES)
+            and libc.mallopt(_TRIM_THRESHOLD, _KEEP_BYTES)
+        )
+    except (OSError, AttributeError):
+        return False
+
+
 @contextlib.contextmanager
 def quiet_build() -> Iterator[None]:
-    """Deterministic torch algorithms and no transformers progress bars (ours counts),
-    both restored afterwards."""
-    deterministic = torch.are_deterministic_algorithms_enabled()
+    """No transformers progress bars (ours counts), restored afterwards; large allocations
+    are kept for reuse (`keep_large_allocations`, process-wide).
+
+    Torch's deterministic-algorithms mode is not forced: the build trains on the CPU, whose
+    kernels give bit-identical weights for a seed and thread count either way (the same
+    model.safetensors, measured on the synthetic-300 and CounterFact-300 builds), and the
+    mode cost 6 % of a training step."""
+    keep_large_allocations()
     bars = hf_logging.is_progress_bar_enabled()
-    torch.use_deterministic_algorithms(True)
     hf_logging.disable_progress_bar()
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(deterministic)
         if bars:
             hf_logging.enable_progress_bar()
 

@@ -97,24 +97,26 @@ def build_testbed_command(
     architecture: str = "gpt2",
     split: str | None = None,
     split_seed: int | None = None,
+    english: str = "auto",
 ) -> TestbedReport:
     """`seqedit testbed build`: facts from a dataset file or a synthetic world; `split`
-    ('0.8,0.1,0.1') also splits the requests by subject into splits.json."""
-    from seqedit.testbed.build import (
-        TestbedConfig,
-        build_dataset_testbed,
-        build_synthetic_testbed,
-    )
+    ('0.8,0.1,0.1') also splits the requests by subject into splits.json; `english`
+    ('auto', 'none' or a file) the English a dataset testbed learns beside its facts."""
+    from seqedit.testbed.build import TestbedConfig, build_synthetic_testbed
+    from seqedit.testbed.dataset import build_dataset_testbed
     from seqedit.testbed.splits import SplitSpec
 
     if split is None and split_seed is not None:
         raise CliError("--split-seed goes with --split")
     spec = None if split is None else SplitSpec.parse(split, seed=split_seed or 0)
-    config = TestbedConfig.model_validate({"seed": seed, "architecture": architecture})
     if dataset is not None:
         return build_dataset_testbed(
-            out, dataset, limit=limit, config=config, progress=progress, split=spec
-        )
+            out, dataset, limit=limit, seed=seed, architecture=architecture,
+            english=None if english == "none" else english, progress=progress, split=spec,
+        )  # fmt: skip
+    if english != "auto":
+        raise CliError("--english goes with --dataset; a synthetic world is facts only")
+    config = TestbedConfig.model_validate({"seed": seed, "architecture": architecture})
     if limit is not None:
         raise CliError("--limit goes with --dataset; --synthetic N already sets the size")
     assert synthetic is not None
@@ -274,9 +276,7 @@ CAMPAIGN_PLOTS = (
 """The plots of one campaign, in the order `seqedit plot` and `seqedit report` write them."""
 
 
-def campaign_plots(
-    campaign_dir: Where, out: Where | None = None
-) -> list[tuple[str, Location]]:
+def campaign_plots(campaign_dir: Where, out: Where | None = None) -> list[tuple[str, Location]]:
     """Write a campaign's plots; (caption, path) of each. Files: `<campaign>/<name>.png`,
     or with `out` the first plot at `out` and the others at `<out stem>-<name>.png`.
     Raises when there is nothing to plot yet."""

@@ -50,6 +50,7 @@ def cmd_testbed_build(args: argparse.Namespace) -> None:
         architecture=args.architecture,
         split=args.split,
         split_seed=args.split_seed,
+        english=args.english,
     )
     sizes = report.split_sizes
     split = "" if sizes is None else ", split " + " / ".join(f"{n} {k}" for n, k in sizes.items())
@@ -57,6 +58,11 @@ def cmd_testbed_build(args: argparse.Namespace) -> None:
         f"testbed: {report.n_facts} facts, top-1 recall {report.recall:.1%}, "
         f"trained in {report.train_seconds:.1f}s ({report.steps} steps){split} -> {args.out}"
     )
+    if report.heldout_perplexity is not None:
+        print(
+            f"a language model: held-out English perplexity {report.heldout_perplexity:.1f}, "
+            f"{report.n_support} support records (closure under targets)"
+        )
 
 
 def cmd_stats_build(args: argparse.Namespace) -> None:

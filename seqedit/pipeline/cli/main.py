@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "0.8,0.1,0.1 (the model still learns every fact)")  # fmt: skip
     build.add_argument("--split-seed", type=int, default=None,
                        help="seed of the split's subject shuffle (default 0)")  # fmt: skip
+    build.add_argument("--english", default="auto", metavar="auto|none|FILE",
+                       help="with --dataset: English text learned beside the facts, making "
+                       "the testbed a language model; auto (default) finds "
+                       "english_wordnet.txt in $SEQEDIT_ENGLISH or ../shared/data; none: "
+                       "facts only")  # fmt: skip
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     build.set_defaults(func=cmd_testbed_build)
 
@@ -116,8 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
         "submit", help="submit a campaign to a Ray cluster as a job (no --address: run here)"
     )
     submit.add_argument("spec", type=Path, help="campaign YAML (on storage every node sees)")
-    submit.add_argument("--out", required=True, type=_where,
-                        help="campaign directory every node reaches: a shared path or a URI")
+    submit.add_argument(
+        "--out",
+        required=True,
+        type=_where,
+        help="campaign directory every node reaches: a shared path or a URI",
+    )
     submit.add_argument("--address", default=None,
                         help="a job server (http://HEAD:8265: submitted as a Ray job), or "
                         "auto / ray://HEAD:10001 / HEAD:6379 (the driver runs here, its "
@@ -266,8 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     plot = sub.add_parser("plot", help="PNGs of a campaign's degradation curve and health")
     plot.add_argument("campaign_dir", type=_where, help=WHERE_HELP)
-    plot.add_argument("--out", type=_where, default=None,
-                      help="default: <campaign>/degradation.png")
+    plot.add_argument(
+        "--out", type=_where, default=None, help="default: <campaign>/degradation.png"
+    )
     plot.set_defaults(func=cmd_plot)
 
     report = sub.add_parser(
