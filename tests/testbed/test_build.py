@@ -19,12 +19,12 @@ from seqedit.testbed.build import (
     PackedRows,
     TestbedConfig,
     TestbedReport,
-    build_dataset_testbed,
     build_synthetic_testbed,
     build_testbed,
     first_token_hits,
     load_testbed,
 )
+from seqedit.testbed.dataset import build_dataset_testbed
 from seqedit.testbed.world import fact_statements, synthetic_world, write_counterfact
 from seqedit.workers.model_io import load_model
 
@@ -110,7 +110,9 @@ def test_build_leaves_the_callers_torch_state_alone(tmp_path: Path) -> None:
 
 def test_dataset_build_records_the_source_and_its_hash(tmp_path: Path) -> None:
     data = write_counterfact(synthetic_world(15, 2), tmp_path / "cf.json")
-    report = build_dataset_testbed(tmp_path / "tb", data, limit=10, config=SHORT, progress=False)
+    report = build_dataset_testbed(
+        tmp_path / "tb", data, limit=10, config=SHORT, english=None, progress=False
+    )
     assert report.source == str(data)
     assert report.source_sha256 == file_sha256(data)
     assert report.case_ids == list(range(10))
