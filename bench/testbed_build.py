@@ -3,10 +3,11 @@
     .venv/bin/python bench/testbed_build.py [--data ../shared/data] [--out runs/bench-testbed]
 
 Builds, with the default configuration (no flags), the synthetic-300 testbed (seed 0) and
-a testbed of the first 300 records of `counterfact_dev.json`, and prints one line each:
-facts, steps trained, top-1 recall and seconds. Exits 1 when a build's recall is under 90 %
-(the shipped defaults must teach their facts). Each build takes about two minutes on the
-2-core machine, which is why this is a benchmark and not a unit test.
+a testbed of the first 300 records of `counterfact_dev.json` (by default a language model:
+English from ../shared beside the facts), and prints one line each: facts, steps trained,
+top-1 recall and seconds. Exits 1 when a build's recall is under 90 % (the shipped
+defaults must teach their facts). The builds take about 1.5 and 5 minutes on the 2-core
+machine, which is why this is a benchmark and not a unit test.
 """
 
 from __future__ import annotations
