@@ -19,11 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from seqedit.methods.generation import generate_texts
 from seqedit.methods.locality import perplexity
 from seqedit.schemas.loaders import load_requests
 from seqedit.testbed.build import HELDOUT_FILE, load_testbed
@@ -34,17 +34,10 @@ PROMPTS = ("The river", "A small house", "Music means", "The mother tongue of", 
 
 
 def generations(editor: SequentialEditor, tokens: int = 12) -> list[str]:
-    """Greedy continuations of PROMPTS (no special tokens, as the testbed was trained)."""
-    out = []
-    for prompt in PROMPTS:
-        ids = editor.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-        with torch.no_grad():
-            gen = editor.model.generate(
-                **ids, max_new_tokens=tokens, do_sample=False,
-                pad_token_id=editor.tokenizer.eos_token_id,
-            )  # fmt: skip
-        out.append(editor.tokenizer.decode(gen[0], skip_special_tokens=True))
-    return out
+    """Greedy continuations of PROMPTS (top_k=1 of the generation metrics' decoder)."""
+    return generate_texts(
+        editor.model, editor.tokenizer, PROMPTS, max_new_tokens=tokens, top_k=1, generator=None
+    )
 
 
 def main() -> None:

@@ -178,10 +178,10 @@ def _write_inputs(
 ) -> None:
     """The requests (JSONL), the corpus of statements and the splits (if any), beside the
     model."""
-    with (out / REQUESTS_FILE).open("w", encoding="utf-8") as handle:
-        handle.writelines(r.model_dump_json() + "\n" for r in requests)
-    with (out / CORPUS_FILE).open("w", encoding="utf-8") as handle:
-        handle.writelines(json.dumps({"text": s}, ensure_ascii=False) + "\n" for s in statements)
+    _write_jsonl(out / REQUESTS_FILE, [r.model_dump_json() for r in requests])
+    _write_jsonl(
+        out / CORPUS_FILE, [json.dumps({"text": s}, ensure_ascii=False) for s in statements]
+    )
     if splits is not None:
         write_splits(out, splits)
 

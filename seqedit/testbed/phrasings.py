@@ -84,11 +84,7 @@ def relation_phrasings(records: Iterable[EditRequest]) -> dict[str, tuple[str, .
 def subject_phrasings(
     request: EditRequest, phrasings: dict[str, tuple[str, ...]], limit: int
 ) -> list[str]:
-    """Up to `limit` other filled phrasings of `request`'s relation about its subject (the
-    rewrite prompt and paraphrases not counted), most used first."""
-    own = {request.prompt}
-    out: list[str] = []
-    for template in phrasings.get(request.prompt, ()):
-        if template not in own and len(out) < limit:
-            out.append(template.replace("{}", request.subject, 1))
-    return out
+    """Up to `limit` filled phrasings of `request`'s relation about its subject, its own
+    prompt template left out, most used first."""
+    others = [t for t in phrasings.get(request.prompt, ()) if t != request.prompt]
+    return [t.replace("{}", request.subject, 1) for t in others[:limit]]

@@ -91,11 +91,6 @@ class PackedRows:
         """Tokens in the statements, each counted once (no fragments, no separators)."""
         return sum(map(len, self._bare))
 
-    @property
-    def n_english_tokens(self) -> int:
-        """Tokens in the English sentences, each counted once."""
-        return sum(map(len, self._english))
-
     def _rand(self, high: int) -> int:
         return int(torch.randint(high, (1,), generator=self._gen))
 
