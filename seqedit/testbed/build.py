@@ -11,6 +11,8 @@ standard Hugging Face model directory:
     splits.json       with `split=`: train/validation/test case_ids, no subject shared
     corpus.jsonl      the training statements, {"text": ...} per line (a covariance corpus)
     testbed.json      TestbedReport, written last: its presence marks a complete build
+    training-checkpoint.pt   only while training: the loop's state at the last recall
+                      check; a build run again with the same inputs resumes from it
 
 Training is deterministic for a seed on a given machine, torch version and thread count:
 the model is initialised under a forked, seeded RNG (the caller's RNG state is untouched)
@@ -38,6 +40,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 from seqedit.files import file_sha256
 from seqedit.methods.locality import perplexity
 from seqedit.schemas.requests import EditRequest, spaced
+from seqedit.testbed.build_process import quiet_build
+from seqedit.testbed.checkpoint import CHECKPOINT_FILE, TrainingCheckpoint, build_fingerprint
 from seqedit.testbed.english import EnglishText
 from seqedit.testbed.phrasings import relation_phrasings, subject_phrasings
 from seqedit.testbed.splits import (
@@ -57,7 +61,6 @@ from seqedit.testbed.train import (
     init_model,
     mean_or_none,
     pair_recall,
-    quiet_build,
     train_model,
 )
 from seqedit.testbed.world import TestbedError, fact_statements, synthetic_world
@@ -237,7 +240,9 @@ def build_testbed(
     as testbed.json, last). `split` also writes splits.json (`testbed.splits`; made before
     training, so an impossible split fails fast; the model still learns every fact). Raises
     TestbedError for no requests, a request without target_true or an impossible split.
-    Existing files in `out_dir` are overwritten, an earlier splits.json removed.
+    Existing files in `out_dir` are overwritten, an earlier splits.json removed; training
+    saves its state at each recall check, so a killed build run again with the same inputs
+    resumes (`checkpoint`) and ends with the weights an uninterrupted build would have.
     """
     config = config or TestbedConfig.for_facts(len(requests))
     if seed is not None:
@@ -260,9 +265,15 @@ def build_testbed(
     assert eos_id == 0, "the BPE trainer puts the first special token at id 0"
 
     rewrite = ([r.filled_prompt for r in requests], [r.target_true or "" for r in requests])
+    checkpoint = TrainingCheckpoint(
+        out / CHECKPOINT_FILE,
+        build_fingerprint(config.model_dump_json(), tokenizer, statements, english_train),
+    )
     with quiet_build():
         model = init_model(config, len(tokenizer), eos_id)
-        run = train_model(model, tokenizer, rows, rewrite, config, progress=progress)
+        run = train_model(
+            model, tokenizer, rows, rewrite, config, progress=progress, checkpoint=checkpoint
+        )
         model.eval()
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
@@ -304,6 +315,7 @@ def build_testbed(
         ),
     )
     (out / REPORT_FILE).write_text(report.model_dump_json(indent=1) + "\n", encoding="utf-8")
+    checkpoint.remove()
     log.info("testbed %s: recall %.3f after %d steps (%.1f s)",
              out, report.recall, run.steps, report.total_seconds)  # fmt: skip
     return report

@@ -7,7 +7,7 @@ Every random choice comes from a private, seeded `torch.Generator`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Final
+from typing import Any, Final
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -85,6 +85,21 @@ class PackedRows:
         self._context_prob = context_prob
         self._gen = generator
         self._queue: list[int] = []
+
+    def state(self) -> dict[str, Any]:
+        """Where the stream stands: the generator's state and both queues (for a resumable
+        build; `restore` continues the stream exactly)."""
+        return {
+            "generator": self._gen.get_state(),
+            "queue": list(self._queue),
+            "english_queue": list(self._english_queue),
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue the stream from a `state()`."""
+        self._gen.set_state(state["generator"])
+        self._queue = list(state["queue"])
+        self._english_queue = list(state["english_queue"])
 
     @property
     def n_tokens(self) -> int:
