@@ -80,6 +80,18 @@ language and the subjects' facts, as Wikipedia does for the original ROME/MEMIT 
 along them: docs/methods.md)."""
 
 
+def covariance_corpus(statements: Sequence[str], english: Sequence[str]) -> list[str]:
+    """corpus.jsonl's texts: the first `CORPUS_ENGLISH` English sentences and the
+    statements, repeated as often as they fit into the English whole times (at least once),
+    so that facts weigh about as much as the language, as a subject's facts recur across
+    Wikipedia. On the CounterFact-300 builds, the facts 3 times (instead of once) beside
+    10,000 sentences raised ROME's NS from 0.66 to 0.73 on the dev build and from 0.72 to
+    0.76 on the held-out one (docs/methods.md)."""
+    english = english[:CORPUS_ENGLISH]
+    repeats = max(1, len(english) // max(1, len(statements))) if english else 1
+    return [*statements * repeats, *english]
+
+
 def _write_jsonl(path: Path, lines: Sequence[str]) -> None:
     with path.open("w", encoding="utf-8") as handle:
         handle.writelines(line + "\n" for line in lines)
@@ -231,8 +243,8 @@ def build_testbed(
     `support` records are learned too but never edited (`closure`: they make every
     target_new something the model says); they go to support.jsonl. With `english`, the
     model also learns its training sentences (`config.english_share` of the items), the
-    corpus (covariance) adds `CORPUS_ENGLISH` of them to the facts, and the held-out
-    sentences go to heldout.jsonl.
+    corpus (covariance) is `covariance_corpus` of the facts and those sentences, and the
+    held-out sentences go to heldout.jsonl.
 
     `seed` (when given) overrides `config.seed`. `source` names where the requests came
     from (a dataset path or "synthetic:N:seed"); when it is an existing file and no
@@ -278,7 +290,7 @@ def build_testbed(
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
 
-    _write_inputs(out, requests, [*statements, *english_train[:CORPUS_ENGLISH]], splits)
+    _write_inputs(out, requests, covariance_corpus(statements, english_train), splits)
     _write_jsonl(out / SUPPORT_FILE, [r.model_dump_json() for r in support])
     if english is not None:
         _write_jsonl(out / HELDOUT_FILE, [json.dumps({"text": t}) for t in english.heldout])

@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from seqedit.schemas.requests import EditRequest, LocalityPrompt
-from seqedit.testbed.build import CORPUS_FILE, HELDOUT_FILE, SUPPORT_FILE, TestbedConfig
+from seqedit.testbed.build import (
+    CORPUS_ENGLISH,
+    CORPUS_FILE,
+    HELDOUT_FILE,
+    SUPPORT_FILE,
+    TestbedConfig,
+    covariance_corpus,
+)
 from seqedit.testbed.closure import SYNTHETIC_CASE_BASE, close_under_targets
 from seqedit.testbed.dataset import build_dataset_testbed
 from seqedit.testbed.english import ENGLISH_ENV, EnglishText, EnglishTextError, find_english
@@ -133,6 +140,16 @@ def test_packed_rows_mix_english_at_its_share() -> None:
     assert english[0] == 0
     assert 0.35 < english[1] / (english[1] + facts[1]) < 0.65
     assert torch.equal(rows(0.5), rows(0.5))
+
+
+def test_covariance_corpus_weighs_the_facts_like_the_english() -> None:
+    facts = ["a is b", "c is d", "e is f"]
+    english = [f"sentence {i}" for i in range(CORPUS_ENGLISH + 5)]
+    corpus = covariance_corpus(facts, english)
+    assert corpus.count("a is b") == CORPUS_ENGLISH // 3
+    assert corpus[-CORPUS_ENGLISH:] == english[:CORPUS_ENGLISH]
+    assert covariance_corpus(facts, english[:2]) == [*facts, *english[:2]]  # at least once
+    assert covariance_corpus(facts, []) == facts  # facts-only builds: each fact once
 
 
 # --- end to end ----------------------------------------------------------------------------
