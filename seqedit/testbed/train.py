@@ -92,7 +92,7 @@ class TestbedConfig(BaseModel):
         default=2_000,
         ge=1,
         description="Rewrite prompts a recall check scores (the first ones; the report "
-        "scores all): a 10,000-fact check would cost as much as 30 steps.",
+        "scores all), so that the checks of a 10,000-fact build stay cheap.",
     )
     target_recall: float | None = Field(
         default=0.97, gt=0, le=1, description="Stop once rewrite recall reaches this (None: never)."
@@ -102,8 +102,7 @@ class TestbedConfig(BaseModel):
         description="The same training to float rounding in about 10 % less time per "
         "step: the LM head scores labelled positions only, and GPT-2/GPT-J run the tanh "
         "GELU as one fused kernel (gelu_pytorch_tanh). Off by default, so that configs "
-        "made before it keep "
-        "their exact weights.",
+        "made before it keep their exact weights.",
     )
     seed: int = 0
 
