@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -22,6 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
+from seqedit.files import write_atomic
 from seqedit.testbed.text import PackedRows
 from seqedit.testbed.world import TestbedError
 
@@ -81,9 +81,12 @@ class TrainingCheckpoint:
             "schedule": schedule.state_dict(),
             "rows": rows.state(),
         }
-        partial = self.path.with_name(self.path.name + ".partial")
-        torch.save(state, partial)
-        os.replace(partial, self.path)
+
+        def write(tmp: Path) -> None:
+            with tmp.open("wb") as handle:  # torch's zip writer refuses the ".tmp-" name
+                torch.save(state, handle)
+
+        write_atomic(self.path, write)
 
     def resume(
         self,
@@ -119,4 +122,3 @@ class TrainingCheckpoint:
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
-        self.path.with_name(self.path.name + ".partial").unlink(missing_ok=True)

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from seqedit.testbed.train import TestbedArchitecture, TestbedConfig, init_model, next_token_loss
 
-ARCHITECTURES: tuple[TestbedArchitecture, ...] = (
-    "gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2",
-)  # fmt: skip
+ARCHITECTURES = list(get_args(TestbedArchitecture))
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
