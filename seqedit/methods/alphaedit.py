@@ -281,7 +281,7 @@ def _load_state(context: AlphaEditContext, state: SequentialState) -> None:
     context.cache_c = cache
 
 
-def _modules(config: AlphaEditConfig, names: ModuleNames) -> list[str]:
+def _modules(config: AlphaEditConfig, names: ModuleNames, _n_layers: int) -> list[str]:
     return rewrite_modules(list(config.layers), names)
 
 

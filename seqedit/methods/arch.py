@@ -219,3 +219,25 @@ def layer_and_role(parameter: str) -> tuple[int, str]:
         f"{module!r} is no block module of {', '.join(supported_model_types())}; "
         "give `layer` and `role` instead"
     )
+
+
+def role_of_module(name: str) -> str:
+    """The role of a block module given by its last name part(s), as peft's `target_modules`
+    names them (`c_attn`, `q_proj`, `attn.c_proj`), in the families seqedit knows; an
+    ambiguous name (`c_proj`: GPT-2's attention and MLP output) must give more parts."""
+    found: dict[str, set[str]] = {}
+    for family in supported_model_types():
+        names = _NAMES[family]
+        for role in ("mlp_out", *names.roles):
+            path = names.module(role, 0).split(".0.", 1)[1]
+            if path == name or path.endswith("." + name):
+                found.setdefault(role, set()).add(f"{family} {path}")
+    if len(found) == 1:
+        return next(iter(found))
+    if not found:
+        raise ValueError(
+            f"{name!r} names no block module of {', '.join(supported_model_types())}; "
+            "give `roles` instead"
+        )
+    seen = "; ".join(f"{role}: {', '.join(sorted(where))}" for role, where in sorted(found.items()))
+    raise ValueError(f"{name!r} is ambiguous ({seen}); give more of the name, or `roles`")

@@ -14,21 +14,21 @@ alpha 0.99 the preference term is a 1 % regulariser; alpha 1 is the `lora` SFT l
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 from pydantic import Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from seqedit.methods.adapter_losses import completion_logprobs, dpo_loss, sft_loss
-from seqedit.methods.config import names_for
-from seqedit.methods.keys_values import frozen_parameters, model_device
+from seqedit.methods.keys_values import model_device
 from seqedit.methods.lora import (
-    Adapter,
     LoraConfig,
-    adapted_modules,
+    LoraContext,
+    adapter_result,
     completion_batch,
-    module_shape,
+    method_record,
+    new_adapter,
+    train_adapter,
 )
 from seqedit.methods.updates import EditResult
 from seqedit.schemas.requests import EditRequest
@@ -50,9 +50,8 @@ class DpoConfig(LoraConfig):
 def rejected_target(request: EditRequest) -> str:
     """The completion DPO pushes down: `target_neg` where the record has one, else the true
     answer."""
-    negative = getattr(request, "target_neg", None)
-    if negative:
-        return str(negative)
+    if request.target_neg:
+        return request.target_neg
     if not request.target_true:
         raise ValueError(f"case {request.case_id}: DPO needs target_neg or target_true")
     return request.target_true
@@ -63,13 +62,11 @@ def dpo_edit(
     tokenizer: PreTrainedTokenizerBase,
     request: EditRequest,
     config: DpoConfig,
+    context: LoraContext,
 ) -> EditResult:
-    """Train a fresh adapter with the DPO loss; return its merged update (model untouched)."""
-    names = names_for(model, config)
-    modules = adapted_modules(config, names, model.config.num_hidden_layers)
-    shapes = {m: module_shape(model, m, names.rewrite_weight_transposed) for m in modules}
+    """Train the adapter with the DPO loss; return the weight change (model untouched)."""
+    adapter = new_adapter(model, config, context)
     device = model_device(model)
-    adapter = Adapter(shapes, config, device)
     rejected = request.model_copy(update={"target_new": rejected_target(request)})
     chosen_ids, chosen_labels = completion_batch(tokenizer, request, device)
     rejected_ids, rejected_labels = completion_batch(tokenizer, rejected, device)
@@ -78,41 +75,30 @@ def dpo_edit(
             completion_logprobs(model(input_ids=chosen_ids).logits, chosen_labels),
             completion_logprobs(model(input_ids=rejected_ids).logits, rejected_labels),
         )
-    optimizer = torch.optim.Adam(
-        adapter.parameters(), lr=config.lr, weight_decay=config.weight_decay
-    )
-    initial_loss = initial_nll = math.nan
-    with frozen_parameters(model):
-        for _ in range(config.num_steps):
-            with adapter.installed(model, training=True):
-                chosen_logits = model(input_ids=chosen_ids).logits
-                rejected_logits = model(input_ids=rejected_ids).logits
-            nll = sft_loss(chosen_logits, chosen_labels)
-            policy = (
-                completion_logprobs(chosen_logits, chosen_labels),
-                completion_logprobs(rejected_logits, rejected_labels),
-            )
-            loss = dpo_loss(nll, policy, reference, alpha=config.alpha, beta=config.beta)
-            if math.isnan(initial_loss):
-                initial_loss, initial_nll = float(loss.detach()), float(nll.detach())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        with torch.no_grad(), adapter.installed(model, training=False):
-            final_nll = float(sft_loss(model(input_ids=chosen_ids).logits, chosen_labels))
-    deltas = adapter.deltas()
-    norm = math.sqrt(sum(float((d.left @ d.right.T).norm()) ** 2 for d in deltas))
-    log.info("DPO case %d: loss %.4f at the start, NLL %.4f -> %.4f, ||dW|| %.4g",
-             request.case_id, initial_loss, initial_nll, final_nll, norm)  # fmt: skip
-    return EditResult(
-        updates=list(deltas),
-        loss=final_nll,
-        steps=config.num_steps,
-        key=torch.empty(0),
-        value=torch.empty(0),
-        initial_loss=initial_nll,
-        initial_target_prob=math.exp(-initial_nll),
-        target_prob=math.exp(-final_nll),
-        update_norm=norm,
-        extras={"initial_dpo_loss": initial_loss},
-    )
+
+    def nll() -> torch.Tensor:
+        return sft_loss(model(input_ids=chosen_ids).logits, chosen_labels)
+
+    def loss() -> torch.Tensor:
+        chosen_logits = model(input_ids=chosen_ids).logits
+        rejected_logits = model(input_ids=rejected_ids).logits
+        policy = (
+            completion_logprobs(chosen_logits, chosen_labels),
+            completion_logprobs(rejected_logits, rejected_labels),
+        )
+        chosen_nll = sft_loss(chosen_logits, chosen_labels)
+        return dpo_loss(chosen_nll, policy, reference, alpha=config.alpha, beta=config.beta)
+
+    before, after = train_adapter(model, adapter, config, loss, nll)
+    log.info("DPO case %d: NLL of target_new %.4f -> %.4f", request.case_id, before, after)
+    return adapter_result(adapter, before, after, config, context)
+
+
+DPO = method_record(
+    "dpo",
+    DpoConfig,
+    dpo_edit,
+    "DPO",
+    quick_hparams={"layers": [0], "num_steps": 10, "lr": 1e-2, "lora_dropout": 0.0},
+    testbed_hparams={"num_steps": 30, "lr": 5e-3},
+)

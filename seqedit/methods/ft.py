@@ -279,7 +279,7 @@ def _edit(
     return ft_edit(model, tokenizer, request, config)
 
 
-def _modules(config: FtConfig, names: ModuleNames) -> list[str]:
+def _modules(config: FtConfig, names: ModuleNames, _n_layers: int) -> list[str]:
     return rewrite_modules([config.layer], names)
 
 

@@ -1,30 +1,37 @@
 """LoRA: an edit trained as a low-rank adapter on some linear maps of every (or listed)
-block, then merged (EasyEdit's LoRA editor, Hu et al. 2021).
+block (EasyEdit's LoRA editor, Hu et al. 2021).
 
 For each target module with weight W (d_out, d_in), the adapter adds
-    h = W x + (alpha / r) * B A dropout(x),    A (r, d_in), B (d_out, r)
-with A drawn like peft's (Kaiming-uniform, a = sqrt(5)) and B = 0, so training starts at
-the unedited model. A and B are trained with Adam on the request's target tokens after its
-prompt (`adapter_losses.sft_loss`; prompt masked), every base weight frozen. The edit is
-dW = (alpha / r) B A per module, logged as low-rank factors: left (alpha / r) B (d_out, r),
-right A^T (d_in, r).
+    h = W x + s * B A dropout(x),    A (r, d_in), B (d_out, r),  s = lora_alpha / r
+trained with Adam on the request's target tokens after its prompt (`adapter_losses.sft_loss`;
+prompt masked), every base weight frozen. Two sequential modes:
+  * `continue` (EasyEdit's): one adapter across all edits. Edit t starts from the factors
+    (A, B) that edit t-1 left (the sequential state; the first edit starts from peft's
+    init, A Kaiming-uniform with a = sqrt(5), B = 0) and trains them to (A', B'). The model
+    already holds s B A merged, so the step logged is the change s (B' A' - B A): left
+    [s B', -s B] (d_out, 2r), right [A', A]^T (d_in, 2r) (the first edit too: B = 0 there).
+  * `merge`: a fresh adapter per edit, merged: left s B (d_out, r), right A^T (d_in, r).
+Either way the weights after t edits are W + s B_t A_t (continue) or W plus the sum of the
+merged adapters (merge), and `seqedit export --format peft` writes them as a peft adapter.
 
 Departures from EasyEdit's `lora_main.py`, on purpose:
   * a plain LoRA adapter (EasyEdit's gpt2-xl file asks peft for AdaLoRA);
   * prompt and target are tokenised separately and joined (as `scoring` does), with no
     end-of-text token after the target (EasyEdit trains "<prompt> <target> <|endoftext|>");
   * the adapter runs as forward hooks on our module names (Conv1D and nn.Linear alike),
-    not by wrapping modules with peft; the math is peft's. `seqedit export` writes the
-    edits in peft's format.
+    not by wrapping modules with peft; the math is peft's. In `continue` mode dropout
+    touches only the new step's change s (B'A' - BA) x, not the merged s B A x (the same
+    function as peft's when dropout is off: at evaluation, and with `lora_dropout: 0`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -32,13 +39,25 @@ from pydantic import Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from seqedit.methods.adapter_losses import IGNORE, sft_loss
-from seqedit.methods.arch import ModuleNames, module_weight
+from seqedit.methods.arch import ModuleNames, module_weight, role_of_module
 from seqedit.methods.config import MethodConfig, names_for
 from seqedit.methods.keys_values import frozen_parameters, model_device
-from seqedit.methods.updates import EditResult, LowRankDelta
+from seqedit.methods.method import (
+    Derived,
+    EditMethod,
+    Footprint,
+    HparamsImport,
+    SequentialState,
+    edited_shapes,
+    empty,
+)
+from seqedit.methods.updates import EditResult, LowRankDelta, Update
 from seqedit.schemas.requests import EditRequest, spaced
 
 log = logging.getLogger(__name__)
+
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+"""module -> (A (r, d_in), B (d_out, r)), float32."""
 
 
 class LoraConfig(MethodConfig):
@@ -62,7 +81,12 @@ class LoraConfig(MethodConfig):
     )
     lr: float = Field(default=5e-3, gt=0, description="Adam learning rate.")
     num_steps: int = Field(default=30, ge=1, description="Adam steps per edit.")
-    weight_decay: float = Field(default=0.0, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0, description="Adam's (L2) weight decay.")
+    mode: Literal["continue", "merge"] = Field(
+        default="continue",
+        description="`continue`: one adapter trained on across edits (EasyEdit); `merge`: a "
+        "fresh adapter per edit, merged into the weights.",
+    )
 
 
 def adapted_roles(config: LoraConfig, names: ModuleNames) -> list[str]:
@@ -73,46 +97,79 @@ def adapted_roles(config: LoraConfig, names: ModuleNames) -> list[str]:
 
 
 def adapted_modules(config: LoraConfig, names: ModuleNames, n_layers: int) -> list[str]:
-    """Dotted names of the adapted modules, block by block."""
+    """Dotted names of the adapted modules, block by block (every block when `layers` is [])."""
+    outside = [layer for layer in config.layers if not 0 <= layer < n_layers]
+    if outside:
+        raise ValueError(f"layers {outside}: the model has blocks 0-{n_layers - 1}")
     layers = config.layers or list(range(n_layers))
     roles = adapted_roles(config, names)
     return [names.module(role, layer) for layer in layers for role in roles]
 
 
-def module_shape(model: PreTrainedModel, module: str, transposed: bool) -> tuple[int, int]:
-    """(d_out, d_in) of a module's weight in the math convention."""
-    weight, is_transposed = module_weight(model, module, transposed)
-    rows, cols = weight.shape
-    return (int(cols), int(rows)) if is_transposed else (int(rows), int(cols))
+def module_shapes(model: PreTrainedModel, config: LoraConfig) -> dict[str, tuple[int, int]]:
+    """Adapted module -> (d_out, d_in) of its weight in the math convention."""
+    return edited_shapes(model, config, adapted_modules)
+
+
+@dataclass
+class LoraContext:
+    """Per-campaign LoRA state: in `continue` mode the adapter's factors after the last edit
+    (the SEQUENTIAL state; empty before the first edit and in `merge` mode)."""
+
+    factors: Factors = field(default_factory=dict)
 
 
 class Adapter:
-    """Trainable A (r, d_in) and B (d_out, r) per module, added to its output by hooks."""
+    """Trainable A (r, d_in) and B (d_out, r) per module, added to its output by hooks.
+
+    With `start` (continue mode) A and B begin at its factors (A0, B0), or at a fresh init
+    (A0, 0) for a module it lacks (the first edit), and the hooks add only the change
+    s (B A - B0 A0) x: the model already holds s B0 A0. Every continued step is then rank 2r.
+    """
 
     def __init__(
-        self, shapes: dict[str, tuple[int, int]], config: LoraConfig, device: torch.device
+        self,
+        shapes: dict[str, tuple[int, int]],
+        config: LoraConfig,
+        device: torch.device,
+        start: Factors | None = None,
     ) -> None:
         self.scale = config.lora_alpha / config.rank
         self.dropout = config.lora_dropout
-        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.start: Factors = {}
+        self.factors: Factors = {}
         for module, (d_out, d_in) in shapes.items():
-            a = torch.empty(config.rank, d_in, device=device)
-            torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-            b = torch.zeros(d_out, config.rank, device=device)
+            if start is not None and module in start:
+                a, b = (t.detach().clone().to(device) for t in start[module])
+            else:
+                a = torch.empty(config.rank, d_in, device=device)
+                torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+                b = torch.zeros(d_out, config.rank, device=device)
+            if start is not None:  # continued: the change is counted from (A0, B0)
+                self.start[module] = (a.clone(), b.clone())
             self.factors[module] = (a.requires_grad_(True), b.requires_grad_(True))
 
     def parameters(self) -> list[torch.Tensor]:
         return [t for pair in self.factors.values() for t in pair]
 
+    def _change(self, module: str, x: torch.Tensor) -> torch.Tensor:
+        """s (B A - B0 A0) x for x (..., d_in) -> (..., d_out)."""
+        a, b = self.factors[module]
+        out = x @ a.T @ b.T
+        if module in self.start:
+            a0, b0 = (t.to(x.device) for t in self.start[module])
+            out = out - x @ a0.T @ b0.T
+        return self.scale * out
+
     @contextmanager
     def installed(self, model: PreTrainedModel, *, training: bool) -> Iterator[None]:
         """The adapter's forward hooks on `model`, removed on exit."""
         handles = []
-        for module, (a, b) in self.factors.items():
+        for module in self.factors:
 
-            def hook(_mod: Any, args: tuple[Any, ...], out: torch.Tensor, a=a, b=b) -> Any:
+            def hook(_mod: Any, args: tuple[Any, ...], out: torch.Tensor, module=module) -> Any:
                 x = F.dropout(args[0], self.dropout, training=training)
-                return out + self.scale * (x.to(a.dtype) @ a.T @ b.T).to(out.dtype)
+                return out + self._change(module, x.to(torch.float32)).to(out.dtype)
 
             handles.append(model.get_submodule(module).register_forward_hook(hook))
         try:
@@ -121,12 +178,22 @@ class Adapter:
             for handle in handles:
                 handle.remove()
 
+    def trained(self) -> Factors:
+        """The trained (A, B) per module, detached copies."""
+        return {m: (a.detach().clone(), b.detach().clone()) for m, (a, b) in self.factors.items()}
+
     def deltas(self) -> list[LowRankDelta]:
-        """dW = scale B A per module, as left (d_out, r) and right (d_in, r) factors."""
-        return [
-            LowRankDelta(module, (self.scale * b).detach().clone(), a.detach().T.contiguous())
-            for module, (a, b) in self.factors.items()
-        ]
+        """The weight change per module as low-rank factors: s B A (fresh adapter), or
+        s (B A - B0 A0) as left [s B, -s B0] and right [A, A0]^T (continued one)."""
+        out = []
+        for module, (a, b) in self.trained().items():
+            left, right = self.scale * b, a.T
+            if module in self.start:
+                a0, b0 = self.start[module]
+                left = torch.cat([left, -self.scale * b0.to(b)], dim=1)
+                right = torch.cat([right, a0.to(a).T], dim=1)
+            out.append(LowRankDelta(module, left.contiguous(), right.contiguous()))
+        return out
 
 
 def completion_batch(
@@ -142,45 +209,192 @@ def completion_batch(
     return ids, labels
 
 
+def train_adapter(
+    model: PreTrainedModel,
+    adapter: Adapter,
+    config: LoraConfig,
+    loss_of: Callable[[], torch.Tensor],
+    nll_of: Callable[[], torch.Tensor],
+) -> tuple[float, float]:
+    """`config.num_steps` Adam steps on `loss_of()` (called with the adapter installed, in
+    training mode); returns (NLL before, NLL after) of the target (`nll_of`, no dropout)."""
+    optimizer = torch.optim.Adam(
+        adapter.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+    with frozen_parameters(model):
+        with torch.no_grad(), adapter.installed(model, training=False):
+            before = float(nll_of())
+        for _ in range(config.num_steps):
+            with adapter.installed(model, training=True):
+                loss = loss_of()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad(), adapter.installed(model, training=False):
+            after = float(nll_of())
+    return before, after
+
+
+def adapter_result(
+    adapter: Adapter, before: float, after: float, config: LoraConfig, context: LoraContext
+) -> EditResult:
+    """The edit's result (target NLL as loss); in continue mode the context's factors move
+    on to the trained ones."""
+    deltas = adapter.deltas()
+    norm = math.sqrt(sum(float((d.left @ d.right.T).norm()) ** 2 for d in deltas))
+    if config.mode == "continue":
+        context.factors = adapter.trained()
+    return EditResult(
+        updates=list(deltas),
+        loss=after,
+        steps=config.num_steps,
+        key=torch.empty(0),
+        value=torch.empty(0),
+        initial_loss=before,
+        initial_target_prob=math.exp(-before),
+        target_prob=math.exp(-after),
+        update_norm=norm,
+    )
+
+
+def new_adapter(model: PreTrainedModel, config: LoraConfig, context: LoraContext) -> Adapter:
+    """A fresh adapter (merge mode, or the first edit) or the context's, continued."""
+    start = context.factors if config.mode == "continue" else None
+    return Adapter(module_shapes(model, config), config, model_device(model), start)
+
+
 def lora_edit(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     request: EditRequest,
     config: LoraConfig,
+    context: LoraContext,
 ) -> EditResult:
-    """Train a fresh adapter on `request` and return its merged update (model untouched)."""
-    names = names_for(model, config)
-    modules = adapted_modules(config, names, model.config.num_hidden_layers)
-    shapes = {m: module_shape(model, m, names.rewrite_weight_transposed) for m in modules}
-    adapter = Adapter(shapes, config, model_device(model))
+    """Train the adapter on `request`; return the weight change (model untouched)."""
+    adapter = new_adapter(model, config, context)
     ids, labels = completion_batch(tokenizer, request, model_device(model))
-    optimizer = torch.optim.Adam(
-        adapter.parameters(), lr=config.lr, weight_decay=config.weight_decay
+
+    def nll() -> torch.Tensor:
+        return sft_loss(model(input_ids=ids).logits, labels)
+
+    before, after = train_adapter(model, adapter, config, nll, nll)
+    log.info("LoRA case %d on %d modules: NLL %.4f -> %.4f",
+             request.case_id, len(adapter.factors), before, after)  # fmt: skip
+    return adapter_result(adapter, before, after, config, context)
+
+
+# --- the method record, shared by `dpo` --------------------------------------------------------
+
+
+def prepare(
+    _model: PreTrainedModel,
+    _tokenizer: PreTrainedTokenizerBase,
+    _config: LoraConfig,
+    _second_moments: dict[int, torch.Tensor] | None,
+    _derived: Derived | None = None,
+    /,
+) -> LoraContext:
+    return LoraContext()
+
+
+_A, _B = "lora_a.", "lora_b."
+
+
+def state(context: LoraContext) -> SequentialState:
+    """{"lora_a.<module>": A (r, d_in), "lora_b.<module>": B (d_out, r)} copies."""
+    out = {}
+    for module, (a, b) in context.factors.items():
+        out[_A + module], out[_B + module] = a.clone(), b.clone()
+    return out
+
+
+def load_state(context: LoraContext, saved: SequentialState) -> None:
+    """Put saved adapter factors back (continue mode; empty before the first edit)."""
+    modules = [k[len(_A) :] for k in saved if k.startswith(_A)]
+    unknown = [k for k in saved if not k.startswith((_A, _B))]
+    missing = [m for m in modules if _B + m not in saved]
+    if unknown or missing or len(saved) != 2 * len(modules):
+        raise ValueError(f"LoRA state: not pairs of lora_a./lora_b. factors: {sorted(saved)}")
+    context.factors = {m: (saved[_A + m].clone(), saved[_B + m].clone()) for m in modules}
+
+
+def footprint_step(model: PreTrainedModel, config: LoraConfig, _n: int) -> list[Update]:
+    """Per adapted module left (d_out, k) and right (d_in, k) float32 factors: k = r in
+    merge mode, 2r in continue mode."""
+    k = config.rank * (2 if config.mode == "continue" else 1)
+    return [
+        LowRankDelta(m, empty(model, (d_out, k), torch.float32), empty(model, (d_in, k), torch.float32))
+        for m, (d_out, d_in) in module_shapes(model, config).items()
+    ]
+
+
+def footprint_state(model: PreTrainedModel, config: LoraConfig, edits: int) -> SequentialState:
+    """The continued adapter's A and B per module (none in merge mode or before an edit)."""
+    if config.mode != "continue" or edits == 0:
+        return {}
+    out = {}
+    for module, (d_out, d_in) in module_shapes(model, config).items():
+        out[_A + module] = empty(model, (config.rank, d_in), torch.float32)
+        out[_B + module] = empty(model, (d_out, config.rank), torch.float32)
+    return out
+
+
+def target_modules(value: Any) -> tuple[dict[str, Any], str]:
+    """EasyEdit's `target_modules` (peft's module names: ["c_attn"], ["q_proj", "v_proj"])
+    -> our `roles`."""
+    given = [value] if isinstance(value, str) else value
+    if not isinstance(given, list) or not given or not all(isinstance(v, str) for v in given):
+        raise ValueError(f"a list of module names, got {value!r}")
+    roles = [role_of_module(name) for name in given]
+    return {"roles": roles}, f"target_modules: {given} -> roles: {roles}"
+
+
+def lora_type(value: Any) -> tuple[dict[str, Any], str]:
+    """EasyEdit's `lora_type`: plain LoRA is ours; AdaLoRA (its gpt2-xl and DPO files) is read
+    as plain LoRA of the same rank, with a note."""
+    if value not in ("lora", "adalora"):
+        raise ValueError(f"'lora' or 'adalora', got {value!r}")
+    note = "lora_type: adalora -> a plain LoRA adapter of the same rank (seqedit has no "
+    return {}, (note + "AdaLoRA rank allocation)") if value == "adalora" else "lora_type: lora"
+
+
+def hparams_import(alg: str) -> HparamsImport:
+    """How EasyEdit's LoRA / DPO files read (the reference code has neither)."""
+    return HparamsImport(
+        easyedit_alg=alg,
+        dropped={
+            "kl_factor": "read by no EasyEdit LoRA/DPO code",
+            "norm_constraint": "read by no EasyEdit LoRA/DPO code",
+        },
+        converted={"target_modules": target_modules, "lora_type": lora_type},
     )
-    initial_loss = math.nan
-    with frozen_parameters(model):
-        for _ in range(config.num_steps):
-            with adapter.installed(model, training=True):
-                loss = sft_loss(model(input_ids=ids).logits, labels)
-            if math.isnan(initial_loss):
-                initial_loss = float(loss.detach())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        with torch.no_grad(), adapter.installed(model, training=False):
-            final_loss = float(sft_loss(model(input_ids=ids).logits, labels))
-    deltas = adapter.deltas()
-    norm = math.sqrt(sum(float((d.left @ d.right.T).norm()) ** 2 for d in deltas))
-    log.info("LoRA case %d on %d modules: loss %.4f -> %.4f, ||dW|| %.4g",
-             request.case_id, len(deltas), initial_loss, final_loss, norm)  # fmt: skip
-    return EditResult(
-        updates=list(deltas),
-        loss=final_loss,
-        steps=config.num_steps,
-        key=torch.empty(0),
-        value=torch.empty(0),
-        initial_loss=initial_loss,
-        initial_target_prob=math.exp(-initial_loss),
-        target_prob=math.exp(-final_loss),
-        update_norm=norm,
+
+
+def method_record(name: str, config_cls: type[LoraConfig], edit: Any, alg: str, **kw: Any) -> EditMethod:
+    """The `EditMethod` of an adapter-trained method (`lora`, `dpo`): everything but the
+    config, the edit and the hparams is shared."""
+    return EditMethod(
+        name=name,
+        version="1",
+        config_cls=config_cls,
+        layers=lambda config: list(config.layers),
+        modules=adapted_modules,
+        uses_second_moment=lambda config: False,
+        prepare=prepare,
+        edit=edit,
+        state=state,
+        load_state=load_state,
+        footprint=Footprint(step=footprint_step, state=footprint_state),
+        hparams_import=hparams_import(alg),
+        **kw,
     )
+
+
+LORA = method_record(
+    "lora",
+    LoraConfig,
+    lora_edit,
+    "LoRA",
+    quick_hparams={"layers": [0], "num_steps": 10, "lr": 1e-2, "lora_dropout": 0.0},
+    testbed_hparams={"num_steps": 30, "lr": 5e-3},
+)

@@ -380,7 +380,7 @@ def memit_batch(
     )
 
 
-def _modules(config: MemitConfig, names: ModuleNames) -> list[str]:
+def _modules(config: MemitConfig, names: ModuleNames, _n_layers: int) -> list[str]:
     return rewrite_modules(list(config.layers), names)
 
 

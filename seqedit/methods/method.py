@@ -180,8 +180,9 @@ class Footprint:
     state: StateAfter = no_state_after
 
 
-Modules = Callable[[Any, ModuleNames], list[str]]
-"""(config, the model's module names) -> the dotted names of the linear maps it edits."""
+Modules = Callable[[Any, ModuleNames, int], list[str]]
+"""(config, the model's module names, its number of blocks) -> the dotted names of the
+linear maps it edits (the block count resolves "every block", as LoRA's `layers: []`)."""
 
 
 def low_rank_step(modules: Modules, dtype: torch.dtype) -> StepUpdates:
@@ -203,7 +204,7 @@ def edited_shapes(
     """Module of `modules` -> (d_out, d_in) of its weight in the math convention."""
     names = config.module_names or module_names_for(model)
     shapes = {}
-    for module in modules(config, names):
+    for module in modules(config, names, model.config.num_hidden_layers):
         weight, transposed = module_weight(model, module, names.rewrite_weight_transposed)
         rows, cols = weight.shape
         shapes[module] = (int(cols), int(rows)) if transposed else (int(rows), int(cols))
@@ -225,8 +226,9 @@ class EditMethod:
         config_cls: pydantic config (extra="forbid") validated from the campaign's hparams.
         layers: the layers of the rewrite module a config is about; when it
             `uses_second_moment`, covariance statistics are built and loaded for these.
-        modules: (config, the model's module names) -> the dotted names of the linear maps
-            (`nn.Linear` / `Conv1D`) whose weights a config edits; [] for memory methods.
+        modules: (config, the model's module names, its number of blocks) -> the dotted
+            names of the linear maps (`nn.Linear` / `Conv1D`) whose weights a config edits;
+            [] for memory methods. Call it through `modules_in`.
         uses_second_moment: whether a config needs covariance statistics.
         prepare: work done once per campaign (context templates, inverse covariances).
         edit: compute the deltas of one request.
@@ -265,6 +267,10 @@ class EditMethod:
     hparams_import: HparamsImport | None = None
     quick_hparams: Mapping[str, Any] = field(default_factory=dict)
     testbed_hparams: Mapping[str, Any] = field(default_factory=dict)
+
+    def modules_in(self, model: PreTrainedModel, config: Any, names: ModuleNames) -> list[str]:
+        """The dotted names of the linear maps `config` edits in `model`."""
+        return self.modules(config, names, model.config.num_hidden_layers)
 
     @property
     def batched(self) -> bool:

@@ -13,14 +13,16 @@ import os
 
 from seqedit.errors import UnknownMethodError
 from seqedit.methods.alphaedit import ALPHAEDIT
+from seqedit.methods.dpo import DPO
 from seqedit.methods.ft import FT_L, FT_M
 from seqedit.methods.grace import GRACE
+from seqedit.methods.lora import LORA
 from seqedit.methods.memit import MEMIT
 from seqedit.methods.method import EditMethod
 from seqedit.methods.rome import ROME
 
 METHODS: dict[str, EditMethod] = {
-    method.name: method for method in (ROME, MEMIT, ALPHAEDIT, FT_L, FT_M, GRACE)
+    method.name: method for method in (ROME, MEMIT, ALPHAEDIT, FT_L, FT_M, GRACE, LORA, DPO)
 }
 
 

@@ -328,7 +328,7 @@ def _edit(
     )
 
 
-def _modules(config: RomeConfig, names: ModuleNames) -> list[str]:
+def _modules(config: RomeConfig, names: ModuleNames, _n_layers: int) -> list[str]:
     return rewrite_modules([config.layer], names)
 
 

@@ -15,7 +15,7 @@ Format semantics (what each source field becomes):
 * `counterfact_easyedit` — EasyEdit's CounterFact: the prompt is *filled*, so the template is
   recovered by locating the subject (see `locate_subject`). `ground_truth` -> target_true,
   `rephrase_prompt` -> the one paraphrase, `locality_prompt`/`locality_ground_truth` -> the
-  one neighbourhood prompt.
+  one neighbourhood prompt; an optional `target_neg` (EasyEdit's DPO data) is kept.
 * `zsre_mend` — MEND's zsRE (`zsre_mend_eval.json`). We follow MEMIT's `MENDQADataset`:
   target_new = `answers[0]` and target_true = None (zsRE has no counterfactual "old" answer;
   MEMIT scores token accuracy on `answers[0]`). EasyEdit's `ZsreDataset` instead edits towards
@@ -31,7 +31,8 @@ Format semantics (what each source field becomes):
   paraphrase; each `locality.Relation_Specificity` item -> a neighbourhood prompt with its
   first answer (nested lists unwrapped, blank answers skipped, as in EasyEdit).
   `portability.{Reasoning,Subject_Aliasing,Logical_Generalization}` items -> portability
-  prompts with their first answer. case_id = position when absent.
+  prompts with their first answer; an optional `target_neg` is kept. case_id = position
+  when absent.
 * `jsonl` — our own: each line is an `EditRequest` as JSON; unknown keys are errors.
 """
 
@@ -248,6 +249,7 @@ def _counterfact_easyedit(b: _Builder) -> None:
     b.put_template("prompt", "subject")
     b.put("target_new", b.get("target_new"), "target_new")
     b.put("target_true", b.get("ground_truth"), "ground_truth")
+    b.put("target_neg", b.get("target_neg", required=False), "target_neg")
     b.put_one("paraphrase_prompts", "rephrase_prompt")
     prompt = b.get("locality_prompt", required=False)
     answer = b.get("locality_ground_truth", required=False)
@@ -304,6 +306,7 @@ def _zsre_knowedit(b: _Builder, index: int) -> None:
     b.put("target_new", b.get("target_new"), "target_new")
     target_true, true_path = _first_answer(b, "ground_truth")
     b.put("target_true", target_true, true_path)
+    b.put("target_neg", b.get("target_neg", required=False), "target_neg")
     b.put_one("paraphrase_prompts", "rephrase_prompt")
     _knowedit_portability(b)
     items = b.items("locality.Relation_Specificity", required=False)

@@ -32,6 +32,11 @@ class EditRequest(BaseModel):
     target_true: str | None = Field(
         default=None, description="The object the model knows before the edit (None for zsRE)."
     )
+    target_neg: str | None = Field(
+        default=None,
+        description="A wrong answer the record itself names (EasyEdit's `target_neg`); DPO "
+        "pushes it down, and target_true where it is absent.",
+    )
     relation_id: str | None = None
     paraphrase_prompts: list[str] = Field(default_factory=list)
     neighborhood_prompts: list[LocalityPrompt] = Field(default_factory=list)
@@ -42,7 +47,7 @@ class EditRequest(BaseModel):
         "portability: reasoning, aliases), each with the answer expected after the edit.",
     )
 
-    @field_validator("target_new", "target_true")
+    @field_validator("target_new", "target_true", "target_neg")
     @classmethod
     def _target_not_blank(cls, value: str | None) -> str | None:
         if value is not None and not value.strip():

@@ -37,7 +37,7 @@ class EditedModel:
 
     Args:
         model: the loaded model (its edited weights are changed in place).
-        method: the campaign's method; `method.modules(config, names)` are the weights.
+        method: the campaign's method; `method.modules_in(model, config, names)` are the weights.
         config: the method's validated config.
         names: the model's module names.
         context: the method's per-campaign context (`prepare`'s result), which holds the
@@ -53,7 +53,7 @@ class EditedModel:
         context: Any,
     ) -> None:
         self.method, self.context = method, context
-        self.weights: EditedWeights = edited_weights(model, names, method.modules(config, names))
+        self.weights: EditedWeights = edited_weights(model, names, method.modules_in(model, config, names))
         self._hook: RemovableHandle | None = None
         self._empty: SequentialState = {}
         if method.memory is not None:

@@ -85,7 +85,7 @@ class SequentialEditor:
         self.model, self.tokenizer = load_model(model_dir, device=device)
         self.names = names_for(self.model, self.config)
         self.layers: list[int] = self.method.layers(self.config)
-        self.modules: list[str] = self.method.modules(self.config, self.names)
+        self.modules: list[str] = self.method.modules_in(self.model, self.config, self.names)
         self.second_moments, derived, self.derived_counts = method_statistics(
             self.method, self.config, self.names, model_dir=model_dir, stats_dir=stats_dir
         )

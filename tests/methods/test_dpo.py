@@ -9,7 +9,7 @@ from transformers import PreTrainedTokenizerFast
 from seqedit.methods.adapter_losses import completion_logprobs
 from seqedit.methods.arch import module_names_for, module_weight
 from seqedit.methods.dpo import DpoConfig, dpo_edit, rejected_target
-from seqedit.methods.lora import LoraConfig, completion_batch, lora_edit
+from seqedit.methods.lora import LoraConfig, LoraContext, completion_batch, lora_edit
 from tests.methods.test_lora import REQUEST, tiny
 
 
@@ -27,9 +27,9 @@ def test_alpha_one_is_the_lora_edit() -> None:
     model, tokenizer = tiny("gpt2")
     fields = {"num_steps": 3, "lr": 1e-2, "lora_dropout": 0.0}
     torch.manual_seed(0)
-    sft = lora_edit(model, tokenizer, REQUEST, LoraConfig(**fields))
+    sft = lora_edit(model, tokenizer, REQUEST, LoraConfig(**fields), LoraContext())
     torch.manual_seed(0)
-    dpo = dpo_edit(model, tokenizer, REQUEST, DpoConfig(**fields, alpha=1.0))
+    dpo = dpo_edit(model, tokenizer, REQUEST, DpoConfig(**fields, alpha=1.0), LoraContext())
     for a, b in zip(sft.updates, dpo.updates, strict=True):
         torch.testing.assert_close(a.left, b.left, rtol=0, atol=0)
         torch.testing.assert_close(a.right, b.right, rtol=0, atol=0)
@@ -40,7 +40,7 @@ def test_one_dpo_step_raises_the_margin() -> None:
     assert rejected_target(REQUEST) == "Paris"
     config = DpoConfig(num_steps=1, lr=1e-2, lora_dropout=0.0, alpha=0.0)
     torch.manual_seed(0)
-    result = dpo_edit(model, tokenizer, REQUEST, config)
+    result = dpo_edit(model, tokenizer, REQUEST, config, LoraContext())
     names = module_names_for(model)
     with torch.no_grad():
         before = margin(model, tokenizer)

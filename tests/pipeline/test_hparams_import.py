@@ -234,3 +234,29 @@ def test_easyedit_grace_values(tmp_path: Path) -> None:
     assert import_hparams(_write(tmp_path / "llama.yaml", llama)).hparams["role"] == "mlp_out"
     with pytest.raises(HparamsError, match=r"field 'inner_params': 'foo\.bar' is no block"):
         import_hparams(_write(tmp_path / "bad.yaml", source | {"inner_params": ["foo.bar"]}))
+
+
+EASY_LORA = FIXTURES / "easyedit" / "LoRA" / "gpt2-xl.yaml"
+EASY_DPO = FIXTURES / "easyedit" / "DPO" / "llama-7b.yaml"
+
+
+def test_easyedit_lora_and_dpo_values(tmp_path: Path) -> None:
+    lora = import_hparams(EASY_LORA)
+    assert lora.method == "lora"
+    assert lora.hparams == {
+        "roles": ["attn_qkv"], "layers": [], "num_steps": 30, "lr": 5e-3, "weight_decay": 0,
+        "rank": 8, "lora_alpha": 32, "lora_dropout": 0.1,
+    }  # fmt: skip
+    assert any("adalora -> a plain LoRA" in note for note in lora.notes)
+    assert {"kl_factor", "norm_constraint", "batch_size", "max_length"} <= set(lora.dropped)
+    _validates(lora)
+    dpo = import_hparams(EASY_DPO)
+    assert dpo.method == "dpo"
+    assert dpo.hparams["roles"] == ["attn_q", "attn_v"]
+    assert (dpo.hparams["alpha"], dpo.hparams["beta"], dpo.hparams["num_steps"]) == (0.99, 0.1, 7)
+    _validates(dpo)
+    source = yaml.safe_load(EASY_LORA.read_text())
+    with pytest.raises(HparamsError, match=r"field 'target_modules': 'c_proj' is ambiguous"):
+        import_hparams(_write(tmp_path / "bad.yaml", source | {"target_modules": ["c_proj"]}))
+    with pytest.raises(HparamsError, match=r"field 'lora_type'.*'lora' or 'adalora'"):
+        import_hparams(_write(tmp_path / "bad2.yaml", source | {"lora_type": "ia3"}))

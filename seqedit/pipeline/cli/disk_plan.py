@@ -146,7 +146,7 @@ def checkpoint_bytes(
     assert method.footprint is not None
     names = names_for(model, config)
     masters = {}
-    for module in method.modules(config, names):
+    for module in method.modules_in(model, config, names):
         weight, _ = module_weight(model, module, names.rewrite_weight_transposed)
         masters[f"weight.{module}"] = torch.empty(weight.shape, dtype=torch.float32, device="meta")
     counts = {name: torch.empty(1, dtype=torch.int64, device="meta") for name in ("a", "b")}
@@ -202,7 +202,7 @@ def estimate_disk(spec: CampaignSpec, model_config: PretrainedConfig) -> DiskEst
         return None
     config = validate_config(method.config_cls, spec.hparams, where=f"{spec.name}: hparams")
     model = meta_model(model_config)
-    n_modules = len(method.modules(config, names_for(model, config)))
+    n_modules = len(method.modules_in(model, config, names_for(model, config)))
     counts = table_counts(spec, n_modules, method.memory is not None)
     return DiskEstimate(
         edit_log=edit_log_bytes(spec, method, config, model),
