@@ -39,8 +39,8 @@ from pydantic import Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from seqedit.methods.adapter_losses import IGNORE, sft_loss
-from seqedit.methods.arch import ModuleNames, module_weight, role_of_module
-from seqedit.methods.config import MethodConfig, names_for
+from seqedit.methods.arch import ModuleNames, role_of_module
+from seqedit.methods.config import MethodConfig
 from seqedit.methods.keys_values import frozen_parameters, model_device
 from seqedit.methods.method import (
     Derived,
@@ -323,7 +323,9 @@ def footprint_step(model: PreTrainedModel, config: LoraConfig, _n: int) -> list[
     merge mode, 2r in continue mode."""
     k = config.rank * (2 if config.mode == "continue" else 1)
     return [
-        LowRankDelta(m, empty(model, (d_out, k), torch.float32), empty(model, (d_in, k), torch.float32))
+        LowRankDelta(
+            m, empty(model, (d_out, k), torch.float32), empty(model, (d_in, k), torch.float32)
+        )
         for m, (d_out, d_in) in module_shapes(model, config).items()
     ]
 
@@ -337,6 +339,20 @@ def footprint_state(model: PreTrainedModel, config: LoraConfig, edits: int) -> S
         out[_A + module] = empty(model, (config.rank, d_in), torch.float32)
         out[_B + module] = empty(model, (d_out, config.rank), torch.float32)
     return out
+
+
+def net_update(config: LoraConfig, steps: list[list[Update]]) -> list[Update]:
+    """The total change of steps 0..t. Continue mode: the steps telescope to s B_t A_t, the
+    first r columns of the last step that changed something. Merge mode: every step's."""
+    if config.mode == "merge":
+        return [update for updates in steps for update in updates]
+    last = next((updates for updates in reversed(steps) if updates), [])
+    r = config.rank
+    return [
+        LowRankDelta(d.module, d.left[:, :r].contiguous(), d.right[:, :r].contiguous())
+        for d in last
+        if isinstance(d, LowRankDelta)
+    ]
 
 
 def target_modules(value: Any) -> tuple[dict[str, Any], str]:
@@ -370,7 +386,9 @@ def hparams_import(alg: str) -> HparamsImport:
     )
 
 
-def method_record(name: str, config_cls: type[LoraConfig], edit: Any, alg: str, **kw: Any) -> EditMethod:
+def method_record(
+    name: str, config_cls: type[LoraConfig], edit: Any, alg: str, **kw: Any
+) -> EditMethod:
     """The `EditMethod` of an adapter-trained method (`lora`, `dpo`): everything but the
     config, the edit and the hparams is shared."""
     return EditMethod(
@@ -386,6 +404,7 @@ def method_record(name: str, config_cls: type[LoraConfig], edit: Any, alg: str, 
         load_state=load_state,
         footprint=Footprint(step=footprint_step, state=footprint_state),
         hparams_import=hparams_import(alg),
+        net_update=net_update,
         **kw,
     )
 

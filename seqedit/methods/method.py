@@ -180,6 +180,10 @@ class Footprint:
     state: StateAfter = no_state_after
 
 
+NetUpdate = Callable[[Any, list[list[Update]]], list[Update]]
+"""(config, the updates of steps 0..t in order) -> updates with the same total weight change
+in fewer factors than stacking them all (a continued LoRA adapter: its last factors)."""
+
 Modules = Callable[[Any, ModuleNames, int], list[str]]
 """(config, the model's module names, its number of blocks) -> the dotted names of the
 linear maps it edits (the block count resolves "every block", as LoRA's `layers: []`)."""
@@ -243,6 +247,8 @@ class EditMethod:
         footprint: what it writes to disk, by shape and dtype (edit log, checkpoints);
             None: `seqedit validate` makes no disk estimate for it.
         hparams_import: how its EasyEdit / reference hparams files read (None: not at all).
+        net_update: the total change of many steps in fewer factors (`NetUpdate`), used by
+            `seqedit export --format peft`; None: the steps' factors side by side.
         quick_hparams: a fast, valid config for the tests' tiny testbed (layer 0 of a
             4-layer, 64-wide GPT-2 with covariance stats of layer 0); a test edits with it.
         testbed_hparams: hparams tuned on the synthetic-300 testbed of the demo and the
@@ -265,6 +271,7 @@ class EditMethod:
     memory: MemoryHooks | None = None
     footprint: Footprint | None = None
     hparams_import: HparamsImport | None = None
+    net_update: NetUpdate | None = None
     quick_hparams: Mapping[str, Any] = field(default_factory=dict)
     testbed_hparams: Mapping[str, Any] = field(default_factory=dict)
 

@@ -53,7 +53,8 @@ class EditedModel:
         context: Any,
     ) -> None:
         self.method, self.context = method, context
-        self.weights: EditedWeights = edited_weights(model, names, method.modules_in(model, config, names))
+        modules = method.modules_in(model, config, names)
+        self.weights: EditedWeights = edited_weights(model, names, modules)
         self._hook: RemovableHandle | None = None
         self._empty: SequentialState = {}
         if method.memory is not None:

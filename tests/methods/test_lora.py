@@ -116,7 +116,7 @@ def test_target_modules_name_roles() -> None:
     assert role_of_module("c_attn") == "attn_qkv"
     assert [role_of_module(n) for n in ("q_proj", "v_proj")] == ["attn_q", "attn_v"]
     assert role_of_module("attn.c_proj") == "attn_out"
-    with pytest.raises(ValueError, match="ambiguous.*attn_out.*mlp_out"):
+    with pytest.raises(ValueError, match=r"ambiguous.*attn_out.*mlp_out"):
         role_of_module("c_proj")
     with pytest.raises(ValueError, match="no block module"):
         role_of_module("lm_head")

@@ -226,6 +226,18 @@ def cmd_rebuild(args: argparse.Namespace) -> None:
     print(f"model after step {args.step} (weights {fingerprint[:12]}) -> {args.out}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from seqedit.pipeline.cli.peft_export import export_peft
+
+    report = export_peft(args.campaign_dir, args.step, args.out, rank=args.rank)
+    error = report.max_relative_error
+    how = "exact" if report.exact else f"truncated SVD, max relative error {error:.3g}"
+    print(
+        f"{report.method} edits of steps 0..{args.step} ({report.steps_with_updates} applied) "
+        f"-> PEFT LoRA adapter r={report.r} on {len(report.modules)} modules ({how}) -> {args.out}"
+    )
+
+
 def cmd_edit(args: argparse.Namespace) -> None:
     from seqedit.pipeline.cli.edit_command import edit_model
     from seqedit.schemas.tables import EditRow

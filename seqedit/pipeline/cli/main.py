@@ -22,6 +22,7 @@ from seqedit.pipeline.cli.handlers import (  # noqa: F401  (CliError: re-exporte
     cmd_compact,
     cmd_demo,
     cmd_edit,
+    cmd_export,
     cmd_hparams_import,
     cmd_logs,
     cmd_plot,
@@ -251,6 +252,20 @@ def build_parser() -> argparse.ArgumentParser:
     rebuild.add_argument("--step", type=int, required=True, help="last step applied (0-based)")
     rebuild.add_argument("--out", type=Path, required=True, help="model directory to write")
     rebuild.set_defaults(func=cmd_rebuild)
+
+    export = sub.add_parser(
+        "export", help="a campaign's edits up to a step as a PEFT LoRA adapter (load, unload)"
+    )
+    export.add_argument("campaign_dir", type=_where, help=WHERE_HELP)
+    export.add_argument("--step", type=int, required=True, help="last step exported (0-based)")
+    export.add_argument("--format", choices=["peft"], default="peft", help="adapter format")
+    export.add_argument("--out", type=Path, required=True, help="adapter directory to write")
+    export.add_argument(
+        "--rank", type=int, default=None,
+        help="largest adapter rank; beyond it a module's change is its truncated SVD, with the "
+        "relative error reported (default: each module's full rank, exact)",
+    )  # fmt: skip
+    export.set_defaults(func=cmd_export)
 
     q = sub.add_parser("query", help="read-only SQL over a campaign's tables (DuckDB)")
     q.add_argument("campaign_dir", type=_where, help=WHERE_HELP)
