@@ -4,14 +4,23 @@ Llama-2-7B, built from their configs on the meta device (no weights, no memory).
 
     .venv/bin/python bench/lora_param_share.py
 
-EasyEdit's write-up puts LoRA editing at 0.1-1 % of the parameters.
+EasyEdit's write-up puts LoRA editing at 0.1-1 % of the parameters. The count is made
+twice: by peft (its trainable parameters) and by seqedit's `lora` method (r (d_in + d_out)
+per adapted module, with its default roles), which must agree.
 """
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PretrainedConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from seqedit.methods import lora
 
 SHAPES: dict[str, tuple[PretrainedConfig, list[str]]] = {
     "gpt2-xl": (
@@ -37,6 +46,8 @@ def main() -> None:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
             total = sum(p.numel() for p in model.parameters())
+            shapes = lora.module_shapes(model, lora.LoraConfig(rank=8))
+            ours = sum(8 * (d_out + d_in) for d_out, d_in in shapes.values())
             adapter = LoraConfig(
                 r=8, lora_alpha=32, lora_dropout=0.1, target_modules=targets,
                 task_type="CAUSAL_LM",
@@ -44,7 +55,10 @@ def main() -> None:
             peft_model = get_peft_model(model, adapter)
         trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
         print(f"{name:<11} {'/'.join(targets):<14} {trainable:>12,} trainable of "
-              f"{total:>14,} = {100 * trainable / total:.3f} %")  # fmt: skip
+              f"{total:>14,} = {100 * trainable / total:.3f} % (seqedit's lora: {ours:,}, "
+              f"{len(shapes)} modules)")  # fmt: skip
+        if ours != trainable:
+            raise SystemExit(f"{name}: seqedit counts {ours:,}, peft {trainable:,}")
 
 
 if __name__ == "__main__":

@@ -48,25 +48,44 @@ def _override(hparams: dict[str, dict[str, Any]], assignment: str) -> None:
     hparams[method][field] = yaml.safe_load(value)
 
 
-def run_method(model: Path, stats: Path, method: str, hparams: dict[str, Any], n: int) -> dict:
-    """Apply the first `n` testbed requests in order; score them all after the last edit."""
+def run_method(
+    model: Path,
+    stats: Path | None,
+    method: str,
+    hparams: dict[str, Any],
+    n: int,
+    *,
+    immediate: bool = False,
+) -> dict:
+    """Apply the first `n` testbed requests in order; score them all after the last edit.
+    `immediate_es` is each edit's own success right after it; with `immediate`, PS and NS
+    are scored there too (protocol "immediate"; not counted in s_per_edit)."""
     _, requests = load_testbed(model)
-    editor = SequentialEditor(str(model), method, hparams, stats_dir=str(stats), campaign=method)
-    started = time.perf_counter()
-    rows = [editor.edit(request, step) for step, request in enumerate(requests[:n])]
-    edit_seconds = time.perf_counter() - started
+    stats_dir = str(stats) if stats else None
+    editor = SequentialEditor(str(model), method, hparams, stats_dir=stats_dir, campaign=method)
+    rows, right_after, edit_seconds = [], [], 0.0
+    for step, request in enumerate(requests[:n]):
+        started = time.perf_counter()
+        rows.append(editor.edit(request, step))
+        edit_seconds += time.perf_counter() - started
+        if immediate:
+            right_after += editor.evaluate([request], [step], protocol="immediate")
     evals = editor.evaluate(requests[:n], list(range(n)), protocol="final")
 
-    def mean(field: str) -> float:
-        values = [getattr(e, field) for e in evals if getattr(e, field) is not None]
+    def mean(field: str, rows: list = evals) -> float:
+        values = [getattr(e, field) for e in rows if getattr(e, field) is not None]
         return round(statistics.fmean(values), 3)
 
+    scored_right_after = (
+        {f"immediate_{m}": mean(m, right_after) for m in ("ps", "ns")} if immediate else {}
+    )
     return {
         "method": method,
         "edits": n,
         "es": mean("es"),
         "ps": mean("ps"),
         "ns": mean("ns"),
+        **scored_right_after,
         "immediate_es": round(statistics.fmean(r.success for r in rows), 3),
         "s_per_edit": round(edit_seconds / n, 3),
         "drift": None if rows[-1].weight_drift is None else round(rows[-1].weight_drift, 3),

@@ -100,5 +100,5 @@ DPO = method_record(
     dpo_edit,
     "DPO",
     quick_hparams={"layers": [0], "num_steps": 10, "lr": 1e-2, "lora_dropout": 0.0},
-    testbed_hparams={"num_steps": 30, "lr": 5e-3},
+    testbed_hparams={"num_steps": 30, "lr": 1e-3},
 )

@@ -415,5 +415,5 @@ LORA = method_record(
     lora_edit,
     "LoRA",
     quick_hparams={"layers": [0], "num_steps": 10, "lr": 1e-2, "lora_dropout": 0.0},
-    testbed_hparams={"num_steps": 30, "lr": 5e-3},
+    testbed_hparams={"num_steps": 30, "lr": 1e-3},
 )

@@ -68,6 +68,11 @@ class EditRequest(BaseModel):
             raise ValueError("subject is empty or whitespace only")
         return self
 
+    def to_json(self) -> str:
+        """The record as one JSON line; `target_neg` only where it is set, so files of records
+        without one read the same as before the field existed (and in earlier releases)."""
+        return self.model_dump_json(exclude=None if self.target_neg else {"target_neg"})
+
     @property
     def filled_prompt(self) -> str:
         """The rewrite prompt with the subject in place."""

@@ -193,7 +193,7 @@ def _write_inputs(
 ) -> None:
     """The requests (JSONL), the corpus of statements and the splits (if any), beside the
     model."""
-    _write_jsonl(out / REQUESTS_FILE, [r.model_dump_json() for r in requests])
+    _write_jsonl(out / REQUESTS_FILE, [r.to_json() for r in requests])
     _write_jsonl(
         out / CORPUS_FILE, [json.dumps({"text": s}, ensure_ascii=False) for s in statements]
     )
@@ -291,7 +291,7 @@ def build_testbed(
         tokenizer.save_pretrained(out)
 
     _write_inputs(out, requests, covariance_corpus(statements, english_train), splits)
-    _write_jsonl(out / SUPPORT_FILE, [r.model_dump_json() for r in support])
+    _write_jsonl(out / SUPPORT_FILE, [r.to_json() for r in support])
     if english is not None:
         _write_jsonl(out / HELDOUT_FILE, [json.dumps({"text": t}) for t in english.heldout])
     report = TestbedReport(

@@ -54,7 +54,8 @@ def round_trip(campaign_dir: Path, base_dir: Path, tmp_path: Path, step: int) ->
     expected = logits(rebuilt, tokenizer)
     base, _ = load_model(base_dir)
     before = logits(base, tokenizer)
-    assert main(["export", str(campaign_dir), "--step", str(step), "--out", str(tmp_path / "a")]) == 0
+    command = ["export", str(campaign_dir), "--step", str(step), "--out", str(tmp_path / "a")]
+    assert main(command) == 0
     report = json.loads((tmp_path / "a" / "seqedit_export.json").read_text())
     assert report["exact"] and report["max_relative_error"] == 0.0
     adapted = PeftModel.from_pretrained(base, str(tmp_path / "a")).eval()
@@ -102,8 +103,10 @@ def test_svd_past_the_rank_reports_its_error() -> None:
     torch.testing.assert_close(cut.left @ cut.right.T, best)
     error = float((full - best).norm() / full.norm())
     assert report.rank == 3 and report.relative_error == pytest.approx(error)
-    wide, report = fitted("m", Factors(torch.randn(4, 9), torch.randn(5, 9)), None)
+    wide = Factors(torch.randn(4, 9, dtype=torch.float64), torch.randn(5, 9, dtype=torch.float64))
+    compressed, report = fitted("m", wide, None)
     assert report.rank == 4 and report.relative_error < 1e-6  # past full rank: compressed
+    torch.testing.assert_close(compressed.left @ compressed.right.T, wide.left @ wide.right.T)
 
 
 def test_dense_and_memory_edits_are_refused() -> None:
