@@ -21,15 +21,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from seqedit.methods.adapter_losses import completion_logprobs, dpo_loss, sft_loss
 from seqedit.methods.keys_values import model_device
-from seqedit.methods.lora import (
-    LoraConfig,
-    LoraContext,
-    adapter_result,
-    completion_batch,
-    method_record,
-    new_adapter,
-    train_adapter,
-)
+from seqedit.methods.lora import LoraConfig, LoraContext, adapter_result, method_record, new_adapter
+from seqedit.methods.lora_adapter import completion_batch, train_adapter
 from seqedit.methods.updates import EditResult
 from seqedit.schemas.requests import EditRequest
 
@@ -94,11 +87,4 @@ def dpo_edit(
     return adapter_result(adapter, before, after, config, context)
 
 
-DPO = method_record(
-    "dpo",
-    DpoConfig,
-    dpo_edit,
-    "DPO",
-    quick_hparams={"layers": [0], "num_steps": 10, "lr": 1e-2, "lora_dropout": 0.0},
-    testbed_hparams={"num_steps": 30, "lr": 1e-3},
-)
+DPO = method_record("dpo", DpoConfig, dpo_edit, "DPO")

@@ -9,7 +9,8 @@ from transformers import PreTrainedTokenizerFast
 from seqedit.methods.adapter_losses import completion_logprobs
 from seqedit.methods.arch import module_names_for, module_weight
 from seqedit.methods.dpo import DpoConfig, dpo_edit, rejected_target
-from seqedit.methods.lora import LoraConfig, LoraContext, completion_batch, lora_edit
+from seqedit.methods.lora import LoraConfig, LoraContext, lora_edit
+from seqedit.methods.lora_adapter import completion_batch
 from tests.methods.test_lora import REQUEST, tiny
 
 

@@ -7,15 +7,8 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from seqedit.methods.arch import module_names_for, module_weight, role_of_module
-from seqedit.methods.lora import (
-    LORA,
-    Adapter,
-    LoraConfig,
-    LoraContext,
-    adapted_modules,
-    completion_batch,
-    lora_edit,
-)
+from seqedit.methods.lora import LORA, LoraConfig, LoraContext, adapted_modules, lora_edit
+from seqedit.methods.lora_adapter import Adapter, completion_batch
 from seqedit.schemas.requests import EditRequest
 from seqedit.testbed.text import train_tokenizer
 from seqedit.testbed.train import TestbedArchitecture, TestbedConfig, init_model

@@ -12,6 +12,7 @@ base model and the edit log.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -191,6 +192,22 @@ def rerun_campaign(
     return run_campaign(frozen_spec(campaign_dir), campaign_dir, progress=progress, shards=shards)
 
 
+def logs_through(
+    campaign_dir: Where, state: CampaignState, through_step: int
+) -> Iterator[tuple[ShardState, Where]]:
+    """Each shard holding steps up to `through_step`, with its edit-log file; a shard not
+    done (nor stopped) there is a `CliError`."""
+    for shard in state.shards:
+        if shard.start > through_step:
+            break
+        if shard.status not in ("done", "stopped"):
+            raise CliError(
+                f"{campaign_dir}: step {through_step} needs the edit log of shard "
+                f"{shard.index}, which is {shard.status}"
+            )
+        yield shard, editlog_path(location(campaign_dir), shard.index)
+
+
 def rebuild_model(campaign_dir: Where, through_step: int, out: Path) -> str:
     """Write the campaign's model as it was right after step `through_step` to `out` (a
     Hugging Face model directory): the base model plus the edit log of every step up to
@@ -205,15 +222,7 @@ def rebuild_model(campaign_dir: Where, through_step: int, out: Path) -> str:
         spec.model, spec.method, spec.hparams, stats_dir=spec.stats, campaign=spec.name,
         seed=spec.seed,
     )  # fmt: skip
-    for shard in state.shards:
-        if shard.start > through_step:
-            break
-        if shard.status not in ("done", "stopped"):
-            raise CliError(
-                f"{campaign_dir}: step {through_step} needs the edit log of shard "
-                f"{shard.index}, which is {shard.status}"
-            )
-        log_file = editlog_path(location(campaign_dir), shard.index)
+    for shard, log_file in logs_through(campaign_dir, state, through_step):
         editor.replay(read_edit_log(log_file), until_step=through_step + 1)
         ends_shard = through_step == shard.stop - 1 and shard.status == "done"
         if ends_shard and editor.weights_fingerprint() != shard.weights_fingerprint:

@@ -35,10 +35,9 @@ from seqedit.methods.config import validate_config
 from seqedit.methods.registry import get_method
 from seqedit.methods.updates import DenseDelta, LowRankDelta, MemoryEntry, Update
 from seqedit.pipeline.campaign_dir.state import CampaignState
-from seqedit.pipeline.cli.campaign_ops import frozen_spec
-from seqedit.pipeline.run.shard_run import editlog_path
+from seqedit.pipeline.cli.campaign_ops import frozen_spec, logs_through
 from seqedit.schemas.campaign import CampaignSpec
-from seqedit.storage import Where, location
+from seqedit.storage import Where
 from seqedit.workers.edit_log import parse_edit_log, read_edit_log
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXPORT_REPORT = (
@@ -94,15 +93,8 @@ def logged_steps(campaign_dir: Where, spec: CampaignSpec, through_step: int) -> 
     if not 0 <= through_step < spec.n_steps:
         raise ExportError(f"--step {through_step}: the campaign has steps 0..{spec.n_steps - 1}")
     steps: dict[int, list[Update]] = {}
-    for shard in state.shards:
-        if shard.start > through_step:
-            break
-        if shard.status not in ("done", "stopped"):
-            raise ExportError(
-                f"{campaign_dir}: step {through_step} needs the edit log of shard "
-                f"{shard.index}, which is {shard.status}"
-            )
-        parsed = parse_edit_log(read_edit_log(editlog_path(location(campaign_dir), shard.index)))
+    for _shard, log_file in logs_through(campaign_dir, state, through_step):
+        parsed = parse_edit_log(read_edit_log(log_file))
         steps |= {s: u for s, u in parsed.items() if s <= through_step}
     missing = [s for s in range(through_step + 1) if s not in steps]
     if missing:
