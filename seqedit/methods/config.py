@@ -43,6 +43,13 @@ class ValueSearchOptions(MethodConfig):
         "every target position of every rewriting prompt (seqedit's speed option, off in the "
         "reference): the edit already succeeds there, with fewer steps and a smaller shift.",
     )
+    value_batch_rows: int = Field(
+        default=512,
+        ge=1,
+        description="A batch's value searches (MEMIT, AlphaEdit) share forward passes, up "
+        "to this many prompt rows at a time (rewriting and KL prompts of each request); "
+        "each search keeps its own delta, optimiser and stop. Lower it if memory is short.",
+    )
     reuse_lower_layers: bool = Field(
         default=True,
         description="Run the blocks below the edit once per edit instead of at every "

@@ -2,7 +2,7 @@
 
 For a batch of n requests and layers L_1 < ... < L_m (rewrite module W_l: (d_out, d_in)):
   z_j   = residual (block output) of the LAST layer L_m at request j's subject token plus an
-          optimised shift (`optimize_value` with the loss read at v_loss_layer through
+          optimised shift (`optimize_values` with the loss read at v_loss_layer through
           ln_f + lm_head);
   for l = L_1 .. L_m, on the model already carrying the updates of the earlier layers:
     K   = (d_in, n) keys: module inputs at the subject, averaged within each context-template
@@ -43,7 +43,7 @@ from seqedit.methods.method import (
 )
 from seqedit.methods.tokens import FactToken
 from seqedit.methods.updates import EditResult, LowRankDelta, apply_update_
-from seqedit.methods.value_search import KL_PROMPTS, ValueResult, ValueSearch, optimize_value
+from seqedit.methods.value_search import KL_PROMPTS, ValueResult, ValueSearch, optimize_values
 from seqedit.schemas.requests import EditRequest
 
 log = logging.getLogger(__name__)
@@ -174,25 +174,19 @@ def compute_targets(
     reused = [names.layer_module_tmp.format(i) for i in range(z_layer + 1)]
     if not config.reuse_lower_layers:
         reused = []
-    search = ValueSearch.of(config)
-    results = []
-    for request in requests:
-        results.append(
-            optimize_value(
-                model,
-                tokenizer,
-                request,
-                flat,
-                edit_module=names.layer_module_tmp.format(z_layer),
-                dim=d_model,
-                search=search,
-                loss_module=names.layer_module_tmp.format(loss_layer),
-                ln_f_module=names.ln_f_module,
-                lm_head_module=names.lm_head_module,
-                reuse_outputs_of=reused,
-            )
-        )
-    return results
+    return optimize_values(
+        model,
+        tokenizer,
+        requests,
+        flat,
+        edit_module=names.layer_module_tmp.format(z_layer),
+        dim=d_model,
+        search=ValueSearch.of(config),
+        loss_module=names.layer_module_tmp.format(loss_layer),
+        ln_f_module=names.ln_f_module,
+        lm_head_module=names.lm_head_module,
+        reuse_outputs_of=reused,
+    )
 
 
 @contextmanager

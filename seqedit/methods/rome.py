@@ -4,7 +4,7 @@ For one request at layer L, with W the (d_out, d_in) map of the rewrite module:
   k*  = input of the module at the subject's last token, averaged over context templates;
   u   = C^-1 k* (C = uncentred second moment of the module input) or k* without
         mom2_adjustment, normalised to unit length;
-  v*  = output of the MLP at the subject plus an optimised shift (see `optimize_value`);
+  v*  = output of the MLP at the subject plus an optimised shift (see `optimize_values`);
   dW  = (v* - W k) u^T / (u^T k).
 In the ORIGINAL code the k in the last line (denominator and W k, read as the module's
 output, bias included) is the key of the bare prompt, not k*: the two keys are mixed.
@@ -35,7 +35,7 @@ from seqedit.methods.method import (
 )
 from seqedit.methods.tokens import FactToken, fill
 from seqedit.methods.updates import EditResult, LowRankDelta
-from seqedit.methods.value_search import KL_PROMPTS, ValueSearch, optimize_value
+from seqedit.methods.value_search import KL_PROMPTS, ValueSearch, optimize_values
 from seqedit.schemas.requests import EditRequest
 
 log = logging.getLogger(__name__)
@@ -231,13 +231,19 @@ def rome_edit(
     )  # (n_ctx, d_in), (n_ctx, d_out)
     key = keys.mean(dim=0)
 
-    lower = [names.layer_module_tmp.format(i) for i in range(config.layer)]
-    value = optimize_value(
-        *(model, tokenizer, request, context_templates),
+    # the blocks below, and the edited block's attention and MLP: the shift is added to
+    # the MLP's output, so none of them can change during the value search
+    unchanged = [
+        *(names.layer_module_tmp.format(i) for i in range(config.layer)),
+        names.attn_module_tmp.format(config.layer),
+        names.mlp_module_tmp.format(config.layer),
+    ]
+    (value,) = optimize_values(
+        *(model, tokenizer, [request], context_templates),
         edit_module=names.mlp_module_tmp.format(config.layer),
         dim=d_out,
         search=ValueSearch.of(config),
-        reuse_outputs_of=lower if config.reuse_lower_layers else [],
+        reuse_outputs_of=unchanged if config.reuse_lower_layers else [],
     )
     target = value.target
 

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from transformers import BatchEncoding, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from seqedit.methods.arch import get_module
 from seqedit.methods.hooks import ModuleTrace, reused_outputs
@@ -87,6 +87,7 @@ class ValueSearch(NamedTuple):
     early_stop_loss: float
     early_stop_top1: bool = False
     kl_prompts: Sequence[str] = KL_PROMPTS
+    batch_rows: int = 512
 
     @classmethod
     def of(cls, config: Any) -> ValueSearch:
@@ -101,61 +102,27 @@ class ValueSearch(NamedTuple):
             early_stop_loss=config.early_stop_loss,
             early_stop_top1=config.early_stop_top1,
             kl_prompts=config.kl_prompts,
+            batch_rows=config.value_batch_rows,
         )
 
 
 @dataclass
-class _ValueBatch:
-    """One value search's prompts: `n_rw` rewriting prompts, then the KL prompts (B in all).
+class _RequestRows:
+    """One request's rows of the shared padded batch: `n_rw` rewriting prompts, then the KL
+    prompts (B_j rows in all).
 
     Attributes:
-        inputs: the tokenised, padded prompts, (B, L).
-        lookup: (B,) subject position of each prompt, where the delta is added.
-        rows: (B,) arange(B).
+        rows: (B_j,) its row indices in the batch.
+        lookup: (B_j,) subject position of each of its rows, where the delta is added.
         target_pos: (n_rw, T) positions whose next-token logits score the T target tokens.
         target: (n_rw, T) the target token ids.
     """
 
-    inputs: BatchEncoding
-    lookup: torch.Tensor
     rows: torch.Tensor
+    lookup: torch.Tensor
     target_pos: torch.Tensor
     target: torch.Tensor
     n_rw: int
-
-    @classmethod
-    def build(
-        cls,
-        tokenizer: PreTrainedTokenizerBase,
-        request: EditRequest,
-        context_templates: Sequence[str],
-        search: ValueSearch,
-        device: torch.device,
-    ) -> _ValueBatch:
-        """Rewriting prompts end with every target token but the last (teacher forcing)."""
-        target_ids = tokenizer(spaced(request.target_new), add_special_tokens=False)["input_ids"]
-        if not target_ids:
-            raise ValueError(f"case {request.case_id}: target_new tokenizes to nothing")
-        target_prefix = tokenizer.decode(target_ids[:-1])
-        rewriting = [fill(ctx, request.prompt) + target_prefix for ctx in context_templates]
-        prompts = [*rewriting, *search.kl_prompts]
-        n_rw = len(rewriting)
-        inputs = encode_batch(tokenizer, [fill(p, request.subject) for p in prompts], device)
-        mask = inputs["attention_mask"]
-        subjects = [request.subject] * len(prompts)
-        lookup = batch_subject_positions(tokenizer, prompts, subjects, search.fact_token, mask)
-        return cls(
-            inputs=inputs,
-            lookup=torch.tensor(lookup, device=device),
-            rows=torch.arange(len(prompts), device=device),
-            target_pos=last_token_positions(mask[:n_rw], len(target_ids)),
-            target=torch.tensor(target_ids, device=device).expand(n_rw, len(target_ids)),
-            n_rw=n_rw,
-        )
-
-    @property
-    def size(self) -> int:
-        return len(self.rows)
 
     def at_targets(self, states: torch.Tensor) -> torch.Tensor:
         """(n_rw, T, ...) of `states` (B, L, ...) at the target positions."""
@@ -167,44 +134,106 @@ class _ValueBatch:
         return torch.log_softmax(kl_logits, dim=-1)
 
 
-def _target_nll(rw_logits: torch.Tensor, batch: _ValueBatch) -> tuple[torch.Tensor, bool]:
+@dataclass
+class _ValueBatch:
+    """The prompts of several value searches in one padded batch (B rows).
+
+    Attributes:
+        inputs: the tokenised, padded prompts, (B, L).
+        requests: each request's rows, in order.
+        rows / lookup: (B,) every row and its subject position (the requests' concatenated).
+    """
+
+    inputs: dict[str, torch.Tensor]
+    requests: list[_RequestRows]
+    rows: torch.Tensor
+    lookup: torch.Tensor
+
+    @classmethod
+    def build(
+        cls,
+        tokenizer: PreTrainedTokenizerBase,
+        requests: Sequence[EditRequest],
+        context_templates: Sequence[str],
+        search: ValueSearch,
+        device: torch.device,
+    ) -> _ValueBatch:
+        """Rewriting prompts end with every target token but the last (teacher forcing)."""
+        prompts: list[str] = []
+        subjects: list[str] = []
+        spans: list[tuple[int, int, list[int]]] = []  # (first row, n_rw, target ids)
+        for request in requests:
+            ids = tokenizer(spaced(request.target_new), add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise ValueError(f"case {request.case_id}: target_new tokenizes to nothing")
+            target_prefix = tokenizer.decode(ids[:-1])
+            rewriting = [fill(ctx, request.prompt) + target_prefix for ctx in context_templates]
+            spans.append((len(prompts), len(rewriting), ids))
+            prompts += [*rewriting, *search.kl_prompts]
+            subjects += [request.subject] * (len(rewriting) + len(search.kl_prompts))
+        texts = [fill(p, s) for p, s in zip(prompts, subjects, strict=True)]
+        inputs = encode_batch(tokenizer, texts, device)
+        mask = inputs["attention_mask"]
+        lookup = batch_subject_positions(tokenizer, prompts, subjects, search.fact_token, mask)
+        all_lookup = torch.tensor(lookup, device=device)
+        per_request = len(context_templates) + len(search.kl_prompts)
+        rows = []
+        for first, n_rw, ids in spans:
+            mine = slice(first, first + per_request)
+            rows.append(
+                _RequestRows(
+                    rows=torch.arange(mine.start, mine.stop, device=device),
+                    lookup=all_lookup[mine],
+                    target_pos=last_token_positions(mask[first : first + n_rw], len(ids)),
+                    target=torch.tensor(ids, device=device).expand(n_rw, len(ids)),
+                    n_rw=n_rw,
+                )
+            )
+        return cls(inputs, rows, torch.arange(len(prompts), device=device), all_lookup)
+
+
+def _target_nll(rw_logits: torch.Tensor, rows: _RequestRows) -> tuple[torch.Tensor, bool]:
     """Mean target-token NLL per rewriting prompt, (n_rw,), from logits (n_rw, T, V); and
     whether every target token is the argmax at its position."""
     log_probs = torch.log_softmax(rw_logits.float(), dim=-1)
-    token_lp = torch.gather(log_probs, 2, batch.target.unsqueeze(2)).squeeze(2)  # (n_rw, T)
-    nll_each = -token_lp.sum(dim=1) / batch.target.shape[1]
-    return nll_each, bool((log_probs.argmax(-1) == batch.target).all())
+    token_lp = torch.gather(log_probs, 2, rows.target.unsqueeze(2)).squeeze(2)  # (n_rw, T)
+    nll_each = -token_lp.sum(dim=1) / rows.target.shape[1]
+    return nll_each, bool((log_probs.argmax(-1) == rows.target).all())
 
 
-class _SubjectShift:
-    """`edit_output` hook of `ModuleTrace`: adds `delta` (d,) to `module`'s output
-    (B, L, d) at each prompt's subject position, and keeps that output's value at the first
-    prompt's subject from the first pass (`initial()`, (d,) float32)."""
+class _SubjectShifts:
+    """`edit_output` hook of `ModuleTrace`: adds request j's `deltas[j]` (d,) to `module`'s
+    output (B, L, d) at the subject position of each of j's rows, and keeps that output's
+    value at the subject of j's first prompt from the first pass (`initial(j)`, (d,)
+    float32)."""
 
     def __init__(self, module: str, batch: _ValueBatch, dim: int) -> None:
         self.module, self.batch, self.dim = module, batch, dim
-        self.delta = torch.zeros(dim, device=batch.rows.device, requires_grad=True)
-        self._init: torch.Tensor | None = None
+        device = batch.rows.device
+        self.deltas = [torch.zeros(dim, device=device, requires_grad=True) for _ in batch.requests]
+        self._init: list[torch.Tensor] | None = None
 
     def __call__(self, name: str, out: torch.Tensor) -> torch.Tensor:
         if name != self.module:
             return out
+        requests = self.batch.requests
         if self._init is None:
-            self._init = out[0, self.batch.lookup[0]].detach().float().clone()
-        shift = self.delta.to(out.dtype).expand(self.batch.size, self.dim)
+            self._init = [out[r.rows[0], r.lookup[0]].detach().float().clone() for r in requests]
+        pieces = zip(requests, self.deltas, strict=True)
+        shift = torch.cat([d.to(out.dtype).expand(len(r.rows), self.dim) for r, d in pieces])
         return out.index_put((self.batch.rows, self.batch.lookup), shift, accumulate=True)
 
-    def initial(self) -> torch.Tensor:
+    def initial(self, j: int) -> torch.Tensor:
         if self._init is None:
             raise RuntimeError(f"{self.module} did not run: no value to shift")
-        return self._init
+        return self._init[j]
 
-    def clamp_(self, factor: float) -> None:
-        """Project delta into the ball of radius factor * ||initial()||."""
-        max_norm = factor * self.initial().norm()
-        if self.delta.norm() > max_norm:
+    def clamp_(self, j: int, factor: float) -> None:
+        """Project deltas[j] into the ball of radius factor * ||initial(j)||."""
+        delta, max_norm = self.deltas[j], factor * self.initial(j).norm()
+        if delta.norm() > max_norm:
             with torch.no_grad():
-                self.delta[...] = self.delta * max_norm / self.delta.norm()
+                delta[...] = delta * max_norm / delta.norm()
 
 
 def _loss_terms(
@@ -226,10 +255,23 @@ def _loss_terms(
     return nll, kl, search.weight_decay * (torch.norm(delta) / torch.norm(init) ** 2)
 
 
-def optimize_value(
+@dataclass
+class _Progress:
+    """Where one request's search stands."""
+
+    kl_init: torch.Tensor | None = None  # (n_kl, V) log-probs of the first pass
+    loss: float = float("nan")
+    initial_loss: float = float("nan")
+    prob: float = float("nan")
+    initial_prob: float = float("nan")
+    steps: int = 0
+    done: bool = False
+
+
+def optimize_values(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    request: EditRequest,
+    requests: Sequence[EditRequest],
     context_templates: Sequence[str],
     *,
     edit_module: str,
@@ -239,10 +281,14 @@ def optimize_value(
     ln_f_module: str | None = None,
     lm_head_module: str | None = None,
     reuse_outputs_of: Sequence[str] = (),
-) -> ValueResult:
-    """Find delta (dim,) such that adding it to `edit_module`'s output at the subject token
-    makes the model predict `request.target_new` after every context template (the loss and
-    the stopping rules are in the module docstring).
+) -> list[ValueResult]:
+    """For each request, find delta (dim,) such that adding it to `edit_module`'s output at
+    the subject token makes the model predict `request.target_new` after every context
+    template (the loss and the stopping rules are in the module docstring).
+
+    The searches are independent: each request has its own delta, Adam state, loss and
+    stop. They share forward passes: up to `search.batch_rows` prompt rows go through the
+    model together, and a request that has stopped keeps its delta while the others go on.
 
     Args:
         context_templates: templates whose `{}` takes the request prompt; the FIRST one
@@ -257,56 +303,96 @@ def optimize_value(
         raise ValueError("need at least one context template")
     if loss_module is not None and (ln_f_module is None or lm_head_module is None):
         raise ValueError("loss_module needs ln_f_module and lm_head_module")
-    batch = _ValueBatch.build(tokenizer, request, context_templates, search, model_device(model))
-    shift = _SubjectShift(edit_module, batch, dim)
-    delta = shift.delta
+    per_group = max(1, search.batch_rows // (len(context_templates) + len(search.kl_prompts)))
+    results: list[ValueResult] = []
+    for first in range(0, len(requests), per_group):
+        batch = _ValueBatch.build(
+            tokenizer, requests[first : first + per_group], context_templates, search,
+            model_device(model),
+        )  # fmt: skip
+        results += _search_batch(
+            model, batch, edit_module, dim, search, (loss_module, ln_f_module, lm_head_module),
+            reuse_outputs_of,
+        )  # fmt: skip
+    return results
 
-    def rewrite_logits(logits: torch.Tensor, trace: ModuleTrace) -> torch.Tensor:
+
+def _search_batch(
+    model: PreTrainedModel,
+    batch: _ValueBatch,
+    edit_module: str,
+    dim: int,
+    search: ValueSearch,
+    loss_modules: tuple[str | None, str | None, str | None],
+    reuse_outputs_of: Sequence[str],
+) -> list[ValueResult]:
+    """`optimize_values` on the requests of one batch."""
+    loss_module, ln_f_module, lm_head_module = loss_modules
+    shift = _SubjectShifts(edit_module, batch, dim)
+    progress = [_Progress() for _ in batch.requests]
+
+    def rewrite_logits(
+        rows: _RequestRows, logits: torch.Tensor, trace: ModuleTrace
+    ) -> torch.Tensor:
         """(n_rw, T, V) logits at the target positions, from the model or `loss_module`."""
         if loss_module is None:
-            return batch.at_targets(logits)
+            return rows.at_targets(logits)
         ln_f, lm_head = get_module(model, ln_f_module), get_module(model, lm_head_module)  # type: ignore[arg-type]
-        return lm_head(ln_f(batch.at_targets(trace.outputs[loss_module])))
+        return lm_head(ln_f(rows.at_targets(trace.outputs[loss_module])))
 
     traced = [edit_module] if loss_module is None else [edit_module, loss_module]
     traced_pass = partial(
         ModuleTrace, model, traced, retain_output=loss_module is not None, detach=False
     )
-    optimizer = torch.optim.Adam([delta], lr=search.lr)
-    kl_init: torch.Tensor | None = None
-    steps = 0
-    loss_value = initial_loss = prob = initial_prob = float("nan")
+    optimizer = torch.optim.Adam(shift.deltas, lr=search.lr)
     with frozen_parameters(model), torch.enable_grad(), reused_outputs(model, reuse_outputs_of):
         for it in range(search.num_steps):
             optimizer.zero_grad()
             with traced_pass(edit_output=shift) as trace:
                 logits = model(**batch.inputs, use_cache=False).logits  # (B, L, V)
-            init = shift.initial()
-            kl_log_probs = batch.kl_log_probs(logits)
-            if kl_init is None:
-                kl_init = kl_log_probs.detach().clone()
-            nll_each, top1 = _target_nll(rewrite_logits(logits, trace), batch)
-            nll, kl, decay = _loss_terms(nll_each, kl_log_probs, kl_init, delta, init, search)
-            loss = nll + kl + decay
-            loss_value = float(loss.item())
-            prob = float(torch.exp(-nll_each).mean().item())
-            if it == 0:
-                initial_loss, initial_prob = loss_value, prob
-            log.debug("value step %d: loss %.4f = nll %.4f + kl %.4f + decay %.4f; P %.4f",
-                      it, loss_value, nll.item(), kl.item(), decay.item(), prob)  # fmt: skip
-            top1 = search.early_stop_top1 and top1
-            if loss_value < search.early_stop_loss or top1 or it == search.num_steps - 1:
+            active: list[tuple[int, torch.Tensor]] = []
+            for j, (rows, state) in enumerate(zip(batch.requests, progress, strict=True)):
+                if state.done:
+                    continue
+                init = shift.initial(j)
+                kl_log_probs = rows.kl_log_probs(logits)
+                if state.kl_init is None:
+                    state.kl_init = kl_log_probs.detach().clone()
+                nll_each, top1 = _target_nll(rewrite_logits(rows, logits, trace), rows)
+                nll, kl, decay = _loss_terms(
+                    nll_each, kl_log_probs, state.kl_init, shift.deltas[j], init, search
+                )
+                loss = nll + kl + decay
+                state.loss = float(loss.item())
+                state.prob = float(torch.exp(-nll_each).mean().item())
+                if it == 0:
+                    state.initial_loss, state.initial_prob = state.loss, state.prob
+                log.debug("value step %d: loss %.4f = nll %.4f + kl %.4f + decay %.4f; P %.4f",
+                          it, state.loss, nll, kl, decay, state.prob)  # fmt: skip
+                top1 = search.early_stop_top1 and top1
+                if state.loss < search.early_stop_loss or top1 or it == search.num_steps - 1:
+                    state.done = True
+                else:
+                    active.append((j, loss))
+            if not active:
                 break
-            loss.backward()
+            torch.stack([loss for _, loss in active]).sum().backward()
+            for delta, state in zip(shift.deltas, progress, strict=True):
+                if state.done:  # a stopped search keeps its delta
+                    delta.grad = None
             optimizer.step()
-            steps += 1
-            shift.clamp_(search.clamp_norm_factor)
-    return ValueResult(
-        init=shift.initial(),
-        delta=delta.detach().clone(),
-        loss=loss_value,
-        initial_loss=initial_loss,
-        steps=steps,
-        target_prob=prob,
-        initial_target_prob=initial_prob,
-    )
+            for j, _ in active:
+                progress[j].steps += 1
+                shift.clamp_(j, search.clamp_norm_factor)
+    return [
+        ValueResult(
+            init=shift.initial(j),
+            delta=shift.deltas[j].detach().clone(),
+            loss=state.loss,
+            initial_loss=state.initial_loss,
+            steps=state.steps,
+            target_prob=state.prob,
+            initial_target_prob=state.initial_prob,
+        )
+        for j, state in enumerate(progress)
+    ]

@@ -273,4 +273,5 @@ def test_reusing_lower_layers_changes_nothing(
     reused, recomputed = edit(True), edit(False)
     assert torch.equal(reused.left, recomputed.left)
     assert torch.equal(reused.right, recomputed.right)
-    assert "forward" not in get_module(model, "transformer.h.0").__dict__  # restored
+    for name in ("transformer.h.0", f"transformer.h.{LAYER}.attn", f"transformer.h.{LAYER}.mlp"):
+        assert "forward" not in get_module(model, name).__dict__  # restored
