@@ -26,7 +26,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from seqedit.methods.arch import ModuleNames, rewrite_dims
 from seqedit.methods.config import names_for
 from seqedit.methods.context import BARE_TEMPLATE
-from seqedit.methods.keys_values import grouped_keys
 from seqedit.methods.memit import (
     TESTBED_LAYERS,
     LayeredEditConfig,
@@ -145,8 +144,9 @@ def alphaedit_deltas(
             not modified.
         context_templates: template groups, the first being ["{}"].
     Returns (result, new cache_c): one LowRankDelta per layer (left R (d_out, n) float64,
-    right A^-1 P K (d_in, n)); new cache_c[l] = cache_c[l] + K' K'^T with K' the keys
-    recomputed on the model carrying this batch's deltas. The new cache is only valid if the
+    right A^-1 P K (d_in, n)); new cache_c[l] = cache_c[l] + K' K'^T with K' the keys on
+    the model carrying this batch's deltas (the reference recomputes them; they are the
+    keys of the update itself, see below). The new cache is only valid if the
     caller applies the returned deltas. The model is left unchanged.
     """
     if not requests:
@@ -169,12 +169,12 @@ def alphaedit_deltas(
         update = apply_layered_updates(
             model, tokenizer, requests, config, context_templates, zs, solve, names
         )
-        for layer in config.layers:
-            module = names.rewrite_module_tmp.format(layer)
-            k = grouped_keys(
-                model, tokenizer, requests, module, context_templates, config.fact_token
-            ).to(cache_c[layer])  # (n, d_in)
-            new_cache[layer] = cache_c[layer] + k.T @ k
+    # K' of a layer on the model carrying all of the batch's deltas is the K its update was
+    # built from: that update was computed on the model carrying the lower layers' deltas,
+    # and neither its own delta nor the higher ones reach the input of its rewrite module
+    for layer in config.layers:
+        k = update.keys[layer].to(cache_c[layer])  # (n, d_in)
+        new_cache[layer] = cache_c[layer] + k.T @ k
     result = batch_result(update, values, zs)
     log.info(
         "AlphaEdit batch of %d at layers %s: loss %.4f -> %.4f, ||dW|| %.4g",

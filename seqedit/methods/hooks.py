@@ -40,7 +40,8 @@ def _primary_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tenso
     return next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
 
 
-def _primary_output(output: Any) -> torch.Tensor | None:
+def primary_output(output: Any) -> torch.Tensor | None:
+    """A module's primary output: the tensor itself, or the first element of a tuple."""
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, tuple | list) and output and isinstance(output[0], torch.Tensor):
@@ -103,7 +104,7 @@ class ModuleTrace:
                     primary_in = _primary_input(args, kwargs)
                     if primary_in is not None:
                         self.inputs[name] = self._keep(primary_in)
-                primary = _primary_output(output)
+                primary = primary_output(output)
                 if self.edit_output is not None and primary is not None:
                     primary = self.edit_output(name, primary)
                     output = _replace_primary(output, primary)

@@ -73,12 +73,31 @@ def module_io_at_subjects(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Input and output of `module` at the lookup token of each `fill(template, subject)`.
 
-    Texts are run in padded batches of `batch_size`.
+    Texts are run in padded batches of `batch_size`, each forward pass only up to `module`.
     Returns (inputs (n, d_in), outputs (n, d_out)), detached, in float32.
     """
+    (io,) = modules_io_at_subjects(
+        model, tokenizer, templates, subjects, [module], fact_token, batch_size=batch_size
+    )
+    return io
+
+
+@torch.no_grad()
+def modules_io_at_subjects(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    templates: Sequence[str],
+    subjects: Sequence[str],
+    modules: Sequence[str],
+    fact_token: FactToken,
+    *,
+    batch_size: int = 128,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`module_io_at_subjects` of several modules from the same forward passes, which stop
+    after the last of `modules` (list them in the order the network runs them)."""
     device = model_device(model)
-    ins: list[torch.Tensor] = []
-    outs: list[torch.Tensor] = []
+    ins: dict[str, list[torch.Tensor]] = {m: [] for m in modules}
+    outs: dict[str, list[torch.Tensor]] = {m: [] for m in modules}
     for start in range(0, len(templates), batch_size):
         chunk_t = list(templates[start : start + batch_size])
         chunk_s = list(subjects[start : start + batch_size])
@@ -88,13 +107,16 @@ def module_io_at_subjects(
         positions = batch_subject_positions(
             tokenizer, chunk_t, chunk_s, fact_token, inputs["attention_mask"]
         )
-        with ModuleTrace(model, [module], retain_input=True, retain_output=True) as trace:
+        with ModuleTrace(
+            model, modules, retain_input=True, retain_output=True, stop_after=modules[-1]
+        ) as trace:
             model(**inputs)
         rows = torch.arange(len(chunk_t), device=device)
         cols = torch.tensor(positions, device=device)
-        ins.append(trace.inputs[module][rows, cols])
-        outs.append(trace.outputs[module][rows, cols])
-    return torch.cat(ins).float(), torch.cat(outs).float()
+        for module in modules:
+            ins[module].append(trace.inputs[module][rows, cols])
+            outs[module].append(trace.outputs[module][rows, cols])
+    return [(torch.cat(ins[m]).float(), torch.cat(outs[m]).float()) for m in modules]
 
 
 def grouped_keys(
@@ -114,7 +136,42 @@ def grouped_keys(
     prompts = [fill(t, r.prompt) for r in requests for t in flat]
     subjects = [r.subject for r in requests for _ in flat]
     inputs, _ = module_io_at_subjects(model, tokenizer, prompts, subjects, module, fact_token)
-    per_request = inputs.view(len(requests), len(flat), -1)  # (n, n_ctx, d_in)
+    return _group_means(inputs, len(requests), groups)
+
+
+def keys_and_bare_outputs(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    modules: tuple[str, str],
+    groups: Sequence[Sequence[str]],
+    fact_token: FactToken,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`grouped_keys` of modules[0] (n, d_in), output of modules[1] at the subject of each
+    bare prompt (n, d_out)) from the same forward passes; `groups[0]` must be ["{}"] and
+    modules[1] must run after modules[0] (MEMIT: the rewrite module, then the z block).
+
+    The reference reads the outputs from a forward of the bare prompts of their own; a
+    bare prompt's row in the padded batch gives the same values to float rounding."""
+    if list(groups[0]) != ["{}"]:
+        raise ValueError(f"first template group must be ['{{}}']: {groups[:1]}")
+    flat = [t for g in groups for t in g]
+    prompts = [fill(t, r.prompt) for r in requests for t in flat]
+    subjects = [r.subject for r in requests for _ in flat]
+    (inputs, _), (_, outputs) = modules_io_at_subjects(
+        model, tokenizer, prompts, subjects, list(modules), fact_token
+    )
+    bare = outputs.view(len(requests), len(flat), -1)[:, 0]  # (n, d_out)
+    return _group_means(inputs, len(requests), groups), bare
+
+
+def _group_means(
+    inputs: torch.Tensor, n_requests: int, groups: Sequence[Sequence[str]]
+) -> torch.Tensor:
+    """(n, d) of rows (n * n_flat, d) in request-major order: the mean within each template
+    group, then across groups."""
+    n_flat = sum(len(g) for g in groups)
+    per_request = inputs.view(n_requests, n_flat, -1)  # (n, n_ctx, d_in)
     bounds = torch.tensor([0, *(len(g) for g in groups)]).cumsum(0).tolist()
     means = [per_request[:, a:b].mean(dim=1) for a, b in pairwise(bounds)]
     return torch.stack(means, dim=1).mean(dim=1)

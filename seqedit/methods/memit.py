@@ -28,8 +28,7 @@ from seqedit.methods.arch import ModuleNames, rewrite_dims, rewrite_weight
 from seqedit.methods.config import ValueSearchOptions, names_for
 from seqedit.methods.context import BARE_TEMPLATE, context_templates_for
 from seqedit.methods.keys_values import (
-    grouped_keys,
-    module_io_at_subjects,
+    keys_and_bare_outputs,
     restored_tensors,
 )
 from seqedit.methods.method import (
@@ -139,25 +138,6 @@ def memit_context_templates(
     return groups
 
 
-def hidden_at_subjects(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    requests: Sequence[EditRequest],
-    module: str,
-    fact_token: FactToken,
-) -> torch.Tensor:
-    """(n, d) float32 output of `module` (a block: the residual) at each bare prompt's subject."""
-    _, outs = module_io_at_subjects(
-        model,
-        tokenizer,
-        [r.prompt for r in requests],
-        [r.subject for r in requests],
-        module,
-        fact_token,
-    )
-    return outs
-
-
 def compute_targets(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -171,21 +151,19 @@ def compute_targets(
     d_model = rewrite_dims(model, names, z_layer)[1]
     loss_layer = max(config.v_loss_layer, z_layer)
     flat = [t for g in groups for t in g]
-    reused = [names.layer_module_tmp.format(i) for i in range(z_layer + 1)]
-    if not config.reuse_lower_layers:
-        reused = []
+    reuse = config.reuse_lower_layers  # the shift is added to block z_layer's output
     return optimize_values(
         model,
         tokenizer,
         requests,
         flat,
+        names=names,
         edit_module=names.layer_module_tmp.format(z_layer),
         dim=d_model,
         search=ValueSearch.of(config),
         loss_module=names.layer_module_tmp.format(loss_layer),
-        ln_f_module=names.ln_f_module,
-        lm_head_module=names.lm_head_module,
-        reuse_outputs_of=reused,
+        reuse_outputs_of=[names.layer_module_tmp.format(z_layer)] if reuse else [],
+        replay_from=z_layer if reuse else None,
     )
 
 
@@ -233,8 +211,9 @@ def apply_layered_updates(
     norms: dict[int, float] = {}
     for i, layer in enumerate(config.layers):
         module = names.rewrite_module_tmp.format(layer)
-        k = grouped_keys(model, tokenizer, requests, module, groups, config.fact_token)
-        current = hidden_at_subjects(model, tokenizer, requests, z_module, config.fact_token)
+        k, current = keys_and_bare_outputs(
+            model, tokenizer, requests, (module, z_module), groups, config.fact_token
+        )
         targets = (zs - current).T.double()  # (d_out, n)
         norms[layer] = float(targets.norm(dim=0).mean())
         resid = targets / (len(config.layers) - i)

@@ -231,29 +231,29 @@ def rome_edit(
     )  # (n_ctx, d_in), (n_ctx, d_out)
     key = keys.mean(dim=0)
 
-    # the blocks below, and the edited block's attention and MLP: the shift is added to
-    # the MLP's output, so none of them can change during the value search
-    unchanged = [
-        *(names.layer_module_tmp.format(i) for i in range(config.layer)),
-        names.attn_module_tmp.format(config.layer),
-        names.mlp_module_tmp.format(config.layer),
-    ]
+    # after the first pass only the edited block and those above run, and in the edited
+    # block the attention and the MLP return their first output: the shift is added to the
+    # MLP's output, so neither can change
+    reuse = config.reuse_lower_layers
     (value,) = optimize_values(
         *(model, tokenizer, [request], context_templates),
+        names=names,
         edit_module=names.mlp_module_tmp.format(config.layer),
         dim=d_out,
         search=ValueSearch.of(config),
-        reuse_outputs_of=unchanged if config.reuse_lower_layers else [],
-    )
+        reuse_outputs_of=[
+            names.attn_module_tmp.format(config.layer),
+            names.mlp_module_tmp.format(config.layer),
+        ] if reuse else [],
+        replay_from=config.layer if reuse else None,
+    )  # fmt: skip
     target = value.target
 
     if config.rrome:
         key_update, out_current = key, outs.mean(dim=0)
-    else:  # original: key and output at the bare prompt, from a forward of its own
-        k_raw, o_raw = module_io_at_subjects(
-            model, tokenizer, [request.prompt], [subject], module, config.fact_token
-        )
-        key_update, out_current = k_raw[0], o_raw[0]  # (d_in,), (d_out,)
+    else:  # original: key and output at the bare prompt (the first template is "{}"; the
+        # reference reads them from a forward of their own, equal to float rounding)
+        key_update, out_current = keys[0], outs[0]  # (d_in,), (d_out,)
     update = rome_update_from_kv(
         None, c_inv, key, target, key_update=key_update, out_current=out_current
     )

@@ -27,9 +27,11 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from seqedit.methods.arch import get_module
+from seqedit.methods.arch import ModuleNames, get_module
+from seqedit.methods.block_replay import BlockReplay
 from seqedit.methods.hooks import ModuleTrace, reused_outputs
 from seqedit.methods.keys_values import frozen_parameters, model_device
 from seqedit.methods.tokens import (
@@ -128,9 +130,10 @@ class _RequestRows:
         """(n_rw, T, ...) of `states` (B, L, ...) at the target positions."""
         return states[self.rows[: self.n_rw, None], self.target_pos]
 
-    def kl_log_probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """(n_kl, V) next-token log-probabilities at the subject of each KL prompt."""
-        kl_logits = logits[self.rows[self.n_rw :], self.lookup[self.n_rw :]].float()
+    def kl_log_probs(self, head: nn.Module, states: torch.Tensor) -> torch.Tensor:
+        """(n_kl, V) next-token log-probabilities at the subject of each KL prompt, from
+        the final hidden states (B, L, d) through the LM head."""
+        kl_logits = head(states[self.rows[self.n_rw :], self.lookup[self.n_rw :]]).float()
         return torch.log_softmax(kl_logits, dim=-1)
 
 
@@ -274,13 +277,13 @@ def optimize_values(
     requests: Sequence[EditRequest],
     context_templates: Sequence[str],
     *,
+    names: ModuleNames,
     edit_module: str,
     dim: int,
     search: ValueSearch,
     loss_module: str | None = None,
-    ln_f_module: str | None = None,
-    lm_head_module: str | None = None,
     reuse_outputs_of: Sequence[str] = (),
+    replay_from: int | None = None,
 ) -> list[ValueResult]:
     """For each request, find delta (dim,) such that adding it to `edit_module`'s output at
     the subject token makes the model predict `request.target_new` after every context
@@ -289,20 +292,24 @@ def optimize_values(
     The searches are independent: each request has its own delta, Adam state, loss and
     stop. They share forward passes: up to `search.batch_rows` prompt rows go through the
     model together, and a request that has stopped keeps its delta while the others go on.
+    Logits are computed at the scored positions only.
 
     Args:
         context_templates: templates whose `{}` takes the request prompt; the FIRST one
             supplies `init` (ROME passes "{}" first, i.e. the bare prompt).
+        names: the model's module names (blocks, final norm, LM head).
         edit_module: module whose primary output gets the delta, shape (B, T, dim).
         loss_module: when given, the target NLL is read from
             lm_head(ln_f(output of this module)) (MEMIT's v_loss_layer); else from the logits.
-        reuse_outputs_of: modules whose output the delta cannot change (the blocks below the
-            edit): computed in the first pass only (`reused_outputs`), same result, faster.
+        reuse_outputs_of: modules whose output the delta cannot change (the edited block's
+            attention and MLP, or the block itself): computed in the first pass only
+            (`reused_outputs`), same result, faster.
+        replay_from: the block holding `edit_module`: after the first pass only it and the
+            blocks above run (`BlockReplay`), same result, faster. None runs the whole
+            network at every step.
     """
     if not context_templates:
         raise ValueError("need at least one context template")
-    if loss_module is not None and (ln_f_module is None or lm_head_module is None):
-        raise ValueError("loss_module needs ln_f_module and lm_head_module")
     per_group = max(1, search.batch_rows // (len(context_templates) + len(search.kl_prompts)))
     results: list[ValueResult] = []
     for first in range(0, len(requests), per_group):
@@ -310,55 +317,65 @@ def optimize_values(
             tokenizer, requests[first : first + per_group], context_templates, search,
             model_device(model),
         )  # fmt: skip
-        results += _search_batch(
-            model, batch, edit_module, dim, search, (loss_module, ln_f_module, lm_head_module),
-            reuse_outputs_of,
-        )  # fmt: skip
+        site = _ShiftSite(names, edit_module, dim, loss_module, reuse_outputs_of, replay_from)
+        results += _search_batch(model, batch, site, search)
     return results
 
 
+class _ShiftSite(NamedTuple):
+    """Where a value search shifts and reads (the arguments of `optimize_values`)."""
+
+    names: ModuleNames
+    edit_module: str
+    dim: int
+    loss_module: str | None
+    reuse_outputs_of: Sequence[str]
+    replay_from: int | None
+
+
 def _search_batch(
-    model: PreTrainedModel,
-    batch: _ValueBatch,
-    edit_module: str,
-    dim: int,
-    search: ValueSearch,
-    loss_modules: tuple[str | None, str | None, str | None],
-    reuse_outputs_of: Sequence[str],
+    model: PreTrainedModel, batch: _ValueBatch, site: _ShiftSite, search: ValueSearch
 ) -> list[ValueResult]:
     """`optimize_values` on the requests of one batch."""
-    loss_module, ln_f_module, lm_head_module = loss_modules
-    shift = _SubjectShifts(edit_module, batch, dim)
+    shift = _SubjectShifts(site.edit_module, batch, site.dim)
     progress = [_Progress() for _ in batch.requests]
+    head = model.get_output_embeddings()
 
     def rewrite_logits(
-        rows: _RequestRows, logits: torch.Tensor, trace: ModuleTrace
+        rows: _RequestRows, states: torch.Tensor, trace: ModuleTrace
     ) -> torch.Tensor:
-        """(n_rw, T, V) logits at the target positions, from the model or `loss_module`."""
-        if loss_module is None:
-            return rows.at_targets(logits)
-        ln_f, lm_head = get_module(model, ln_f_module), get_module(model, lm_head_module)  # type: ignore[arg-type]
-        return lm_head(ln_f(rows.at_targets(trace.outputs[loss_module])))
+        """(n_rw, T, V) logits at the target positions, from the final states (B, L, d) or
+        from `loss_module`."""
+        if site.loss_module is None:
+            return head(rows.at_targets(states))
+        ln_f = get_module(model, site.names.ln_f_module)
+        lm_head = get_module(model, site.names.lm_head_module)
+        return lm_head(ln_f(rows.at_targets(trace.outputs[site.loss_module])))
 
-    traced = [edit_module] if loss_module is None else [edit_module, loss_module]
+    traced = [site.edit_module] + ([site.loss_module] if site.loss_module else [])
     traced_pass = partial(
-        ModuleTrace, model, traced, retain_output=loss_module is not None, detach=False
+        ModuleTrace, model, traced, retain_output=site.loss_module is not None, detach=False
     )
     optimizer = torch.optim.Adam(shift.deltas, lr=search.lr)
-    with frozen_parameters(model), torch.enable_grad(), reused_outputs(model, reuse_outputs_of):
+    with (
+        frozen_parameters(model),
+        torch.enable_grad(),
+        reused_outputs(model, site.reuse_outputs_of),
+        BlockReplay(model, site.names, site.replay_from) as replay,
+    ):
         for it in range(search.num_steps):
             optimizer.zero_grad()
             with traced_pass(edit_output=shift) as trace:
-                logits = model(**batch.inputs, use_cache=False).logits  # (B, L, V)
+                states = replay.final_states(batch.inputs)  # (B, L, d)
             active: list[tuple[int, torch.Tensor]] = []
             for j, (rows, state) in enumerate(zip(batch.requests, progress, strict=True)):
                 if state.done:
                     continue
                 init = shift.initial(j)
-                kl_log_probs = rows.kl_log_probs(logits)
+                kl_log_probs = rows.kl_log_probs(head, states)
                 if state.kl_init is None:
                     state.kl_init = kl_log_probs.detach().clone()
-                nll_each, top1 = _target_nll(rewrite_logits(rows, logits, trace), rows)
+                nll_each, top1 = _target_nll(rewrite_logits(rows, states, trace), rows)
                 nll, kl, decay = _loss_terms(
                     nll_each, kl_log_probs, state.kl_init, shift.deltas[j], init, search
                 )
