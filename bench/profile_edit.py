@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--method", default="rome")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--sort", default="cumulative", help="pstats key (tottime: own time)")
     parser.add_argument("--torch-ops", action="store_true", help="also torch.profiler's table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -85,7 +86,7 @@ def main() -> None:
         print(f"{args.method}: {total / n:.4f} s per request in all, edit call {edit_call:.4f} "
               f"s, scoring and bookkeeping {total / n - edit_call:.4f} s")  # fmt: skip
         out = io.StringIO()
-        pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(args.top)
+        pstats.Stats(profiler, stream=out).sort_stats(args.sort).print_stats(args.top)
         print(out.getvalue())
         if args.torch_ops:
             editor = fresh()

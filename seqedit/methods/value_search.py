@@ -27,21 +27,18 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from seqedit.methods.adam import LeanAdam
 from seqedit.methods.arch import ModuleNames, get_module
 from seqedit.methods.block_replay import BlockReplay
 from seqedit.methods.hooks import ModuleTrace, reused_outputs
 from seqedit.methods.keys_values import frozen_parameters, model_device
 from seqedit.methods.tokens import (
     FactToken,
-    batch_subject_positions,
-    encode_batch,
-    fill,
-    last_token_positions,
 )
-from seqedit.schemas.requests import EditRequest, spaced
+from seqedit.methods.value_batch import RequestRows, ValueBatch, target_nll
+from seqedit.schemas.requests import EditRequest
 
 log = logging.getLogger(__name__)
 
@@ -108,109 +105,13 @@ class ValueSearch(NamedTuple):
         )
 
 
-@dataclass
-class _RequestRows:
-    """One request's rows of the shared padded batch: `n_rw` rewriting prompts, then the KL
-    prompts (B_j rows in all).
-
-    Attributes:
-        rows: (B_j,) its row indices in the batch.
-        lookup: (B_j,) subject position of each of its rows, where the delta is added.
-        target_pos: (n_rw, T) positions whose next-token logits score the T target tokens.
-        target: (n_rw, T) the target token ids.
-    """
-
-    rows: torch.Tensor
-    lookup: torch.Tensor
-    target_pos: torch.Tensor
-    target: torch.Tensor
-    n_rw: int
-
-    def at_targets(self, states: torch.Tensor) -> torch.Tensor:
-        """(n_rw, T, ...) of `states` (B, L, ...) at the target positions."""
-        return states[self.rows[: self.n_rw, None], self.target_pos]
-
-    def kl_log_probs(self, head: nn.Module, states: torch.Tensor) -> torch.Tensor:
-        """(n_kl, V) next-token log-probabilities at the subject of each KL prompt, from
-        the final hidden states (B, L, d) through the LM head."""
-        kl_logits = head(states[self.rows[self.n_rw :], self.lookup[self.n_rw :]]).float()
-        return torch.log_softmax(kl_logits, dim=-1)
-
-
-@dataclass
-class _ValueBatch:
-    """The prompts of several value searches in one padded batch (B rows).
-
-    Attributes:
-        inputs: the tokenised, padded prompts, (B, L).
-        requests: each request's rows, in order.
-        rows / lookup: (B,) every row and its subject position (the requests' concatenated).
-    """
-
-    inputs: dict[str, torch.Tensor]
-    requests: list[_RequestRows]
-    rows: torch.Tensor
-    lookup: torch.Tensor
-
-    @classmethod
-    def build(
-        cls,
-        tokenizer: PreTrainedTokenizerBase,
-        requests: Sequence[EditRequest],
-        context_templates: Sequence[str],
-        search: ValueSearch,
-        device: torch.device,
-    ) -> _ValueBatch:
-        """Rewriting prompts end with every target token but the last (teacher forcing)."""
-        prompts: list[str] = []
-        subjects: list[str] = []
-        spans: list[tuple[int, int, list[int]]] = []  # (first row, n_rw, target ids)
-        for request in requests:
-            ids = tokenizer(spaced(request.target_new), add_special_tokens=False)["input_ids"]
-            if not ids:
-                raise ValueError(f"case {request.case_id}: target_new tokenizes to nothing")
-            target_prefix = tokenizer.decode(ids[:-1])
-            rewriting = [fill(ctx, request.prompt) + target_prefix for ctx in context_templates]
-            spans.append((len(prompts), len(rewriting), ids))
-            prompts += [*rewriting, *search.kl_prompts]
-            subjects += [request.subject] * (len(rewriting) + len(search.kl_prompts))
-        texts = [fill(p, s) for p, s in zip(prompts, subjects, strict=True)]
-        inputs = encode_batch(tokenizer, texts, device)
-        mask = inputs["attention_mask"]
-        lookup = batch_subject_positions(tokenizer, prompts, subjects, search.fact_token, mask)
-        all_lookup = torch.tensor(lookup, device=device)
-        per_request = len(context_templates) + len(search.kl_prompts)
-        rows = []
-        for first, n_rw, ids in spans:
-            mine = slice(first, first + per_request)
-            rows.append(
-                _RequestRows(
-                    rows=torch.arange(mine.start, mine.stop, device=device),
-                    lookup=all_lookup[mine],
-                    target_pos=last_token_positions(mask[first : first + n_rw], len(ids)),
-                    target=torch.tensor(ids, device=device).expand(n_rw, len(ids)),
-                    n_rw=n_rw,
-                )
-            )
-        return cls(inputs, rows, torch.arange(len(prompts), device=device), all_lookup)
-
-
-def _target_nll(rw_logits: torch.Tensor, rows: _RequestRows) -> tuple[torch.Tensor, bool]:
-    """Mean target-token NLL per rewriting prompt, (n_rw,), from logits (n_rw, T, V); and
-    whether every target token is the argmax at its position."""
-    log_probs = torch.log_softmax(rw_logits.float(), dim=-1)
-    token_lp = torch.gather(log_probs, 2, rows.target.unsqueeze(2)).squeeze(2)  # (n_rw, T)
-    nll_each = -token_lp.sum(dim=1) / rows.target.shape[1]
-    return nll_each, bool((log_probs.argmax(-1) == rows.target).all())
-
-
 class _SubjectShifts:
     """`edit_output` hook of `ModuleTrace`: adds request j's `deltas[j]` (d,) to `module`'s
     output (B, L, d) at the subject position of each of j's rows, and keeps that output's
     value at the subject of j's first prompt from the first pass (`initial(j)`, (d,)
     float32)."""
 
-    def __init__(self, module: str, batch: _ValueBatch, dim: int) -> None:
+    def __init__(self, module: str, batch: ValueBatch, dim: int) -> None:
         self.module, self.batch, self.dim = module, batch, dim
         device = batch.rows.device
         self.deltas = [torch.zeros(dim, device=device, requires_grad=True) for _ in batch.requests]
@@ -313,7 +214,7 @@ def optimize_values(
     per_group = max(1, search.batch_rows // (len(context_templates) + len(search.kl_prompts)))
     results: list[ValueResult] = []
     for first in range(0, len(requests), per_group):
-        batch = _ValueBatch.build(
+        batch = ValueBatch.build(
             tokenizer, requests[first : first + per_group], context_templates, search,
             model_device(model),
         )  # fmt: skip
@@ -334,16 +235,14 @@ class _ShiftSite(NamedTuple):
 
 
 def _search_batch(
-    model: PreTrainedModel, batch: _ValueBatch, site: _ShiftSite, search: ValueSearch
+    model: PreTrainedModel, batch: ValueBatch, site: _ShiftSite, search: ValueSearch
 ) -> list[ValueResult]:
     """`optimize_values` on the requests of one batch."""
     shift = _SubjectShifts(site.edit_module, batch, site.dim)
     progress = [_Progress() for _ in batch.requests]
     head = model.get_output_embeddings()
 
-    def rewrite_logits(
-        rows: _RequestRows, states: torch.Tensor, trace: ModuleTrace
-    ) -> torch.Tensor:
+    def rewrite_logits(rows: RequestRows, states: torch.Tensor, trace: ModuleTrace) -> torch.Tensor:
         """(n_rw, T, V) logits at the target positions, from the final states (B, L, d) or
         from `loss_module`."""
         if site.loss_module is None:
@@ -356,7 +255,7 @@ def _search_batch(
     traced_pass = partial(
         ModuleTrace, model, traced, retain_output=site.loss_module is not None, detach=False
     )
-    optimizer = torch.optim.Adam(shift.deltas, lr=search.lr)
+    optimizer = LeanAdam(shift.deltas, lr=search.lr)
     with (
         frozen_parameters(model),
         torch.enable_grad(),
@@ -375,7 +274,7 @@ def _search_batch(
                 kl_log_probs = rows.kl_log_probs(head, states)
                 if state.kl_init is None:
                     state.kl_init = kl_log_probs.detach().clone()
-                nll_each, top1 = _target_nll(rewrite_logits(rows, states, trace), rows)
+                nll_each, top1 = target_nll(rewrite_logits(rows, states, trace), rows)
                 nll, kl, decay = _loss_terms(
                     nll_each, kl_log_probs, state.kl_init, shift.deltas[j], init, search
                 )
@@ -394,10 +293,7 @@ def _search_batch(
             if not active:
                 break
             torch.stack([loss for _, loss in active]).sum().backward()
-            for delta, state in zip(shift.deltas, progress, strict=True):
-                if state.done:  # a stopped search keeps its delta
-                    delta.grad = None
-            optimizer.step()
+            optimizer.step(j for j, _ in active)  # a stopped search keeps its delta
             for j, _ in active:
                 progress[j].steps += 1
                 shift.clamp_(j, search.clamp_norm_factor)
