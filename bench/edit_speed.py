@@ -17,7 +17,8 @@ Setup (model load excluded) and edits are timed; each configuration runs `--repe
 from the base model and the median is reported. Results are printed next to the timings
 (edit success, mean P(new) after each edit, final ES over the 20 after the last edit) so
 speed is compared at equal results. The reference implementation's own medians from the
-golden set's summary.json are printed for context (same kind of machine, different run).
+golden set's summary.json are printed for context (same kind of machine, different run);
+bench/edit_speed_reference.py runs the reference side by side with ours instead.
 """
 
 from __future__ import annotations
