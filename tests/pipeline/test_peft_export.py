@@ -59,7 +59,9 @@ def round_trip(campaign_dir: Path, base_dir: Path, tmp_path: Path, step: int) ->
     report = json.loads((tmp_path / "a" / "seqedit_export.json").read_text())
     assert report["exact"] and report["max_relative_error"] == 0.0
     adapted = PeftModel.from_pretrained(base, str(tmp_path / "a")).eval()
-    torch.testing.assert_close(logits(adapted, tokenizer), expected, atol=1e-5, rtol=0)
+    # the adapter's merged weights against the rebuilt ones: to float32 rounding (logits of
+    # about 8 carry a few ulps, ~1e-6 relative, of a different summation order)
+    torch.testing.assert_close(logits(adapted, tokenizer), expected, atol=1e-5, rtol=1e-5)
     assert (expected - before).abs().max() > 1e-3  # the edits moved the logits
     unloaded = adapted.unload()
     torch.testing.assert_close(logits(unloaded, tokenizer), before, atol=0, rtol=0)
