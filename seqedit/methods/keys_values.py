@@ -139,6 +139,32 @@ def grouped_keys(
     return _group_means(inputs, len(requests), groups)
 
 
+def keys_and_bare_outputs(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    modules: tuple[str, str],
+    groups: Sequence[Sequence[str]],
+    fact_token: FactToken,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`grouped_keys` of modules[0] (n, d_in), output of modules[1] at the subject of each
+    bare prompt (n, d_out)) from the same forward passes; `groups[0]` must be ["{}"] and
+    modules[1] must run after modules[0] (MEMIT: the rewrite module, then the z block).
+
+    The reference reads the outputs from a forward of the bare prompts of their own; a
+    bare prompt's row in the padded batch gives the same values to float rounding."""
+    if list(groups[0]) != ["{}"]:
+        raise ValueError(f"first template group must be ['{{}}']: {groups[:1]}")
+    flat = [t for g in groups for t in g]
+    prompts = [fill(t, r.prompt) for r in requests for t in flat]
+    subjects = [r.subject for r in requests for _ in flat]
+    (inputs, _), (_, outputs) = modules_io_at_subjects(
+        model, tokenizer, prompts, subjects, list(modules), fact_token
+    )
+    bare = outputs.view(len(requests), len(flat), -1)[:, 0]  # (n, d_out)
+    return _group_means(inputs, len(requests), groups), bare
+
+
 def _group_means(
     inputs: torch.Tensor, n_requests: int, groups: Sequence[Sequence[str]]
 ) -> torch.Tensor:

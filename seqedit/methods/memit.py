@@ -28,8 +28,7 @@ from seqedit.methods.arch import ModuleNames, rewrite_dims, rewrite_weight
 from seqedit.methods.config import ValueSearchOptions, names_for
 from seqedit.methods.context import BARE_TEMPLATE, context_templates_for
 from seqedit.methods.keys_values import (
-    grouped_keys,
-    module_io_at_subjects,
+    keys_and_bare_outputs,
     restored_tensors,
 )
 from seqedit.methods.method import (
@@ -212,11 +211,9 @@ def apply_layered_updates(
     norms: dict[int, float] = {}
     for i, layer in enumerate(config.layers):
         module = names.rewrite_module_tmp.format(layer)
-        k = grouped_keys(model, tokenizer, requests, module, groups, config.fact_token)
-        _, current = module_io_at_subjects(
-            model, tokenizer, [r.prompt for r in requests], [r.subject for r in requests],
-            z_module, config.fact_token,
-        )  # fmt: skip
+        k, current = keys_and_bare_outputs(
+            model, tokenizer, requests, (module, z_module), groups, config.fact_token
+        )
         targets = (zs - current).T.double()  # (d_out, n)
         norms[layer] = float(targets.norm(dim=0).mean())
         resid = targets / (len(config.layers) - i)

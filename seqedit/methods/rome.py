@@ -251,11 +251,9 @@ def rome_edit(
 
     if config.rrome:
         key_update, out_current = key, outs.mean(dim=0)
-    else:  # original: key and output at the bare prompt, from a forward of its own
-        k_raw, o_raw = module_io_at_subjects(
-            model, tokenizer, [request.prompt], [subject], module, config.fact_token
-        )
-        key_update, out_current = k_raw[0], o_raw[0]  # (d_in,), (d_out,)
+    else:  # original: key and output at the bare prompt (the first template is "{}"; the
+        # reference reads them from a forward of their own, equal to float rounding)
+        key_update, out_current = keys[0], outs[0]  # (d_in,), (d_out,)
     update = rome_update_from_kv(
         None, c_inv, key, target, key_update=key_update, out_current=out_current
     )

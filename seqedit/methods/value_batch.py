@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from seqedit.methods.tokens import (
@@ -44,9 +45,10 @@ class RequestRows:
         """(n_rw, T, ...) of `states` (B, L, ...) at the target positions."""
         return states[self.rows[: self.n_rw, None], self.target_pos]
 
-    def kl_log_probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """(n_kl, V) next-token log-probabilities at the subject of each KL prompt."""
-        kl_logits = logits[self.rows[self.n_rw :], self.lookup[self.n_rw :]].float()
+    def kl_log_probs(self, head: nn.Module, states: torch.Tensor) -> torch.Tensor:
+        """(n_kl, V) next-token log-probabilities at the subject of each KL prompt, from
+        the final hidden states (B, L, d) through the LM head."""
+        kl_logits = head(states[self.rows[self.n_rw :], self.lookup[self.n_rw :]]).float()
         return torch.log_softmax(kl_logits, dim=-1)
 
 

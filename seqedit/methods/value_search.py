@@ -193,6 +193,7 @@ def optimize_values(
     The searches are independent: each request has its own delta, Adam state, loss and
     stop. They share forward passes: up to `search.batch_rows` prompt rows go through the
     model together, and a request that has stopped keeps its delta while the others go on.
+    Logits are computed at the scored positions only.
 
     Args:
         context_templates: templates whose `{}` takes the request prompt; the FIRST one
@@ -241,13 +242,11 @@ def _search_batch(
     progress = [_Progress() for _ in batch.requests]
     head = model.get_output_embeddings()
 
-    def rewrite_logits(
-        rows: RequestRows, logits: torch.Tensor, trace: ModuleTrace
-    ) -> torch.Tensor:
-        """(n_rw, T, V) logits at the target positions, from the model's logits (B, L, V) or
+    def rewrite_logits(rows: RequestRows, states: torch.Tensor, trace: ModuleTrace) -> torch.Tensor:
+        """(n_rw, T, V) logits at the target positions, from the final states (B, L, d) or
         from `loss_module`."""
         if site.loss_module is None:
-            return rows.at_targets(logits)
+            return head(rows.at_targets(states))
         ln_f = get_module(model, site.names.ln_f_module)
         lm_head = get_module(model, site.names.lm_head_module)
         return lm_head(ln_f(rows.at_targets(trace.outputs[site.loss_module])))
@@ -266,17 +265,16 @@ def _search_batch(
         for it in range(search.num_steps):
             optimizer.zero_grad()
             with traced_pass(edit_output=shift) as trace:
-                # the LM head at every position, as the model's own forward: the same values
-                logits = head(replay.final_states(batch.inputs))  # (B, L, V)
+                states = replay.final_states(batch.inputs)  # (B, L, d)
             active: list[tuple[int, torch.Tensor]] = []
             for j, (rows, state) in enumerate(zip(batch.requests, progress, strict=True)):
                 if state.done:
                     continue
                 init = shift.initial(j)
-                kl_log_probs = rows.kl_log_probs(logits)
+                kl_log_probs = rows.kl_log_probs(head, states)
                 if state.kl_init is None:
                     state.kl_init = kl_log_probs.detach().clone()
-                nll_each, top1 = target_nll(rewrite_logits(rows, logits, trace), rows)
+                nll_each, top1 = target_nll(rewrite_logits(rows, states, trace), rows)
                 nll, kl, decay = _loss_terms(
                     nll_each, kl_log_probs, state.kl_init, shift.deltas[j], init, search
                 )

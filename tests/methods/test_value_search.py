@@ -1,5 +1,6 @@
 """Value searches that share forward passes (`optimize_values` on a batch) find what each
-search finds alone: every request keeps its own delta, Adam state, loss and stop."""
+search finds alone: every request keeps its own delta, Adam state, loss and stop; and MEMIT's
+keys and bare-prompt outputs read from one forward pass equal their own passes."""
 
 from __future__ import annotations
 
@@ -8,6 +9,11 @@ import torch
 from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from seqedit.methods.arch import get_module, module_names_for
+from seqedit.methods.keys_values import (
+    grouped_keys,
+    keys_and_bare_outputs,
+    module_io_at_subjects,
+)
 from seqedit.methods.value_search import ValueResult, ValueSearch, optimize_values
 from seqedit.schemas.requests import EditRequest
 from tests.methods.tiny import tiny_gpt2
@@ -74,3 +80,24 @@ def test_batched_searches_equal_separate_ones(
     _assert_same(_search(model, tokenizer, REQUESTS, batch_rows=1), alone)
     assert "forward" not in get_module(model, "transformer.h.0").__dict__  # restored
 
+
+def test_keys_and_bare_outputs_equal_their_own_forward_passes(
+    model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    groups = [["{}"], TEMPLATES[1:]]
+    names = module_names_for(model)
+    module, block = names.rewrite_module_tmp.format(1), names.layer_module_tmp.format(2)
+    keys, bare = keys_and_bare_outputs(
+        model, tokenizer, REQUESTS, (module, block), groups, "subject_last"
+    )
+    _, alone = module_io_at_subjects(
+        model, tokenizer, [r.prompt for r in REQUESTS], [r.subject for r in REQUESTS], block,
+        "subject_last",
+    )  # fmt: skip
+    torch.testing.assert_close(bare, alone, rtol=1e-5, atol=1e-6)
+    expected = grouped_keys(model, tokenizer, REQUESTS, module, groups, "subject_last")
+    torch.testing.assert_close(keys, expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="first template group"):
+        keys_and_bare_outputs(
+            model, tokenizer, REQUESTS, (module, block), groups[::-1], "subject_last"
+        )
