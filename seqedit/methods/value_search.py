@@ -47,7 +47,7 @@ KL_PROMPTS: tuple[str, ...] = ("{} is a",)
 
 @dataclass
 class ValueResult:
-    """Outcome of `optimize_value`.
+    """Outcome of `optimize_values` for one request.
 
     Attributes:
         init: (d,) float32 output of the edited module at the subject of the first prompt
@@ -74,7 +74,7 @@ class ValueResult:
 
 
 class ValueSearch(NamedTuple):
-    """How `optimize_value` searches: the reference's value-optimisation fields, which ROME
+    """How `optimize_values` searches: the reference's value-optimisation fields, which ROME
     and MEMIT/AlphaEdit configs share by name (`ValueSearch.of(config)`)."""
 
     fact_token: FactToken
