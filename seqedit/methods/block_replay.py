@@ -44,8 +44,9 @@ class BlockReplay:
         self.first = first
         n_blocks = model.config.num_hidden_layers  # type: ignore[union-attr]
         start = n_blocks if first is None else first
-        self.blocks = [get_module(model, names.layer_module_tmp.format(i)) for i in range(n_blocks)]
-        self.blocks = self.blocks[start:]
+        self.blocks = [
+            get_module(model, names.layer_module_tmp.format(i)) for i in range(start, n_blocks)
+        ]
         self.final_norm = get_module(model, names.ln_f_module)
         self._calls: list[Call] = []
         self._input: torch.Tensor | None = None

@@ -241,14 +241,14 @@ def _search_batch(
     shift = _SubjectShifts(site.edit_module, batch, site.dim)
     progress = [_Progress() for _ in batch.requests]
     head = model.get_output_embeddings()
+    ln_f = get_module(model, site.names.ln_f_module)  # looked up once, not at every step
+    lm_head = get_module(model, site.names.lm_head_module)
 
     def rewrite_logits(rows: RequestRows, states: torch.Tensor, trace: ModuleTrace) -> torch.Tensor:
         """(n_rw, T, V) logits at the target positions, from the final states (B, L, d) or
         from `loss_module`."""
         if site.loss_module is None:
             return head(rows.at_targets(states))
-        ln_f = get_module(model, site.names.ln_f_module)
-        lm_head = get_module(model, site.names.lm_head_module)
         return lm_head(ln_f(rows.at_targets(trace.outputs[site.loss_module])))
 
     traced = [site.edit_module] + ([site.loss_module] if site.loss_module else [])
