@@ -19,12 +19,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from seqedit.methods.hooks import ModuleTrace
-from seqedit.methods.tokens import (
-    FactToken,
-    batch_subject_positions,
-    encode_batch,
-    fill,
-)
+from seqedit.methods.tokens import EncodingMemo, FactToken, fill
 from seqedit.schemas.requests import EditRequest
 
 log = logging.getLogger(__name__)
@@ -92,21 +87,19 @@ def modules_io_at_subjects(
     fact_token: FactToken,
     *,
     batch_size: int = 128,
+    encodings: EncodingMemo | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """`module_io_at_subjects` of several modules from the same forward passes, which stop
-    after the last of `modules` (list them in the order the network runs them)."""
+    after the last of `modules` (list them in the order the network runs them).
+    `encodings` reuses the tokenization of an earlier call on the same texts."""
     device = model_device(model)
+    encode = encodings or EncodingMemo(tokenizer, device)
     ins: dict[str, list[torch.Tensor]] = {m: [] for m in modules}
     outs: dict[str, list[torch.Tensor]] = {m: [] for m in modules}
     for start in range(0, len(templates), batch_size):
         chunk_t = list(templates[start : start + batch_size])
         chunk_s = list(subjects[start : start + batch_size])
-        inputs = encode_batch(
-            tokenizer, [fill(t, s) for t, s in zip(chunk_t, chunk_s, strict=True)], device
-        )
-        positions = batch_subject_positions(
-            tokenizer, chunk_t, chunk_s, fact_token, inputs["attention_mask"]
-        )
+        inputs, positions = encode(chunk_t, chunk_s, fact_token)
         with ModuleTrace(
             model, modules, retain_input=True, retain_output=True, stop_after=modules[-1]
         ) as trace:
@@ -146,6 +139,7 @@ def keys_and_bare_outputs(
     modules: tuple[str, str],
     groups: Sequence[Sequence[str]],
     fact_token: FactToken,
+    encodings: EncodingMemo | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(`grouped_keys` of modules[0] (n, d_in), output of modules[1] at the subject of each
     bare prompt (n, d_out)) from the same forward passes; `groups[0]` must be ["{}"] and
@@ -159,7 +153,7 @@ def keys_and_bare_outputs(
     prompts = [fill(t, r.prompt) for r in requests for t in flat]
     subjects = [r.subject for r in requests for _ in flat]
     (inputs, _), (_, outputs) = modules_io_at_subjects(
-        model, tokenizer, prompts, subjects, list(modules), fact_token
+        model, tokenizer, prompts, subjects, list(modules), fact_token, encodings=encodings
     )
     bare = outputs.view(len(requests), len(flat), -1)[:, 0]  # (n, d_out)
     return _group_means(inputs, len(requests), groups), bare

@@ -29,6 +29,7 @@ from seqedit.methods.config import ValueSearchOptions, names_for
 from seqedit.methods.context import BARE_TEMPLATE, context_templates_for
 from seqedit.methods.keys_values import (
     keys_and_bare_outputs,
+    model_device,
     restored_tensors,
 )
 from seqedit.methods.method import (
@@ -40,7 +41,7 @@ from seqedit.methods.method import (
     one_at_a_time,
     rewrite_modules,
 )
-from seqedit.methods.tokens import FactToken
+from seqedit.methods.tokens import EncodingMemo, FactToken
 from seqedit.methods.updates import EditResult, LowRankDelta, apply_update_
 from seqedit.methods.value_search import KL_PROMPTS, ValueResult, ValueSearch, optimize_values
 from seqedit.schemas.requests import EditRequest
@@ -209,10 +210,11 @@ def apply_layered_updates(
     deltas: list[LowRankDelta] = []
     keys: dict[int, torch.Tensor] = {}
     norms: dict[int, float] = {}
+    encodings = EncodingMemo(tokenizer, model_device(model))  # the same texts at every layer
     for i, layer in enumerate(config.layers):
         module = names.rewrite_module_tmp.format(layer)
         k, current = keys_and_bare_outputs(
-            model, tokenizer, requests, (module, z_module), groups, config.fact_token
+            model, tokenizer, requests, (module, z_module), groups, config.fact_token, encodings
         )
         targets = (zs - current).T.double()  # (d_out, n)
         norms[layer] = float(targets.norm(dim=0).mean())

@@ -128,10 +128,15 @@ def encode_batch(
     unpadded forward would.
     """
     batch = tokenizer(list(texts), padding=True, return_tensors="pt")
-    inputs = {
-        "input_ids": batch["input_ids"].to(device),
-        "attention_mask": batch["attention_mask"].to(device),
-    }
+    return _model_inputs(batch["input_ids"], batch["attention_mask"], device)
+
+
+def _model_inputs(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """input_ids and attention_mask (B, T) on `device`, with position_ids when some row is
+    left-padded."""
+    inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
     mask = inputs["attention_mask"]
     if bool((mask[:, 0] == 0).any()):  # some row is left-padded
         inputs["position_ids"] = (mask.long().cumsum(dim=1) - 1).clamp_min(0)
@@ -150,6 +155,45 @@ def batch_subject_positions(
     return padded_positions(indices, attention_mask, tokenizer.padding_side)
 
 
+def encode_at_subjects(
+    tokenizer: PreTrainedTokenizerBase,
+    templates: Sequence[str],
+    subjects: Sequence[str],
+    fact_token: FactToken,
+    device: torch.device,
+) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """`encode_batch` of the filled templates and `batch_subject_positions` in it.
+
+    A fast tokenizer does both in one call (the padded batch with character offsets), a
+    slow one as the two functions do. The tokens and positions are the same either way.
+    """
+    if len(templates) != len(subjects):
+        raise ValueError(f"{len(templates)} templates but {len(subjects)} subjects")
+    texts = [fill(t, s) for t, s in zip(templates, subjects, strict=True)]
+    if not getattr(tokenizer, "is_fast", False):
+        inputs = encode_batch(tokenizer, texts, device)
+        mask = inputs["attention_mask"]
+        return inputs, batch_subject_positions(tokenizer, templates, subjects, fact_token, mask)
+    batch = tokenizer(texts, padding=True, return_offsets_mapping=True)
+    ids = torch.tensor(batch["input_ids"], dtype=torch.long)
+    mask = torch.tensor(batch["attention_mask"], dtype=torch.long)
+    indices = []
+    for row, (template, subject) in enumerate(zip(templates, subjects, strict=True)):
+        real = [o for o, m in zip(batch["offset_mapping"][row], batch["attention_mask"][row],
+                                  strict=True) if m]  # fmt: skip
+        if fact_token == "last":
+            indices.append(len(real) - 1)
+            continue
+        if not subject:
+            raise ValueError("subject is empty")
+        start = template.index("{}")
+        indices.append(
+            _span_index_from_offsets(real, start, start + len(subject), len(real), fact_token)
+        )
+    positions = padded_positions(indices, mask, tokenizer.padding_side)
+    return _model_inputs(ids, mask, device), positions
+
+
 def last_token_positions(attention_mask: torch.Tensor, n: int) -> torch.Tensor:
     """(B, n) positions of the last `n` real tokens of each row of a padded batch."""
     rows = []
@@ -159,3 +203,26 @@ def last_token_positions(attention_mask: torch.Tensor, n: int) -> torch.Tensor:
             raise ValueError(f"row has {real.numel()} real tokens, fewer than {n}")
         rows.append(real[-n:])
     return torch.stack(rows)
+
+
+class EncodingMemo:
+    """`encode_at_subjects` results reused by later passes over the same rows.
+
+    Made for one edit (MEMIT/AlphaEdit read each layer's keys from the same texts), not kept
+    across edits.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> None:
+        self._tokenizer = tokenizer
+        self._device = device
+        self._memo: dict[tuple, tuple[dict[str, torch.Tensor], list[int]]] = {}
+
+    def __call__(
+        self, templates: Sequence[str], subjects: Sequence[str], fact_token: FactToken
+    ) -> tuple[dict[str, torch.Tensor], list[int]]:
+        key = (tuple(templates), tuple(subjects), fact_token)
+        if key not in self._memo:
+            self._memo[key] = encode_at_subjects(
+                self._tokenizer, templates, subjects, fact_token, self._device
+            )
+        return self._memo[key]

@@ -11,12 +11,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from seqedit.methods.tokens import (
-    batch_subject_positions,
-    encode_batch,
-    fill,
-    last_token_positions,
-)
+from seqedit.methods.tokens import encode_at_subjects, fill, last_token_positions
 from seqedit.schemas.requests import EditRequest, spaced
 
 if TYPE_CHECKING:
@@ -89,10 +84,8 @@ class ValueBatch:
             spans.append((len(prompts), len(rewriting), ids))
             prompts += [*rewriting, *search.kl_prompts]
             subjects += [request.subject] * (len(rewriting) + len(search.kl_prompts))
-        texts = [fill(p, s) for p, s in zip(prompts, subjects, strict=True)]
-        inputs = encode_batch(tokenizer, texts, device)
+        inputs, lookup = encode_at_subjects(tokenizer, prompts, subjects, search.fact_token, device)
         mask = inputs["attention_mask"]
-        lookup = batch_subject_positions(tokenizer, prompts, subjects, search.fact_token, mask)
         all_lookup = torch.tensor(lookup, device=device)
         per_request = len(context_templates) + len(search.kl_prompts)
         rows = []

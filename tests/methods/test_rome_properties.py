@@ -11,7 +11,13 @@ from seqedit.methods.context import generate_context_templates, normalize_templa
 from seqedit.methods.hooks import ModuleTrace
 from seqedit.methods.keys_values import module_io_at_subjects
 from seqedit.methods.rome import RomeConfig, rome_edit, rome_update_from_kv
-from seqedit.methods.tokens import batch_subject_positions, encode_batch, subject_index
+from seqedit.methods.tokens import (
+    EncodingMemo,
+    batch_subject_positions,
+    encode_at_subjects,
+    encode_batch,
+    subject_index,
+)
 from seqedit.methods.updates import LowRankDelta, apply_update_
 from seqedit.schemas.requests import EditRequest
 from tests.methods.tiny import tiny_gpt2
@@ -202,6 +208,38 @@ def test_subject_positions_respect_padding(tokenizer: PreTrainedTokenizerFast, s
                 pads = int((batch["attention_mask"][row] == 0).sum())
                 unpadded = subject_index(tokenizer, template, REQUEST.subject, fact_token)
                 assert pos == unpadded + (pads if side == "left" else 0)
+    finally:
+        tokenizer.padding_side = old_side
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize(
+    "fact_token", ["subject_last", "subject_first", "subject_first_after_last", "last"]
+)
+def test_one_call_encoding_equals_tokens_then_positions(
+    tokenizer: PreTrainedTokenizerFast, side: str, fact_token: str
+) -> None:
+    """encode_at_subjects (one tokenizer call with offsets) gives the tokens and positions of
+    encode_batch + batch_subject_positions, whatever the padding side and fact token; rows
+    of different lengths, and a subject at the very end (the after-last fallback)."""
+    templates = [t.replace("{}", REQUEST.prompt) for t in TEMPLATES] + ["{}", "Of {}"]
+    subjects = [REQUEST.subject] * (len(templates) - 1) + ["Helka"]
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = side
+    try:
+        texts = [t.replace("{}", s) for t, s in zip(templates, subjects, strict=True)]
+        expected = encode_batch(tokenizer, texts, torch.device("cpu"))
+        mask = expected["attention_mask"]
+        positions = batch_subject_positions(tokenizer, templates, subjects, fact_token, mask)
+        inputs, got = encode_at_subjects(
+            tokenizer, templates, subjects, fact_token, torch.device("cpu")
+        )
+        assert got == positions
+        assert inputs.keys() == expected.keys()
+        for name, tensor in expected.items():
+            assert torch.equal(inputs[name], tensor) and inputs[name].dtype == tensor.dtype
+        memo = EncodingMemo(tokenizer, torch.device("cpu"))
+        assert memo(templates, subjects, fact_token) is memo(templates, subjects, fact_token)
     finally:
         tokenizer.padding_side = old_side
 
