@@ -1,0 +1,147 @@
+"""MEND's network and its update, checked by hand against autograd on a tiny GPT-2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from seqedit.methods.arch import module_names_for, module_weight
+from seqedit.methods.mend import (
+    EditExample,
+    GradientTransform,
+    MendEditor,
+    MendNetworkConfig,
+    RunningStandardiser,
+    default_mend_modules,
+    mend_updates,
+    weight_shapes,
+)
+from seqedit.methods.updates import apply_update_
+from seqedit.schemas.requests import EditRequest
+from tests.methods.tiny import tiny_gpt2, tiny_tokenizer
+
+REQUEST = EditRequest(
+    case_id=0,
+    prompt="{} was born in",
+    subject="Fenna Underhill",
+    target_new="Kyrosoft",
+    target_true="Corvale",
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer: PreTrainedTokenizerFast) -> GPT2LMHeadModel:
+    return tiny_gpt2(len(tokenizer))
+
+
+def _editor(model: GPT2LMHeadModel, edit_lr: float = 0.1) -> MendEditor:
+    names = module_names_for(model)
+    modules = default_mend_modules(names, model.config.n_layer, last=2)
+    shapes = weight_shapes(model, modules, names.rewrite_weight_transposed)
+    return MendEditor(modules, shapes, MendNetworkConfig(rank=4, edit_lr=edit_lr)).eval()
+
+
+def test_untrained_mend_is_a_gradient_step_times_its_edit_lr(
+    model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    """Hand check: identity-initialised and without statistics, MEND's update of every map
+    is -lr times the gradient of the edit example's NLL with respect to that weight."""
+    editor = _editor(model, edit_lr=0.1)
+    with torch.no_grad():
+        editor.edit_lrs.copy_(torch.tensor([0.1, 0.2, 0.3, 0.4]))  # one rate per map
+    names = module_names_for(model)
+    updates = mend_updates(model, tokenizer, REQUEST, editor)
+    assert all(p.grad is None for p in model.parameters())  # no parameter gradient taken
+
+    example = EditExample.of(tokenizer, REQUEST, torch.device("cpu"))
+    weights = [
+        module_weight(model, m, names.rewrite_weight_transposed)[0] for m in editor.modules_edited
+    ]
+    for weight in weights:
+        weight.requires_grad_(True)
+    try:
+        loss = example.nll(model(input_ids=example.input_ids).logits)
+        grads = torch.autograd.grad(loss, weights)
+    finally:
+        for weight in weights:
+            weight.requires_grad_(False)
+    n_tokens = example.input_ids.shape[1]
+    for i, (update, grad) in enumerate(zip(updates, grads, strict=True)):
+        by_math = grad.T if names.rewrite_weight_transposed else grad  # (d_out, d_in)
+        expected = -editor.edit_lrs[i].detach() * by_math
+        assert update.module == editor.modules_edited[i]
+        assert update.rank == n_tokens  # one rank-one term per token
+        torch.testing.assert_close(update.dense(), expected, rtol=1e-5, atol=1e-7)
+        assert float(expected.abs().max()) > 1e-4  # the check is not of zeros
+
+
+def test_applied_update_lowers_the_edit_loss(
+    model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    editor = _editor(model, edit_lr=0.05)
+    names = module_names_for(model)
+    example = EditExample.of(tokenizer, REQUEST, torch.device("cpu"))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        with torch.no_grad():
+            before = float(example.nll(model(input_ids=example.input_ids).logits))
+            for update in mend_updates(model, tokenizer, REQUEST, editor):
+                weight = module_weight(model, update.module, names.rewrite_weight_transposed)[0]
+                apply_update_(weight, update, transposed=names.rewrite_weight_transposed)
+            after = float(example.nll(model(input_ids=example.input_ids).logits))
+    finally:
+        model.load_state_dict(state)
+    assert after < before
+
+
+def test_running_standardiser_matches_mean_and_std() -> None:
+    rows = torch.randn(50, 6, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    standardiser = RunningStandardiser(6)
+    assert torch.equal(standardiser(rows), rows)  # nothing seen yet: unchanged
+    standardiser.update(rows[:20])
+    standardiser.update(rows[20:])
+    assert int(standardiser.count) == 50
+    torch.testing.assert_close(standardiser.mean, rows.mean(0))
+    expected = (rows - rows.mean(0)) / (rows.std(0) + 1e-7)
+    torch.testing.assert_close(standardiser(rows), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_transform_learns_statistics_only_in_training() -> None:
+    config = MendNetworkConfig(rank=2, n_hidden=1)
+    transform = GradientTransform(3, 2, 1, config)
+    u, delta = torch.randn(5, 3), torch.randn(5, 2)
+    transform.eval()
+    same_u, same_delta = transform(u, delta, 0)
+    assert torch.equal(same_u, u) and torch.equal(same_delta, delta)  # identity at init
+    assert int(transform.standardiser.count) == 0
+    transform.train()
+    transform(u, delta, 0)
+    assert int(transform.standardiser.count) == 5
+
+
+def test_update_is_differentiable_in_the_network(
+    model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    """Training backpropagates a loss of the update into every block and the edit rates."""
+    editor = _editor(model)
+    u, delta = torch.randn(7, 32), torch.randn(7, 128)
+    i = next(k for k, s in enumerate(editor.shapes) if s == (128, 32))
+    update = editor.update(i, u, delta)
+    (update.dense() ** 2).sum().backward()
+    assert editor.edit_lrs.grad is not None and float(editor.edit_lrs.grad[i].abs()) > 0
+    transform = editor.transforms["128x32"]
+    assert all(b.up.grad is not None for b in transform.blocks)
+
+
+def test_maps_of_one_shape_share_a_transform(model: GPT2LMHeadModel) -> None:
+    editor = _editor(model)
+    assert sorted(editor.transforms) == ["128x32", "32x128"]  # c_fc, c_proj of 2 blocks
+    assert editor.map_index == [0, 0, 1, 1]
+    with pytest.raises(ValueError, match="one shape per module"):
+        MendEditor(["a"], [], MendNetworkConfig())
