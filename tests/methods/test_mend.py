@@ -11,14 +11,16 @@ from seqedit.methods.mend import (
     EditExample,
     GradientTransform,
     MendEditor,
+    MendLossConfig,
     MendNetworkConfig,
     RunningStandardiser,
     default_mend_modules,
+    mend_loss,
     mend_updates,
     weight_shapes,
 )
 from seqedit.methods.updates import apply_update_
-from seqedit.schemas.requests import EditRequest
+from seqedit.schemas.requests import EditRequest, LocalityPrompt
 from tests.methods.tiny import tiny_gpt2, tiny_tokenizer
 
 REQUEST = EditRequest(
@@ -145,3 +147,53 @@ def test_maps_of_one_shape_share_a_transform(model: GPT2LMHeadModel) -> None:
     assert editor.map_index == [0, 0, 1, 1]
     with pytest.raises(ValueError, match="one shape per module"):
         MendEditor(["a"], [], MendNetworkConfig())
+
+
+TRAIN_REQUEST = REQUEST.model_copy(
+    update={
+        "paraphrase_prompts": ["Helka Tillman works for Fenna Underhill, who was born in"],
+        "neighborhood_prompts": [
+            LocalityPrompt(prompt="Kelvin Everly was born in", target="Corvale")
+        ],
+    }
+)
+
+
+def test_loss_without_an_update_has_no_locality_term(
+    model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    editor = _editor(model)
+    with torch.no_grad():
+        editor.edit_lrs.zero_()
+    names = module_names_for(model)
+    loss, metrics = mend_loss(
+        model, tokenizer, TRAIN_REQUEST, editor, MendLossConfig(),
+        transposed=names.rewrite_weight_transposed,
+    )  # fmt: skip
+    assert metrics["loss/loc"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["nll/pre"] == pytest.approx(metrics["nll/post"], abs=1e-6)
+    assert float(loss.detach()) == pytest.approx(0.1 * metrics["loss/edit"], rel=1e-6)
+
+
+def test_training_steps_lower_the_loss(
+    model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    """A few Adam steps on one request lower MEND's loss: the gradient reaches the network
+    and the edit rates through the functional forward."""
+    torch.manual_seed(0)
+    editor = _editor(model, edit_lr=0.5).train()
+    names = module_names_for(model)
+    optimiser = torch.optim.Adam(editor.parameters(), lr=5e-2)
+    weights = MendLossConfig(c_edit=1.0, c_loc=1.0)
+    losses = []
+    for _ in range(15):
+        loss, _ = mend_loss(
+            model, tokenizer, TRAIN_REQUEST, editor, weights,
+            transposed=names.rewrite_weight_transposed,
+        )  # fmt: skip
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(float(loss.detach()))
+    assert all(p.grad is None for p in model.parameters())
+    assert losses[-1] < losses[0] - 0.2, losses  # constant if no gradient reached the editor
