@@ -354,9 +354,9 @@ def mend_loss(
         before = model(input_ids=example.input_ids).logits
         after = logits_after(example.input_ids)
         metrics = {
-            "loss/edit": float(loss_edit),
-            "loss/loc": float(loss_loc),
-            "loss/total": float(total),
+            "loss/edit": float(loss_edit.detach()),
+            "loss/loc": float(loss_loc.detach()),
+            "loss/total": float(total.detach()),
             "edit/acc": float(paraphrase.correct(edit_logits)),
             "acc/pre": float(example.correct(before)),
             "acc/post": float(example.correct(after)),
