@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -54,12 +55,40 @@ class MendNetworkConfig(BaseModel):
     )
 
 
+class Moments(NamedTuple):
+    """Count, mean (d,) and sum of squared deviations (d,) of some vectors."""
+
+    count: int
+    mean: torch.Tensor
+    sq_dev: torch.Tensor
+
+    @classmethod
+    def of(cls, rows: torch.Tensor) -> Moments:
+        """The moments of the rows of `rows` (n, d), in float32."""
+        rows = rows.detach().float()
+        mean = rows.mean(0)
+        return cls(int(rows.shape[0]), mean, ((rows - mean) ** 2).sum(0))
+
+    def merged(self, other: Moments) -> Moments:
+        """The moments of both sets of vectors (Chan et al.'s parallel update)."""
+        if other.count == 0:
+            return self
+        if self.count == 0:
+            return other
+        count = self.count + other.count
+        shift = other.mean - self.mean
+        mean = self.mean + shift * (other.count / count)
+        sq_dev = self.sq_dev + other.sq_dev + shift**2 * (self.count * other.count / count)
+        return Moments(count, mean, sq_dev)
+
+
 class RunningStandardiser(nn.Module):
-    """Running mean and standard deviation of vectors (Welford), and standardisation by them.
+    """Running mean and standard deviation of vectors, and standardisation by them.
 
     Buffers (d,): `mean`, `sq_dev` (sum of squared deviations), and `count` (a 0-d tensor),
     so they are saved with the network. With fewer than two vectors seen, `forward` returns
-    its input unchanged.
+    its input unchanged. Statistics are only added by `add` (the trainer does it once per
+    step with the moments of every worker's vectors), never by a forward pass.
     """
 
     def __init__(self, dim: int) -> None:
@@ -69,13 +98,12 @@ class RunningStandardiser(nn.Module):
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
-    def update(self, rows: torch.Tensor) -> None:
-        """Add the rows of `rows` (n, d), one at a time as the reference does."""
-        for row in rows.float():
-            self.count += 1
-            shift = row - self.mean
-            self.mean += shift / self.count
-            self.sq_dev += shift * (row - self.mean)
+    def add(self, moments: Moments) -> None:
+        """Add the vectors `moments` describes."""
+        total = Moments(int(self.count), self.mean, self.sq_dev).merged(moments)
+        self.count.fill_(total.count)
+        self.mean.copy_(total.mean)
+        self.sq_dev.copy_(total.sq_dev)
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         """(n, d) rows standardised by the statistics so far (sample std, +1e-7)."""
@@ -130,8 +158,6 @@ class GradientTransform(nn.Module):
         self, u: torch.Tensor, delta: torch.Tensor, map_index: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.cat([u.float(), delta.float()], dim=-1)  # (T, d_in + d_out)
-        if self.training and self.standardise:
-            self.standardiser.update(x.detach())
         if self.standardise:
             x = self.standardiser(x)
         for block in self.blocks:
@@ -174,6 +200,19 @@ class MendEditor(nn.Module):
             }
         )
         self.edit_lrs = nn.Parameter(torch.full((len(modules),), float(config.edit_lr)))
+
+    def moments(self, factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Moments]:
+        """Per transform, the moments of the (u, delta) rows of `factors` (one (u, delta)
+        per edited map, as `token_factors` returns them) that it standardises."""
+        rows: dict[str, list[torch.Tensor]] = {}
+        for (d_out, d_in), (u, delta) in zip(self.shapes, factors, strict=True):
+            rows.setdefault(shape_key(d_out, d_in), []).append(torch.cat([u, delta], dim=-1))
+        return {key: Moments.of(torch.cat(parts)) for key, parts in rows.items()}
+
+    def add_moments(self, moments: dict[str, Moments]) -> None:
+        """Add moments (from `moments`, merged over a step's requests and workers)."""
+        for key, value in moments.items():
+            self.transforms[key].standardiser.add(value)
 
     def update(self, i: int, u: torch.Tensor, delta: torch.Tensor) -> LowRankDelta:
         """The update of map i from its per-token inputs u (T, d_in) and output gradients
@@ -317,18 +356,22 @@ def mend_loss(
     weights: MendLossConfig,
     *,
     transposed: bool,
+    factors: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """MEND's training loss for one request, differentiable in the editor's parameters:
     c_edit * NLL of target_new after its first paraphrase (the prompt when it has none)
     under the edited weights + c_loc * KL(pre || post) over the tokens of its first
     neighbourhood prompt (0 when it has none). The base model is not changed; its weights
-    are replaced in a `functional_call`. Returns (loss, metrics): loss/edit, loss/loc,
+    are replaced in a `functional_call`. `factors`: the request's `token_factors`, when the
+    caller has them already (the trainer takes the standardiser's statistics from them
+    first). Returns (loss, metrics): loss/edit, loss/loc,
     loss/total, edit/acc (the paraphrase after the edit), acc/pre, acc/post and nll/pre,
     nll/post (the rewrite prompt before and after).
     """
     device = model_device(model)
     example = EditExample.of(tokenizer, request, device)
-    factors = token_factors(model, example, editor.modules_edited)
+    if factors is None:
+        factors = token_factors(model, example, editor.modules_edited)
     updates = [editor.update(i, u, d) for i, (u, d) in enumerate(factors)]
     post = _post_params(model, updates, transposed)
 

@@ -13,10 +13,12 @@ from seqedit.methods.mend import (
     MendEditor,
     MendLossConfig,
     MendNetworkConfig,
+    Moments,
     RunningStandardiser,
     default_mend_modules,
     mend_loss,
     mend_updates,
+    token_factors,
     weight_shapes,
 )
 from seqedit.methods.updates import apply_update_
@@ -106,25 +108,30 @@ def test_running_standardiser_matches_mean_and_std() -> None:
     rows = torch.randn(50, 6, generator=torch.Generator().manual_seed(0)) * 3 + 1
     standardiser = RunningStandardiser(6)
     assert torch.equal(standardiser(rows), rows)  # nothing seen yet: unchanged
-    standardiser.update(rows[:20])
-    standardiser.update(rows[20:])
+    standardiser.add(Moments.of(rows[:20]))
+    standardiser.add(Moments.of(rows[20:23]).merged(Moments.of(rows[23:])))
     assert int(standardiser.count) == 50
     torch.testing.assert_close(standardiser.mean, rows.mean(0))
     expected = (rows - rows.mean(0)) / (rows.std(0) + 1e-7)
     torch.testing.assert_close(standardiser(rows), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_transform_learns_statistics_only_in_training() -> None:
+def test_forward_passes_never_add_statistics() -> None:
     config = MendNetworkConfig(rank=2, n_hidden=1)
-    transform = GradientTransform(3, 2, 1, config)
+    transform = GradientTransform(3, 2, 1, config).train()
     u, delta = torch.randn(5, 3), torch.randn(5, 2)
-    transform.eval()
     same_u, same_delta = transform(u, delta, 0)
     assert torch.equal(same_u, u) and torch.equal(same_delta, delta)  # identity at init
     assert int(transform.standardiser.count) == 0
-    transform.train()
-    transform(u, delta, 0)
-    assert int(transform.standardiser.count) == 5
+
+
+def test_editor_moments_group_rows_by_shape(model: GPT2LMHeadModel) -> None:
+    editor = _editor(model)
+    factors = [(torch.randn(4, d_in), torch.randn(4, d_out)) for d_out, d_in in editor.shapes]
+    moments = editor.moments(factors)
+    assert {k: m.count for k, m in moments.items()} == {"128x32": 8, "32x128": 8}
+    editor.add_moments(moments)
+    assert int(editor.transforms["128x32"].standardiser.count) == 8
 
 
 def test_update_is_differentiable_in_the_network(
@@ -186,10 +193,13 @@ def test_training_steps_lower_the_loss(
     optimiser = torch.optim.Adam(editor.parameters(), lr=5e-2)
     weights = MendLossConfig(c_edit=1.0, c_loc=1.0)
     losses = []
+    example = EditExample.of(tokenizer, TRAIN_REQUEST, torch.device("cpu"))
     for _ in range(15):
+        factors = token_factors(model, example, editor.modules_edited)
+        editor.add_moments(editor.moments(factors))  # as the trainer does, before the loss
         loss, _ = mend_loss(
             model, tokenizer, TRAIN_REQUEST, editor, weights,
-            transposed=names.rewrite_weight_transposed,
+            transposed=names.rewrite_weight_transposed, factors=factors,
         )  # fmt: skip
         optimiser.zero_grad()
         loss.backward()
