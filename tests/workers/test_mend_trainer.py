@@ -1,0 +1,148 @@
+"""The MEND trainer without Ray: it learns, N workers take one worker's steps, and a saved
+state resumes to the same weights."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+import torch
+from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from seqedit.methods.mend import MendLossConfig, MendNetworkConfig
+from seqedit.schemas.requests import EditRequest, LocalityPrompt
+from seqedit.workers.mend_trainer import MendTrainer, MendTrainingConfig
+from tests.methods.tiny import tiny_gpt2, tiny_tokenizer
+
+PEOPLE = ["Fenna Underhill", "Helka Tillman", "Kelvin Everly", "Dovana Ravensworth"]
+PLACES = ["Corvale", "Kyrosoft", "the north", "the harp"]
+
+
+def _requests() -> list[EditRequest]:
+    requests = []
+    for i, (person, place) in enumerate((p, q) for p in PEOPLE for q in PLACES[:2]):
+        requests.append(
+            EditRequest(
+                case_id=i,
+                prompt="{} was born in",
+                subject=person,
+                target_new=place,
+                paraphrase_prompts=[f"In the evenings, {person} was born in"],
+                neighborhood_prompts=[
+                    LocalityPrompt(prompt=f"{PEOPLE[(i + 1) % 4]} plays", target="the harp")
+                ],
+            )
+        )
+    return requests
+
+
+CONFIG = MendTrainingConfig(
+    network=MendNetworkConfig(rank=4, edit_lr=0.5),
+    loss=MendLossConfig(c_edit=1.0, c_loc=1.0),
+    last_blocks=2,
+    lr=1e-2,
+    lr_lr=1e-2,
+    batch_size=4,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer: PreTrainedTokenizerFast) -> GPT2LMHeadModel:
+    return tiny_gpt2(len(tokenizer))
+
+
+def _flat(trainer: MendTrainer) -> torch.Tensor:
+    return torch.cat([t.flatten().double() for t in trainer.editor.state_dict().values()])
+
+
+def test_training_lowers_the_validation_loss(
+    model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    requests = _requests()
+    trainer = MendTrainer(model, tokenizer, CONFIG, requests)
+    before = trainer.validate(requests)
+    for _ in range(20):
+        metrics = trainer.train_step()
+    after = trainer.validate(requests)
+    assert trainer.step == 20 and set(metrics) == set(before)
+    # a random 2-block model moves slowly (5.47 -> 5.34 measured); constant without learning
+    assert after["loss/total"] < before["loss/total"] - 0.08, (before, after)
+    assert int(trainer.editor.transforms["128x32"].standardiser.count) > 0
+
+
+class ThreadCollectives:
+    """Collectives of workers that are threads of one process (for the test)."""
+
+    def __init__(self, rank: int, world: int, shared: dict[str, Any]) -> None:
+        self.rank, self.world, self.shared = rank, world, shared
+
+    def _exchange(self, value: Any) -> list[Any]:
+        barrier: threading.Barrier = self.shared["barrier"]
+        slots = self.shared["slots"]
+        slots[self.rank] = value
+        barrier.wait()
+        values = list(slots)
+        barrier.wait()
+        return values
+
+    def sum_(self, tensor: torch.Tensor) -> None:
+        values = self._exchange(tensor.clone())
+        tensor.copy_(torch.stack(values).sum(0))
+
+    def gather(self, value: Any) -> list[Any]:
+        return self._exchange(value)
+
+
+def test_two_workers_take_the_steps_of_one(
+    model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    requests = _requests()
+    single = MendTrainer(model, tokenizer, CONFIG, requests)
+    single_metrics = [single.train_step() for _ in range(4)]
+
+    shared = {"barrier": threading.Barrier(2), "slots": [None, None]}
+    pair = [  # a model each: a worker's hooks must not see the other's forward passes
+        MendTrainer(
+            tiny_gpt2(len(tokenizer)), tokenizer, CONFIG, requests, ThreadCollectives(r, 2, shared)
+        )
+        for r in range(2)
+    ]
+    metrics: list[list[dict[str, float]]] = [[], []]
+
+    def run(rank: int) -> None:
+        for _ in range(4):
+            metrics[rank].append(pair[rank].train_step())
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert torch.equal(_flat(pair[0]), _flat(pair[1]))  # workers stay identical
+    torch.testing.assert_close(_flat(pair[0]), _flat(single), rtol=1e-4, atol=1e-6)
+    for got, expected in zip(metrics[0], single_metrics, strict=True):
+        assert got == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
+
+def test_a_saved_state_resumes_to_the_same_weights(
+    model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    requests = _requests()
+    straight = MendTrainer(model, tokenizer, CONFIG, requests)
+    for _ in range(4):
+        straight.train_step()
+    first = MendTrainer(model, tokenizer, CONFIG, requests)
+    for _ in range(2):
+        first.train_step()
+    resumed = MendTrainer(model, tokenizer, CONFIG, requests)
+    resumed.load_state_dict(first.state_dict())
+    for _ in range(2):
+        resumed.train_step()
+    assert resumed.step == 4
+    assert torch.equal(_flat(resumed), _flat(straight))
