@@ -39,6 +39,7 @@ from seqedit.pipeline.cli.handlers import (  # noqa: F401  (CliError: re-exporte
     cmd_validate,
 )
 from seqedit.pipeline.cli.trace_command import cmd_trace
+from seqedit.pipeline.cli.train_command import add_train_parser
 
 if TYPE_CHECKING:
     pass
@@ -303,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="other campaign dirs to put beside it")  # fmt: skip
     report.add_argument("--out", type=_where, default=None, help="default: <campaign>/report")
     report.set_defaults(func=cmd_report)
+
+    add_train_parser(sub)
 
     demo = sub.add_parser("demo", help="testbed + stats + a ROME campaign + table + plot")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))

@@ -1,0 +1,92 @@
+"""`seqedit train mend` as a Ray Train job on the tiny testbed: the train table, the best
+checkpoint with its provenance, a rerun that resumes instead of starting over, and an early
+stop that really stops."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from seqedit.pipeline.run.train_job import EarlyStopping, StopState, TrainJob, run_train_job
+from seqedit.workers.mend_trainer import MendTrainingConfig
+
+CONFIG = {
+    "batch_size": 4,
+    "max_steps": 6,
+    "val_every": 2,
+    "last_blocks": 2,
+    "network": {"rank": 8, "edit_lr": 0.1},
+    "lr": 1e-3,
+    "lr_lr": 1e-3,
+}
+
+
+def _data(tiny_testbed: Path, folder: Path) -> tuple[Path, Path]:
+    lines = (tiny_testbed / "requests.jsonl").read_text().splitlines()
+    train, val = folder / "train.jsonl", folder / "val.jsonl"
+    train.write_text("\n".join(lines[:24]) + "\n")
+    val.write_text("\n".join(lines[24:32]) + "\n")
+    return train, val
+
+
+def _table(out: Path) -> list[dict]:
+    return pq.read_table(out / "train").to_pylist()
+
+
+@pytest.mark.slow
+def test_training_job_writes_table_and_best_and_resumes(tiny_testbed: Path, tmp_path: Path) -> None:
+    train, val = _data(tiny_testbed, tmp_path)
+    job = TrainJob(model=str(tiny_testbed), train=str(train), val=str(val),
+                   out=str(tmp_path / "out"), config=MendTrainingConfig(**CONFIG))  # fmt: skip
+    summary = run_train_job(job)
+    out = Path(summary["out"])
+    rows = _table(out)
+    val_steps = sorted({r["step"] for r in rows if r["split"] == "val"})
+    assert val_steps == [2, 4, 6]
+    train_steps = sorted({r["step"] for r in rows if r["split"] == "train"})
+    assert train_steps == [1, 2, 3, 4, 5, 6]  # each step once
+    names = {r["name"] for r in rows if r["split"] == "val"}
+    assert {"edit/acc", "loss/edit", "loss/loc", "loss/total", "acc/pre", "acc/post"} <= names
+    best = json.loads((out / "best" / "provenance.json").read_text())
+    assert best["step"] in val_steps and best["model_fingerprint"] and best["train_sha256"]
+    assert (out / "best" / "editor.pt").is_file()
+
+    again = run_train_job(job)  # the same command again: resumes at the end, trains nothing
+    assert _table(out) == rows
+    assert again["best"] == summary["best"]
+
+
+@pytest.mark.slow
+def test_early_stop_fires_and_keeps_the_best(tiny_testbed: Path, tmp_path: Path) -> None:
+    """Watching the loss for a MAXIMUM while training lowers it: the run stops after
+    `patience` validations without a new maximum, and the best kept is that maximum."""
+    train, val = _data(tiny_testbed, tmp_path)
+    job = TrainJob(
+        model=str(tiny_testbed), train=str(train), val=str(val), out=str(tmp_path / "out"),
+        config=MendTrainingConfig(**{**CONFIG, "max_steps": 20}),
+        early_stopping=EarlyStopping(metric="loss/total", mode="max", patience=2),
+    )  # fmt: skip
+    summary = run_train_job(job)
+    losses = {
+        r["step"]: r["value"]
+        for r in _table(Path(summary["out"]))
+        if r["split"] == "val" and r["name"] == "loss/total"
+    }
+    best = max(losses, key=losses.__getitem__)
+    assert summary["best"]["step"] == best and summary["best"]["value"] == losses[best]
+    after_best = [step for step in losses if step > best]
+    assert len(after_best) == 2  # patience: two validations without a new maximum, then stop
+    assert max(losses) < 20  # it stopped before max_steps
+
+
+def test_stop_state_counts_checks_without_improvement() -> None:
+    rule = EarlyStopping(metric="loss/total", mode="min", patience=2, min_delta=0.1)
+    state = StopState()
+    assert state.observe(1.0, 1, rule) and not state.stopped
+    assert not state.observe(0.95, 2, rule)  # within min_delta: no improvement
+    assert state.observe(0.5, 3, rule) and state.bad_checks == 0
+    assert not state.observe(0.6, 4, rule) and not state.stopped
+    assert not state.observe(0.7, 5, rule) and state.stopped and state.best_step == 3
