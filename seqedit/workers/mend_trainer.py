@@ -27,14 +27,13 @@ from seqedit.methods.arch import module_names_for
 from seqedit.methods.mend import (
     EditExample,
     MendEditor,
-    MendLossConfig,
     MendNetworkConfig,
     Moments,
     default_mend_modules,
-    mend_loss,
     token_factors,
     weight_shapes,
 )
+from seqedit.methods.mend_loss import MendLossConfig, mend_loss
 from seqedit.schemas.requests import EditRequest
 
 

@@ -11,16 +11,15 @@ from seqedit.methods.mend import (
     EditExample,
     GradientTransform,
     MendEditor,
-    MendLossConfig,
     MendNetworkConfig,
     Moments,
     RunningStandardiser,
     default_mend_modules,
-    mend_loss,
     mend_updates,
     token_factors,
     weight_shapes,
 )
+from seqedit.methods.mend_loss import MendLossConfig, mend_loss
 from seqedit.methods.updates import apply_update_
 from seqedit.schemas.requests import EditRequest, LocalityPrompt
 from tests.methods.tiny import tiny_gpt2, tiny_tokenizer

@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from seqedit.methods.mend import MendLossConfig, MendNetworkConfig
+from seqedit.methods.mend import MendNetworkConfig
+from seqedit.methods.mend_loss import MendLossConfig
 from seqedit.schemas.requests import EditRequest, LocalityPrompt
 from seqedit.workers.mend_trainer import MendTrainer, MendTrainingConfig
 from tests.methods.tiny import tiny_gpt2, tiny_tokenizer
