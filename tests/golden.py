@@ -144,3 +144,48 @@ def max_rel_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
     """max|ours - ref| / max|ref|."""
     ours, ref = ours.double(), ref.double()
     return float((ours - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+def write_reference_npz(golden: GoldenSet, modules: list[str], stats_root: Path) -> list[Path]:
+    """The golden covariance of `modules` as the reference code caches it:
+    `<stats_root>/<model>/wikitext_stats/<module>_float32_mom2_<n>.npz` with `mom2.mom2`
+    (the float32 sum), `mom2.count`, `mom2.constructor`, `constructor` and `sample_size`."""
+    import numpy as np
+
+    folder = stats_root / "tiny-gpt2" / "wikitext_stats"
+    folder.mkdir(parents=True, exist_ok=True)
+    count = golden.cov_count()
+    paths = []
+    for module in modules:
+        path = folder / f"{module}_float32_mom2_{count}.npz"
+        np.savez(
+            path,
+            constructor=np.array("util.runningstats.CombinedStat()"),
+            **{
+                "mom2.constructor": np.array("util.runningstats.SecondMoment()"),
+                "mom2.count": np.array(count),
+                "mom2.mom2": golden.mom2_sum(module).numpy(),
+            },
+            sample_size=np.array(count),
+        )
+        paths.append(path)
+    return paths
+
+
+def golden_moments(
+    golden: GoldenSet, modules: list[str], source: str, tmp: Path
+) -> dict[str, torch.Tensor]:
+    """module -> (d_in, d_in) C for the golden tests: the golden set's own (`source`
+    "golden"), or (`"npz"`) the reference-layout caches of `write_reference_npz` through
+    `seqedit stats import`, saved and loaded back as any stats directory."""
+    if source == "golden":
+        return {m: golden.second_moment(m) for m in modules}
+    from seqedit.methods.arch import layer_and_role
+    from seqedit.workers.stats_import import import_reference_stats
+    from seqedit.workers.stats_store import load_stats, save_stats
+
+    files = write_reference_npz(golden, modules, tmp / "data" / "stats")
+    save_stats(tmp / "imported", import_reference_stats(files, golden.root / "model"))
+    layers = {layer_and_role(f"{m}.weight")[0]: m for m in modules}
+    moments = load_stats(tmp / "imported", layers=sorted(layers), model_dir=golden.root / "model")
+    return {layers[layer]: c for layer, c in moments.items()}

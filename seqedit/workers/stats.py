@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from itertools import islice
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -125,6 +125,15 @@ class StatsMeta(BaseModel):
     dtype: Literal["float32", "float64"]
     seconds: float
     sha256: str | None = None
+    imported_from: dict[str, Any] | None = None
+    """Set by `seqedit stats import`: the source files' format, sha256s, dataset names,
+    sample sizes and token counts (the corpus fields above are then placeholders)."""
+
+    def json_text(self, **kwargs: Any) -> str:
+        """The JSON of this record; `imported_from` only when set (built stats keep the
+        layout they always had)."""
+        exclude = None if self.imported_from is not None else {"imported_from"}
+        return self.model_dump_json(exclude=exclude, **kwargs)
 
 
 class StatsResult(BaseModel):

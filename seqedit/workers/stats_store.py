@@ -84,13 +84,13 @@ def save_stats(out_dir: Where, result: StatsResult) -> Location:
         tensors[f"{name}.mom2_sum"] = acc.sum.detach().cpu().contiguous()
         tensors[f"{name}.count"] = torch.tensor(acc.count, dtype=torch.int64)
     metadata = {
-        "seqedit_stats": meta.model_dump_json(),
+        "seqedit_stats": meta.json_text(),
         "tensors_sha256": tensors_sha256(tensors),
         "count": str(meta.token_count),
     }
     sha256 = _write_hashed(out / STATS_FILE, tensors, metadata)
     sidecar = meta.model_copy(update={"sha256": sha256})
-    (out / META_FILE).write_text(sidecar.model_dump_json(indent=1) + "\n")
+    (out / META_FILE).write_text(sidecar.json_text(indent=1) + "\n")
     log.info("saved stats of layers %s to %s", sorted(result.accumulators), out)
     return out
 

@@ -11,6 +11,7 @@ reference run's thread count (an SVD), the edits on one thread.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +20,13 @@ from seqedit.methods.alphaedit import AlphaEditConfig, alphaedit_deltas, null_sp
 from seqedit.methods.arch import module_names_for, rewrite_weight
 from seqedit.methods.memit import memit_context_templates
 from seqedit.methods.updates import apply_update_
-from tests.golden import max_rel_error, reference_config, require_golden, torch_threads
+from tests.golden import (
+    golden_moments,
+    max_rel_error,
+    reference_config,
+    require_golden,
+    torch_threads,
+)
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +34,9 @@ REL_TOL = 1e-3
 
 
 @pytest.mark.slow
-def test_alphaedit_matches_reference_sequential_edits() -> None:
+@pytest.mark.parametrize("stats", ["golden", "npz"])
+def test_alphaedit_matches_reference_sequential_edits(stats: str, tmp_path: Path) -> None:
+    """`stats`: the golden covariance, or its reference .npz caches imported."""
     golden = require_golden()
     torch.manual_seed(0)
     hparams = golden.hparams("alphaedit")
@@ -47,9 +56,10 @@ def test_alphaedit_matches_reference_sequential_edits() -> None:
         assert torch.equal(originals[layer], reference[f"W0.{module}.weight"])
 
     errors: dict[str, float] = {}
+    moments = golden_moments(golden, list(modules.values()), stats, tmp_path)
     with torch_threads(golden.threads("alphaedit")):
         projectors = {
-            layer: null_space_projector(golden.second_moment(m), config.nullspace_threshold)
+            layer: null_space_projector(moments[m], config.nullspace_threshold)
             for layer, m in modules.items()
         }
     for layer, module in modules.items():

@@ -11,13 +11,20 @@ the test runs on one thread.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
 
 from seqedit.methods.arch import module_names_for, rewrite_weight
 from seqedit.methods.memit import MemitConfig, memit_context_templates, memit_deltas
-from tests.golden import max_rel_error, reference_config, require_golden, torch_threads
+from tests.golden import (
+    golden_moments,
+    max_rel_error,
+    reference_config,
+    require_golden,
+    torch_threads,
+)
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +32,9 @@ REL_TOL = 1e-3
 
 
 @pytest.mark.slow
-def test_memit_matches_reference_batch() -> None:
+@pytest.mark.parametrize("stats", ["golden", "npz"])
+def test_memit_matches_reference_batch(stats: str, tmp_path: Path) -> None:
+    """`stats`: the golden covariance, or its reference .npz caches imported."""
     golden = require_golden()
     torch.manual_seed(0)
     hparams = golden.hparams("memit")
@@ -43,7 +52,8 @@ def test_memit_matches_reference_batch() -> None:
     for layer, module in modules.items():
         originals[layer] = rewrite_weight(model, names, layer).detach().clone()
         assert torch.equal(originals[layer], reference[f"W0.{module}.weight"])
-    moments = {layer: golden.second_moment(module) for layer, module in modules.items()}
+    by_module = golden_moments(golden, list(modules.values()), stats, tmp_path)
+    moments = {layer: by_module[module] for layer, module in modules.items()}
     requests = golden.requests()
 
     with torch_threads(1):

@@ -20,6 +20,7 @@ edits carry to ~1e-3 in the total delta (9.6e-4 on the 2-core Xeon of 2026-12) a
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,7 +28,13 @@ import torch
 from seqedit.methods.arch import module_names_for, rewrite_weight
 from seqedit.methods.rome import RomeConfig, invert_second_moment, rome_edit
 from seqedit.methods.updates import LowRankDelta, apply_update_
-from tests.golden import max_rel_error, reference_config, require_golden, torch_threads
+from tests.golden import (
+    golden_moments,
+    max_rel_error,
+    reference_config,
+    require_golden,
+    torch_threads,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +42,10 @@ REL_TOL = 1e-3
 
 
 @pytest.mark.slow
-def test_rome_matches_reference_sequential_edits() -> None:
+@pytest.mark.parametrize("stats", ["golden", "npz"])
+def test_rome_matches_reference_sequential_edits(stats: str, tmp_path: Path) -> None:
+    """`stats`: the golden covariance, or the same written as the reference's .npz caches
+    and read through `seqedit stats import`."""
     golden = require_golden()
     torch.manual_seed(0)
     hparams = golden.hparams("rome")
@@ -57,7 +67,8 @@ def test_rome_matches_reference_sequential_edits() -> None:
     inv_cov = None
     if config.mom2_adjustment:
         with torch_threads(golden.threads("rome")):
-            inv_cov = invert_second_moment(golden.second_moment(module))
+            moments = golden_moments(golden, [module], stats, tmp_path)
+            inv_cov = invert_second_moment(moments[module])
     templates = list(golden.context_templates("rome"))
 
     def edit(model: torch.nn.Module, request: object) -> LowRankDelta:

@@ -38,6 +38,7 @@ from seqedit.pipeline.cli.handlers import (  # noqa: F401  (CliError: re-exporte
     cmd_testbed_build,
     cmd_validate,
 )
+from seqedit.pipeline.cli.stats_import_command import add_stats_import_parser
 from seqedit.pipeline.cli.trace_command import cmd_trace
 from seqedit.pipeline.cli.train_command import add_train_parser
 
@@ -107,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     sbuild.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     sbuild.add_argument("--quiet", action="store_true")
     sbuild.set_defaults(func=cmd_stats_build)
+    add_stats_import_parser(stats)
     sls = stats.add_parser("ls", help="the stats directories under ROOT, checked")
     sls.add_argument("root", type=_where,
                      help="a folder of stats directories: a path or a storage URI")  # fmt: skip
