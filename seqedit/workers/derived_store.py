@@ -124,7 +124,7 @@ def method_statistics(
     config: Any,
     names: ModuleNames,
     *,
-    model_dir: str,
+    model_dir: str | None,
     stats_dir: Where | None,
 ) -> tuple[dict[int, torch.Tensor] | None, Derived | None, dict[str, int]]:
     """What a method with this config needs from the stats directory: the second moments C

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from seqedit.errors import SeqeditError
 from seqedit.methods.config import names_for, validate_config, with_step_budget
@@ -47,7 +48,8 @@ class SequentialEditor:
     """Owns one model and applies edit requests to it in order.
 
     Args:
-        model_dir: local Hugging Face model directory (the base model).
+        model_dir: local Hugging Face model directory (the base model); with `loaded`, only
+            to check the stats' model fingerprint (None: not checked).
         method: registered method name ("rome", ...).
         hparams: the method's config fields.
         stats_dir: covariance stats directory, needed when the method uses second moments.
@@ -57,11 +59,13 @@ class SequentialEditor:
         keep_undo: snapshot the edited weights and method state before every edit, so that
             `undo_last` can roll the edit back exactly (costs a copy of the edited weights).
         retry_factor: a retried edit's step budget is multiplied by this once per retry.
+        loaded: (model, tokenizer) already loaded, edited in place instead of loading
+            `model_dir` (the model should be in eval mode).
     """
 
     def __init__(
         self,
-        model_dir: str,
+        model_dir: str | None,
         method: str,
         hparams: dict[str, Any],
         *,
@@ -72,6 +76,7 @@ class SequentialEditor:
         device: str = "cpu",
         keep_undo: bool = False,
         retry_factor: float = 2.0,
+        loaded: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None,
     ) -> None:
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)
@@ -82,7 +87,12 @@ class SequentialEditor:
         self.config = validate_config(
             self.method.config_cls, hparams, where=f"{self.method.name} hparams"
         )
-        self.model, self.tokenizer = load_model(model_dir, device=device)
+        if loaded is not None:  # a model already in memory (the Python API), edited in place
+            self.model, self.tokenizer = loaded
+        elif model_dir is None:
+            raise ValueError("SequentialEditor needs a model directory or a loaded model")
+        else:
+            self.model, self.tokenizer = load_model(model_dir, device=device)
         self.names = names_for(self.model, self.config)
         self.layers: list[int] = self.method.layers(self.config)
         self.modules: list[str] = self.method.modules_in(self.model, self.config, self.names)
