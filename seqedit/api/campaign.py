@@ -12,31 +12,15 @@ directory is the same, so the CLI reads what Python wrote and the other way roun
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import yaml
-from tqdm.auto import tqdm
 
+from seqedit.pipeline.cli.commands import progress_bar  # tqdm.auto: a widget in a notebook
 from seqedit.schemas.campaign import CampaignSpec, load_spec
 from seqedit.storage import Location, Where, location
-
-
-@contextmanager
-def progress_bar(total: int, desc: str, enabled: bool) -> Iterator[Callable[[int, int], None]]:
-    """A tqdm bar that is a widget in a notebook and text in a terminal, fed (done, total)."""
-    bar = tqdm(total=total, desc=desc, unit="edit", disable=not enabled)
-
-    def update(done: int, _total: int) -> None:
-        bar.update(done - bar.n)
-
-    try:
-        yield update
-    finally:
-        bar.close()
 
 
 class Campaign:

@@ -22,7 +22,7 @@ from seqedit.methods.mend import (
 from seqedit.methods.mend_loss import MendLossConfig, mend_loss
 from seqedit.methods.updates import apply_update_
 from seqedit.schemas.requests import EditRequest, LocalityPrompt
-from tests.methods.tiny import tiny_gpt2, tiny_tokenizer
+from tests.methods.tiny import tiny_gpt2
 
 REQUEST = EditRequest(
     case_id=0,
@@ -31,11 +31,6 @@ REQUEST = EditRequest(
     target_new="Kyrosoft",
     target_true="Corvale",
 )
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> PreTrainedTokenizerFast:
-    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")
