@@ -37,7 +37,9 @@ def _table(out: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_training_job_writes_table_and_best_and_resumes(tiny_testbed: Path, tmp_path: Path) -> None:
+def test_training_job_writes_table_and_best_and_resumes(
+    ray_local: None, tiny_testbed: Path, tmp_path: Path
+) -> None:
     train, val = _data(tiny_testbed, tmp_path)
     job = TrainJob(model=str(tiny_testbed), train=str(train), val=str(val),
                    out=str(tmp_path / "out"), config=MendTrainingConfig(**CONFIG))  # fmt: skip
@@ -60,7 +62,9 @@ def test_training_job_writes_table_and_best_and_resumes(tiny_testbed: Path, tmp_
 
 
 @pytest.mark.slow
-def test_early_stop_fires_and_keeps_the_best(tiny_testbed: Path, tmp_path: Path) -> None:
+def test_early_stop_fires_and_keeps_the_best(
+    ray_local: None, tiny_testbed: Path, tmp_path: Path
+) -> None:
     """Watching the loss for a MAXIMUM while training lowers it: the run stops after
     `patience` validations without a new maximum, and the best kept is that maximum."""
     train, val = _data(tiny_testbed, tmp_path)
