@@ -21,16 +21,10 @@ from seqedit.methods.mend import (
 )
 from seqedit.methods.mend_loss import MendLossConfig, mend_loss
 from seqedit.methods.updates import apply_update_
-from seqedit.schemas.requests import EditRequest, LocalityPrompt
-from tests.methods.tiny import tiny_gpt2
+from seqedit.schemas.requests import LocalityPrompt
+from tests.methods.tiny import BORN_IN, tiny_gpt2
 
-REQUEST = EditRequest(
-    case_id=0,
-    prompt="{} was born in",
-    subject="Fenna Underhill",
-    target_new="Kyrosoft",
-    target_true="Corvale",
-)
+REQUEST = BORN_IN
 
 
 @pytest.fixture(scope="module")

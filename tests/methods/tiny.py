@@ -6,12 +6,23 @@ import torch
 from tokenizers import ByteLevelBPETokenizer
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from seqedit.schemas.requests import EditRequest
+
 CORPUS = [
     "The city lies in the north. Fenna Underhill was born in Corvale.",
     "Helka Tillman works for Kyrosoft. Kelvin Everly plays the harp.",
     "By profession, Dovana Ravensworth is a lawyer. In the evenings, people read.",
 ]
 EOS = "<|endoftext|>"
+
+BORN_IN = EditRequest(
+    case_id=0,
+    prompt="{} was born in",
+    subject="Fenna Underhill",
+    target_new="Kyrosoft",
+    target_true="Corvale",
+)
+"""A request in CORPUS's words (its subject and both targets are known to the tokenizer)."""
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
