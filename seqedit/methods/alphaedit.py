@@ -82,7 +82,7 @@ def null_space_projector(second_moment: torch.Tensor, threshold: float) -> torch
     return null @ null.T
 
 
-NULL_BASIS, RANGE_BASIS = "null_basis", "range_basis"
+NULL_BASIS, RANGE_BASIS, PROJECTOR = "null_basis", "range_basis", "projector"
 
 
 def null_space_basis(second_moment: torch.Tensor, threshold: float) -> dict[str, torch.Tensor]:
@@ -100,7 +100,11 @@ def null_space_basis(second_moment: torch.Tensor, threshold: float) -> dict[str,
 
 
 def projector_from_basis(basis: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(d_in, d_in) P from `null_space_basis`: U0 U0^T, or I - U1 U1^T."""
+    """(d_in, d_in) P from `null_space_basis`: U0 U0^T, or I - U1 U1^T; or P itself when
+    the entry is {"projector": P} (a projector the reference code saved, imported by
+    `seqedit stats import --projector`)."""
+    if PROJECTOR in basis:
+        return basis[PROJECTOR]
     if NULL_BASIS in basis:
         null = basis[NULL_BASIS]
         return null @ null.T

@@ -72,14 +72,27 @@ def _load(path: Location, key: dict[str, Any]) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _save(path: Location, key: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+def write_derived(
+    path: Location,
+    key: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    provenance: dict[str, Any] | None = None,
+) -> None:
+    """Write the cache entry of `key` at `path` (OSError when it cannot be written);
+    `provenance` (JSON) goes into the metadata field `imported_from`."""
     metadata = {
         "derived_key": json.dumps(key, sort_keys=True),
         "tensors_sha256": tensors_sha256(tensors),
     }
+    if provenance is not None:
+        metadata["imported_from"] = json.dumps(provenance, sort_keys=True)
+    path.parent.mkdir()
+    write_safetensors(path, tensors, metadata)
+
+
+def _save(path: Location, key: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
     try:
-        path.parent.mkdir()
-        write_safetensors(path, tensors, metadata)
+        write_derived(path, key, tensors)
     except OSError as exc:  # a read-only stats directory (StorageError is an OSError)
         log.warning("not caching derived tensors at %s: %s", path, exc)
 

@@ -34,9 +34,11 @@ REL_TOL = 1e-3
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stats", ["golden", "npz"])
+@pytest.mark.parametrize("stats", ["golden", "npz", "npz+projector"])
 def test_alphaedit_matches_reference_sequential_edits(stats: str, tmp_path: Path) -> None:
-    """`stats`: the golden covariance, or its reference .npz caches imported."""
+    """`stats`: the golden covariance, or its reference .npz caches imported, or those and
+    the reference's P saved as AlphaEdit saves it (`null_space_project.pt`), imported and
+    loaded from the derived cache as a campaign does (no SVD of ours)."""
     golden = require_golden()
     torch.manual_seed(0)
     hparams = golden.hparams("alphaedit")
@@ -56,12 +58,16 @@ def test_alphaedit_matches_reference_sequential_edits(stats: str, tmp_path: Path
         assert torch.equal(originals[layer], reference[f"W0.{module}.weight"])
 
     errors: dict[str, float] = {}
-    moments = golden_moments(golden, list(modules.values()), stats, tmp_path)
-    with torch_threads(golden.threads("alphaedit")):
-        projectors = {
-            layer: null_space_projector(moments[m], config.nullspace_threshold)
-            for layer, m in modules.items()
-        }
+    moments = golden_moments(golden, list(modules.values()), stats.split("+")[0], tmp_path)
+    if stats == "npz+projector":
+        projectors = _imported_projectors(golden.root / "model", config, modules, reference,
+                                          moments, tmp_path)  # fmt: skip
+    else:
+        with torch_threads(golden.threads("alphaedit")):
+            projectors = {
+                layer: null_space_projector(moments[m], config.nullspace_threshold)
+                for layer, m in modules.items()
+            }
     for layer, module in modules.items():
         errors[f"P.{module}"] = max_rel_error(projectors[layer], reference[f"P.{module}.weight"])
     cache_c = {layer: torch.zeros_like(p) for layer, p in projectors.items()}
@@ -90,3 +96,30 @@ def test_alphaedit_matches_reference_sequential_edits(stats: str, tmp_path: Path
     log.info("AlphaEdit golden relative errors: %s", errors)
     worst = {k: v for k, v in errors.items() if v > REL_TOL}
     assert not worst, f"relative errors above {REL_TOL}: {worst} (all: {errors})"
+
+
+def _imported_projectors(
+    model_dir: Path,
+    config: AlphaEditConfig,
+    modules: dict[int, str],
+    reference: dict[str, torch.Tensor],
+    moments: dict[str, torch.Tensor],
+    tmp_path: Path,
+) -> dict[int, torch.Tensor]:
+    """The reference P of every layer, saved as AlphaEdit saves them, imported into the
+    stats `golden_moments` wrote (tmp_path/imported) and loaded back from the derived
+    cache by the campaign's own path."""
+    from seqedit.methods.alphaedit import ALPHAEDIT, projector_from_basis
+    from seqedit.workers.derived_store import derived_tensors
+    from seqedit.workers.projector_import import import_null_space_projector
+
+    stack = torch.stack([reference[f"P.{modules[layer]}.weight"] for layer in config.layers])
+    torch.save(stack, tmp_path / "null_space_project.pt")
+    stats_dir = tmp_path / "imported"
+    import_null_space_projector(tmp_path / "null_space_project.pt", stats_dir, model_dir,
+                                layers=list(config.layers),
+                                nullspace_threshold=config.nullspace_threshold)  # fmt: skip
+    by_layer = {layer: moments[m].float() for layer, m in modules.items()}
+    derived, counts = derived_tensors(ALPHAEDIT, config, by_layer, stats_dir=stats_dir)
+    assert counts == {"loaded": len(modules), "computed": 0}
+    return {layer: projector_from_basis(derived[layer]) for layer in modules}
