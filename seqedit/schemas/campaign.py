@@ -87,6 +87,21 @@ class StatsBuildSpec(BaseModel):
     resources: ResourcesSpec = Field(
         default_factory=ResourcesSpec, description="Ray resources of each stats actor."
     )
+    until_stable: float | None = Field(
+        default=None,
+        gt=0,
+        lt=1,
+        description="Stop once C^-1 k (and, for AlphaEdit, P k) of the campaign's requests "
+        "change by less than this (relative) from one shard to the next (`seqedit stats "
+        "build --until-stable`); needs shards > 1.",
+    )
+    probes: int = Field(default=64, ge=1, description="Requests whose keys until_stable watches.")
+
+    @model_validator(mode="after")
+    def _chunks(self) -> StatsBuildSpec:
+        if self.until_stable is not None and self.shards < 2:
+            raise ValueError("until_stable needs shards > 1: the shards are its chunks")
+        return self
 
 
 class HealthSpec(BaseModel):

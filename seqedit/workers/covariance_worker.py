@@ -17,6 +17,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from seqedit.methods.covariance import SecondMomentAccumulator, accumulate_second_moments
+from seqedit.methods.keys_values import modules_io_at_subjects
 from seqedit.workers.corpus import CorpusError, read_documents
 from seqedit.workers.model_io import load_model
 from seqedit.workers.stats import DTYPES, StatsConfig, document_batches, model_context
@@ -105,3 +106,17 @@ class CovarianceWorker:
             documents=len(documents),
             seconds=time.perf_counter() - started,
         )
+
+    def probe_keys(
+        self, prompts: Sequence[str], subjects: Sequence[str]
+    ) -> dict[int, torch.Tensor]:
+        """Layer -> (n, d_in) float32 keys of edit requests: each layer's rewrite-module
+        input at the last subject token of `prompt` ("{}" the subject) filled with its
+        subject, on the CPU (what `--until-stable` watches C^-1 k and P k of)."""
+        if len(prompts) != len(subjects) or not prompts:
+            raise ValueError(f"{len(prompts)} prompts and {len(subjects)} subjects")
+        modules = [self.names[layer] for layer in sorted(self.names)]
+        found = modules_io_at_subjects(
+            self.model, self.tokenizer, list(prompts), list(subjects), modules, "subject_last"
+        )
+        return {layer: io[0].cpu() for layer, io in zip(sorted(self.names), found, strict=True)}

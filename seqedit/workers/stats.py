@@ -129,11 +129,15 @@ class StatsMeta(BaseModel):
     """Set by `seqedit stats import`: the source files' format, sha256s, dataset names,
     sample sizes and token counts (the corpus fields above are then placeholders)."""
 
+    until_stable: dict[str, Any] | None = None
+    """Set by `stats build --until-stable`: the threshold, the probes, the shards used of
+    the total, and each prefix's tokens and relative changes (`stats_until_stable`)."""
+
     def json_text(self, **kwargs: Any) -> str:
-        """The JSON of this record; `imported_from` only when set (built stats keep the
-        layout they always had)."""
-        exclude = None if self.imported_from is not None else {"imported_from"}
-        return self.model_dump_json(exclude=exclude, **kwargs)
+        """The JSON of this record; `imported_from` and `until_stable` only when set
+        (other stats keep the layout they always had)."""
+        unset = {name for name in ("imported_from", "until_stable") if getattr(self, name) is None}
+        return self.model_dump_json(exclude=unset or None, **kwargs)
 
 
 class StatsResult(BaseModel):

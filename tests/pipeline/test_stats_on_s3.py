@@ -188,7 +188,7 @@ def test_a_campaign_uses_the_stats_found_on_s3_and_refuses_other_ones(
     spec_file = write_spec(tmp_path, tiny_testbed, s3_root,  # type: ignore[arg-type]
                            n_edits=2, stats_build={"corpus": [corpus]})  # fmt: skip
     assert load_spec(spec_file).stats == s3_root  # the URI is kept as it is
-    ensure_campaign_stats(load_spec(spec_file))  # found and checked: nothing built
+    ensure_campaign_stats(load_spec(spec_file), [])  # found and checked: nothing built
     assert not (root / "shards").exists()
 
     other = tmp_path / "other.txt"
@@ -197,4 +197,4 @@ def test_a_campaign_uses_the_stats_found_on_s3_and_refuses_other_ones(
                            n_edits=2, stats_build={"corpus": [str(other)]})  # fmt: skip
     with pytest.raises(StatsStoreError,
                        match=re.escape(f"{root / META_FILE}: corpus_fingerprint")):  # fmt: skip
-        ensure_campaign_stats(load_spec(spec_file))
+        ensure_campaign_stats(load_spec(spec_file), [])

@@ -26,6 +26,7 @@ from seqedit.workers.stats_store import load_accumulators, save_stats
 
 if TYPE_CHECKING:
     from seqedit.pipeline.run.stats_job import StatsJobReport
+    from seqedit.pipeline.run.stats_until_stable import UntilStable
     from seqedit.testbed.build import TestbedReport
 
 CURVE_SQL = """
@@ -140,6 +141,7 @@ def build_stats_command(
     cpus_per_actor: float = 1,
     gpus_per_actor: float = 0,
     progress: bool,
+    until_stable: UntilStable | None = None,
 ) -> tuple[StatsMeta, StatsJobReport | None]:
     """`seqedit stats build`: every layer's second moment in one pass, saved with provenance;
     with `shards` > 1, sharded across `actors` Ray actors (each with `cpus_per_actor` CPUs
@@ -162,7 +164,7 @@ def build_stats_command(
         resources = ResourcesSpec(num_cpus=cpus_per_actor, num_gpus=gpus_per_actor)
         result, report = build_stats_sharded(
             model, config, out, shards=shards, actors=actors, resources=resources,
-            progress=progress,
+            progress=progress, until_stable=until_stable,
         )  # fmt: skip
         return result.meta, report
     result = compute_stats(model, config, progress=progress)

@@ -18,6 +18,7 @@ from seqedit.errors import SeqeditError
 from seqedit.storage import Location, StorageError, location
 
 if TYPE_CHECKING:
+    from seqedit.pipeline.run.stats_until_stable import UntilStable
     from seqedit.pipeline.run.submit import SubmittedJob
 
 
@@ -84,12 +85,40 @@ def cmd_stats_build(args: argparse.Namespace) -> None:
         cpus_per_actor=args.cpus_per_actor,
         gpus_per_actor=args.gpus_per_actor,
         progress=not args.quiet,
+        until_stable=_until_stable(args),
     )
     print(f"stats: layers {args.layers}, {meta.token_count} tokens -> {args.out}")
+    if meta.until_stable is not None:
+        info = meta.until_stable
+        verdict = "stable" if info["stable"] else "not stable by the end of the corpus"
+        change = info["final_change"]
+        print(f"until stable (eps {info['eps']:g}): {verdict} after {info['shards_used']} of "
+              f"{info['shards_total']} shards, {info['tokens_used']} tokens, last relative "
+              f"change {'n/a' if change is None else f'{change:.3g}'}")  # fmt: skip
     if report is not None:
         rate = f", {report.tokens_per_second:.0f} tokens/s" if report.computed else ""
         print(f"shards: {report.shards} ({report.computed} computed, {report.reused} reused "
               f"from an earlier run, {report.retried} handed out again){rate}")  # fmt: skip
+
+
+def _until_stable(args: argparse.Namespace) -> UntilStable | None:
+    """The `--until-stable` rule of `stats build`, or None."""
+    if args.until_stable is None:
+        if args.probe_requests is not None:
+            raise CliError("--probe-requests is only read with --until-stable")
+        return None
+    if args.shards < 2:
+        raise CliError("--until-stable needs --shards N > 1: the shards are its chunks")
+    if args.probe_requests is None:
+        raise CliError("--until-stable needs --probe-requests FILE: the keys it watches")
+    if not 0 < args.until_stable < 1:
+        raise CliError(f"--until-stable {args.until_stable}: a relative change in (0, 1)")
+    from seqedit.pipeline.run.stats_until_stable import UntilStable
+    from seqedit.schemas.loaders import load_requests
+
+    requests = load_requests(args.probe_requests).requests
+    return UntilStable.of_requests(args.until_stable, requests, args.probes,
+                                   args.nullspace_threshold)  # fmt: skip
 
 
 def cmd_stats_ls(args: argparse.Namespace) -> None:

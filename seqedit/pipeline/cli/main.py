@@ -106,6 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
     sbuild.add_argument("--batch-size", type=int, default=32)
     sbuild.add_argument("--max-length", type=int, default=None, help="default: model context")
     sbuild.add_argument("--dtype", choices=["float32", "float64"], default="float64")
+    sbuild.add_argument("--until-stable", type=float, default=None, metavar="EPS",
+                        help="stop once C^-1 k (and P k) of the probe requests' keys change "
+                        "by less than EPS (relative) from one shard to the next; needs "
+                        "--shards > 1 (the chunks) and --probe-requests")  # fmt: skip
+    sbuild.add_argument("--probe-requests", type=Path, default=None,
+                        help="edit requests whose keys --until-stable watches")  # fmt: skip
+    sbuild.add_argument("--probes", type=int, default=64,
+                        help="how many of them (evenly spaced)")  # fmt: skip
+    sbuild.add_argument("--nullspace-threshold", type=float, default=None,
+                        help="--until-stable also watches AlphaEdit's P k at this "
+                        "nullspace_threshold")  # fmt: skip
     sbuild.add_argument("--quiet", action="store_true")
     sbuild.set_defaults(func=cmd_stats_build)
     add_stats_import_parser(stats)

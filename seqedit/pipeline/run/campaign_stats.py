@@ -2,9 +2,11 @@
 
 Found stats are used only if they are what the campaign would build: the same model, the
 method's layers at its rewrite modules, and (when `stats_build` says which) the same
-corpus. Anything else is refused with the field that differs; nothing is rebuilt over a
-stats directory that holds other stats. `stats` may be a local path or any storage URI
-(`s3://bucket/stats?...`), read and written through `seqedit.storage`.
+corpus, the same `until_stable`. Anything else is refused with the field that differs;
+nothing is rebuilt over a stats directory that holds other stats. With
+`stats_build.until_stable`, the probes are `probes` of the campaign's own requests (and
+AlphaEdit's P k is watched at its `nullspace_threshold`). `stats` may be a local path or
+any storage URI (`s3://bucket/stats?...`), read and written through `seqedit.storage`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from seqedit.methods.arch import module_names_for_type
 from seqedit.methods.config import validate_config
 from seqedit.methods.registry import get_method
 from seqedit.pipeline.run.stats_job import build_stats_sharded
+from seqedit.pipeline.run.stats_until_stable import UntilStable
 from seqedit.schemas.campaign import CampaignSpec
+from seqedit.schemas.requests import EditRequest
 from seqedit.storage import Location, location
 from seqedit.workers.corpus import corpus_fingerprint
 from seqedit.workers.stats import META_FILE, StatsConfig, StatsMeta, StatsStoreError
@@ -26,9 +30,10 @@ from seqedit.workers.stats_store import load_stats
 log = logging.getLogger(__name__)
 
 
-def ensure_campaign_stats(spec: CampaignSpec) -> None:
+def ensure_campaign_stats(spec: CampaignSpec, requests: list[EditRequest]) -> None:
     """Make `spec.stats` hold the stats the campaign's method needs (if it needs any):
-    check the ones there, or build them from `spec.stats_build` (sharded, resumable)."""
+    check the ones there, or build them from `spec.stats_build` (sharded, resumable;
+    `requests`: the campaign's, the probes of `until_stable`)."""
     method = get_method(spec.method)
     config = validate_config(method.config_cls, spec.hparams, where=f"campaign {spec.name!r}")
     build = spec.stats_build
@@ -52,10 +57,14 @@ def ensure_campaign_stats(spec: CampaignSpec) -> None:
         _check_found(stats_dir, spec, stats_config)
         log.info("campaign %s: using the stats in %s", spec.name, stats_dir)
         return
+    rule = None
+    if build.until_stable is not None:
+        threshold = getattr(config, "nullspace_threshold", None)
+        rule = UntilStable.of_requests(build.until_stable, requests, build.probes, threshold)
     log.info("campaign %s: building the stats of layers %s in %s", spec.name, layers, stats_dir)
     build_stats_sharded(spec.model, stats_config, stats_dir, shards=build.shards,
                         actors=build.actors, resources=build.resources,
-                        progress=False)  # fmt: skip
+                        progress=False, until_stable=rule)  # fmt: skip
 
 
 def _check_found(stats_dir: Location, spec: CampaignSpec, config: StatsConfig) -> None:
@@ -77,3 +86,10 @@ def _check_found(stats_dir: Location, spec: CampaignSpec, config: StatsConfig) -
                 f"{stats_dir / META_FILE}: {field} is {getattr(meta, field)!r}, stats_build "
                 f"asks for {getattr(config, field)!r}; point `stats:` at another directory"
             )
+    found = (meta.until_stable or {}).get("eps")
+    wanted_eps = spec.stats_build.until_stable if spec.stats_build else None
+    if found != wanted_eps:
+        raise StatsStoreError(
+            f"{stats_dir / META_FILE}: until_stable.eps is {found!r}, stats_build asks for "
+            f"{wanted_eps!r}; point `stats:` at another directory"
+        )

@@ -129,7 +129,7 @@ def run_campaign(
             return state
         ensure_ray()
         _check_resources(spec)
-        ensure_campaign_stats(spec)  # before an editor loads them
+        ensure_campaign_stats(spec, requests)  # before an editor loads them
         pool = EvalPool(spec, heldout_texts(spec.health))
         run = ShardRun(spec, root, state, requests, pool, progress)
         try:

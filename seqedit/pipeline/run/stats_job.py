@@ -19,11 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import random
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
@@ -33,6 +35,12 @@ from seqedit.errors import SeqeditError
 from seqedit.pipeline.run.actor_pool import FailurePolicy, RetryingActorPool
 from seqedit.pipeline.run.actors import start_covariance_worker
 from seqedit.pipeline.run.ray_init import ensure_ray
+from seqedit.pipeline.run.stats_until_stable import (
+    StabilityMonitor,
+    StableReached,
+    UntilStable,
+    probe_keys,
+)
 from seqedit.schemas.campaign import ResourcesSpec
 from seqedit.storage import Location, Where, location
 from seqedit.workers.corpus import corpus_fingerprint
@@ -70,17 +78,25 @@ class StatsJobReport(BaseModel):
     computed_tokens: int
     seconds: float
     tokens_per_second: float
+    shards_used: int | None = Field(
+        default=None, description="--until-stable: the shards summed (a prefix)."
+    )
 
 
-def job_key(model_fp: str, corpus_fp: str, config: StatsConfig, shards: int) -> str:
+def job_key(
+    model_fp: str, corpus_fp: str, config: StatsConfig, shards: int, *, shuffled: bool = False
+) -> str:
     """What a partial sum depends on: the model and corpus (their fingerprints), every
-    setting that changes a sum, and the shard split."""
-    identity = {
+    setting that changes a sum, and the shard split (`shuffled`: the seeded random order
+    of `--until-stable`)."""
+    identity: dict[str, Any] = {
         "model": model_fp,
         "corpus": corpus_fp,
         "config": config.model_dump(mode="json", exclude={"corpus"}),
         "shards": shards,
     }
+    if shuffled:
+        identity["order"] = "shuffled"
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
@@ -94,6 +110,14 @@ def split(documents: Sequence[int], shards: int) -> list[Sequence[int]]:
         runs.append(documents[start:stop])
         start = stop
     return runs
+
+
+def shuffled_runs(documents: Sequence[int], shards: int, seed: int) -> list[Sequence[int]]:
+    """`split` of the documents in an order fixed by `seed`, each run sorted (the workers
+    read in corpus order): every prefix of runs is a random sample of the corpus."""
+    order = list(documents)
+    random.Random(seed).shuffle(order)
+    return [sorted(run) for run in split(order, shards)]
 
 
 def shard_path(out: Where, index: int) -> Location:
@@ -112,23 +136,31 @@ def build_stats_sharded(
     progress: bool = True,
     max_attempts: int = 3,
     on_shard_done: Callable[[int], None] | None = None,
+    until_stable: UntilStable | None = None,
 ) -> tuple[StatsResult, StatsJobReport]:
     """Compute the stats of `config` over `shards` shards on `actors` actors (each with
     `resources`: 1 CPU by default), resuming from
     the partials of an earlier run of the same job in `out/shards`, and save them in `out`
     (a local path or a storage URI). `on_shard_done(index)` is called after each shard's
-    partial is written."""
+    partial is written. With `until_stable`, the shards are chunks of a seeded random order
+    and the stats are the first prefix of them that is stable (`stats_until_stable`)."""
     root = location(out)
     started = time.perf_counter()
     documents = selected_documents(config)
-    runs = split(documents, shards)
+    shuffled = until_stable is not None
+    runs = shuffled_runs(documents, shards, config.seed) if shuffled else split(documents, shards)
     corpus_fp = corpus_fingerprint(config.corpus, text_column=config.text_column)  # reads it all
-    key = job_key(model_fingerprint(model_dir), corpus_fp, config, len(runs))
+    key = job_key(model_fingerprint(model_dir), corpus_fp, config, len(runs), shuffled=shuffled)
     _claim_shard_dir(root, key)
     partials = {index: _read_partial(root, index, key) for index in range(len(runs))}
     done = {index: part for index, part in partials.items() if part is not None}
     reused = len(done)
+    monitor = None
+    if until_stable is not None:
+        monitor = _start_monitor(model_dir, config, resources, until_stable, done, len(runs))
     todo = [i for i in range(len(runs)) if i not in done]
+    if monitor is not None and monitor.stopped_at is not None:
+        todo = []
     bar = tqdm(total=len(documents), unit="doc", desc="second moments", disable=not progress)
     bar.update(sum(len(runs[i]) for i in done))
     computed: list[ShardSums] = []
@@ -142,6 +174,8 @@ def build_stats_sharded(
         bar.set_postfix(tok_s=f"{rate:.0f}")
         if on_shard_done is not None:
             on_shard_done(part.index)
+        if monitor is not None:
+            monitor.add(part)  # raises StableReached at the stop
 
     retried = 0
     try:
@@ -149,21 +183,28 @@ def build_stats_sharded(
             retried = _compute(model_dir, config, runs, todo, actors=actors,
                                resources=resources or ResourcesSpec(),
                                max_attempts=max_attempts, on_done=finished)  # fmt: skip
+    except StableReached as stop:
+        log.info("stats stable after %d of %d shards; the rest are not computed",
+                 stop.chunks, len(runs))  # fmt: skip
     finally:
         bar.close()
     computed_tokens = sum(part.tokens for part in computed)
     nodes = {part.index: part.node for part in computed if part.node is not None}
-    merged = _merge([done[i] for i in range(len(runs))])
+    used = len(runs) if monitor is None or monitor.stopped_at is None else monitor.stopped_at
+    merged = _merge([done[i] for i in range(used)])
     seconds = time.perf_counter() - started
-    tokens = sum(part.tokens for part in done.values())
+    tokens = sum(done[i].tokens for i in range(used))
     max_length = _max_length(model_dir, config)
-    meta = stats_meta(model_dir, config, max_length, len(documents), tokens, seconds,
+    n_docs = sum(len(runs[i]) for i in range(used))
+    meta = stats_meta(model_dir, config, max_length, n_docs, tokens, seconds,
                       corpus_fp=corpus_fp)  # fmt: skip
+    if monitor is not None:
+        meta.until_stable = monitor.record()
     result = StatsResult(accumulators=merged, meta=meta)
     save_stats(root, result)
     report = StatsJobReport(
         shards=len(runs),
-        computed=len(runs) - reused,
+        computed=len(computed),
         reused=reused,
         retried=retried,
         tokens=tokens,
@@ -171,8 +212,34 @@ def build_stats_sharded(
         seconds=seconds,
         tokens_per_second=computed_tokens / max(seconds, 1e-9),
         nodes=nodes,
+        shards_used=None if monitor is None else used,
     )
     return result, report
+
+
+def _start_monitor(
+    model_dir: str | Path,
+    config: StatsConfig,
+    resources: ResourcesSpec | None,
+    rule: UntilStable,
+    done: dict[int, ShardSums],
+    total: int,
+) -> StabilityMonitor:
+    """The stability monitor, with the probe keys (from a covariance actor) and the
+    partials of an earlier run fed in shard order (it may be stable already)."""
+    ensure_ray()
+    actor = start_covariance_worker(model_dir, config, resources or ResourcesSpec())
+    try:
+        keys = probe_keys(actor, rule)
+    finally:
+        ray.kill(actor)
+    monitor = StabilityMonitor(rule, keys, total)
+    try:
+        for index in sorted(done):
+            monitor.add(done[index])
+    except StableReached:
+        pass
+    return monitor
 
 
 def _compute(
