@@ -36,18 +36,36 @@ def projected_keys(moment: torch.Tensor, keys: torch.Tensor, threshold: float) -
     return null @ (null.T @ keys.double().T)
 
 
+def inverse_quantities(
+    moments: dict[int, torch.Tensor], keys: dict[int, torch.Tensor]
+) -> dict[str, torch.Tensor | None]:
+    """Name "inverse_keys.<layer>" -> C^-1 K^T (or None: C singular) for every layer of
+    `keys` (layer -> (n, d_in))."""
+    return {
+        f"{INVERSE}.{layer}": inverse_keys(moments[layer], k) for layer, k in sorted(keys.items())
+    }
+
+
+def projected_quantities(
+    moments: dict[int, torch.Tensor], keys: dict[int, torch.Tensor], threshold: float
+) -> dict[str, torch.Tensor | None]:
+    """Name "projected_keys.<layer>" -> P K^T for every layer of `keys` (an
+    eigendecomposition of each C: the costly one)."""
+    return {
+        f"{PROJECTED}.{layer}": projected_keys(moments[layer], k, threshold)
+        for layer, k in sorted(keys.items())
+    }
+
+
 def probe_quantities(
     moments: dict[int, torch.Tensor],
     keys: dict[int, torch.Tensor],
     nullspace_threshold: float | None = None,
 ) -> dict[str, torch.Tensor | None]:
-    """ "inverse_keys.<layer>" -> C^-1 K^T (or None: C singular) and, with a threshold,
-    "projected_keys.<layer>" -> P K^T, for every layer of `keys` (layer -> (n, d_in))."""
-    out: dict[str, torch.Tensor | None] = {}
-    for layer, k in sorted(keys.items()):
-        out[f"{INVERSE}.{layer}"] = inverse_keys(moments[layer], k)
-        if nullspace_threshold is not None:
-            out[f"{PROJECTED}.{layer}"] = projected_keys(moments[layer], k, nullspace_threshold)
+    """`inverse_quantities` and, with a threshold, `projected_quantities`."""
+    out = inverse_quantities(moments, keys)
+    if nullspace_threshold is not None:
+        out |= projected_quantities(moments, keys, nullspace_threshold)
     return out
 
 

@@ -157,6 +157,24 @@ def arrow_schema(row_model: type[BaseModel]) -> pa.Schema:
     return pa.schema(fields)
 
 
+class TrainRow(BaseModel):
+    """One metric of a trained editor's training job at one step (`seqedit train`): the
+    `train` table, one part per validation (`<out>/train/rows-<step>.parquet`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    step: int = Field(description="Optimiser steps taken when it was measured.")
+    split: str = Field(description="`train` (that step's batch) or `val` (the validation set).")
+    name: str = Field(
+        description="edit/acc, loss/edit, loss/loc, loss/total, acc/pre, acc/post, nll/pre, "
+        "nll/post, time/step, time/edit (training seconds per edit example: time/step over "
+        "the global batch), lr/edit.<i> (a learned edit learning rate)."
+    )
+    value: float
+    seconds: float = Field(description="Training time so far (across restarts).")
+    workers: int = Field(description="Data-parallel Ray Train workers.")
+
+
 HealthAction = Literal["record", "retry", "skip", "stop"]
 """What a failed health check does: keep a row only; redo the edit with more optimisation
 steps and another seed (rolling it back if every retry fails too); roll the edit back; or

@@ -66,6 +66,10 @@ def test_the_stop_is_the_first_stable_prefix_in_any_finishing_order() -> None:
     any_order = StabilityMonitor(_rule(eps), keys, len(parts))
     assert _feed(any_order, shuffled) == expected
     assert any_order.evidence == in_order.evidence
+    for entry in in_order.evidence:  # P k (an eigendecomposition) once C^-1 k settled
+        settled = entry["changes"]["inverse_keys.3"] is not None and \
+            entry["changes"]["inverse_keys.3"] < eps  # fmt: skip
+        assert ("projected_keys.3" in entry["changes"]) == settled
     record = in_order.record()
     assert record["shards_used"] == expected and record["final_change"] < eps
     assert record["tokens_used"] == 300 * expected

@@ -5,11 +5,14 @@ stop that really stops."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
+from seqedit.pipeline.cli.main import main
+from seqedit.pipeline.results.views import query
 from seqedit.pipeline.run.train_job import EarlyStopping, StopState, TrainJob, run_train_job
 from seqedit.workers.mend_trainer import MendTrainingConfig
 
@@ -55,10 +58,28 @@ def test_training_job_writes_table_and_best_and_resumes(
     best = json.loads((out / "best" / "provenance.json").read_text())
     assert best["step"] in val_steps and best["model_fingerprint"] and best["train_sha256"]
     assert (out / "best" / "editor.pt").is_file()
+    _query_and_report(out, rows, best["step"])
 
     again = run_train_job(job)  # the same command again: resumes at the end, trains nothing
     assert _table(out) == rows
     assert again["best"] == summary["best"]
+
+
+def _query_and_report(out: Path, rows: list[dict], best_step: int) -> None:
+    """`seqedit query` reads the train table and its curves view; `seqedit report` draws
+    them with the best step."""
+    curves = query(out, "SELECT * FROM train_curves WHERE split = 'val' ORDER BY step")
+    wanted = {r["step"]: r["value"] for r in rows
+              if r["split"] == "val" and r["name"] == "loss/total"}  # fmt: skip
+    assert dict(zip(curves["step"].to_pylist(), curves["loss_total"].to_pylist(),
+                    strict=True)) == wanted  # fmt: skip
+    nll = [r["value"] for r in rows if r["split"] == "val" and r["name"] == "nll/post"]
+    assert curves["perplexity_post"].to_pylist() == pytest.approx([math.exp(v) for v in nll])
+    assert query(out, "SELECT count(*) AS n FROM train").to_pylist()[0]["n"] == len(rows)
+    assert main(["report", str(out)]) == 0
+    page = (out / "report" / "index.html").read_text()
+    assert "training.png" in page and f"<th>best step</th><td>{best_step}</td>" in page
+    assert (out / "report" / "training.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow

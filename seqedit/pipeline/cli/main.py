@@ -281,7 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     export.set_defaults(func=cmd_export)
 
-    q = sub.add_parser("query", help="read-only SQL over a campaign's tables (DuckDB)")
+    q = sub.add_parser(
+        "query", help="read-only SQL over a campaign's tables, or a training job's (DuckDB)"
+    )
     q.add_argument("campaign_dir", type=_where, help=WHERE_HELP)
     q.add_argument("sql", help='e.g. "SELECT count(*) FROM edits"')
     q.add_argument("--format", choices=["table", "csv", "json"], default="table")

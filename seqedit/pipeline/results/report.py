@@ -13,7 +13,9 @@ from seqedit.pipeline.cli.commands import HEALTH_PERIODIC_SQL, campaign_plots, t
 from seqedit.pipeline.results.plot_data import layer_drift, update_norms
 from seqedit.pipeline.results.plots import plot_norm_growth
 from seqedit.pipeline.results.plots_compare import CompareRun, plot_compare
-from seqedit.pipeline.results.views import query
+from seqedit.pipeline.results.train_report import write_train_report
+from seqedit.pipeline.results.train_views import is_training_dir
+from seqedit.pipeline.results.views import QueryError, query
 from seqedit.storage import Location, Where, location
 
 SUMMARY_SQL = """
@@ -74,9 +76,7 @@ def _by_name(summaries: list[dict[str, object]], campaigns: list[Location]) -> d
     }
 
 
-def compare_plots(
-    campaigns: dict[str, Location], folder: Location
-) -> list[tuple[str, Location]]:
+def compare_plots(campaigns: dict[str, Location], folder: Location) -> list[tuple[str, Location]]:
     """(caption, path) of the plots comparing `campaigns` (name -> directory), written to
     `folder`: degradation over the run with the CounterFact scores, and norm growth."""
     runs = {
@@ -102,10 +102,15 @@ def write_report(
 ) -> Location:
     """Write `index.html` and its PNGs into `out` (default `<campaign>/report`): the
     plots of `campaign_dir` (commands.CAMPAIGN_PLOTS), and with `compare` the plots of
-    compare_plots; the summary table has one row per campaign."""
+    compare_plots; the summary table has one row per campaign. A training directory
+    (`seqedit train`) gets its learning curves instead (`train_report`)."""
     root = location(campaign_dir)
     others = [location(c) for c in compare]
     folder = location(out) if out is not None else root / "report"
+    if is_training_dir(root):  # `seqedit train`'s output: its learning curves
+        if others:
+            raise QueryError(f"{root}: a training directory is reported alone (no --compare)")
+        return write_train_report(root, folder)
     folder.mkdir()
     campaigns = [root, *others]
     summaries = [campaign_summary(c) for c in campaigns]

@@ -18,6 +18,7 @@ import pyarrow.dataset as ds
 from seqedit.errors import SeqeditError
 from seqedit.pipeline.campaign_dir.parts import list_parts
 from seqedit.pipeline.campaign_dir.state import CampaignState, ShardState
+from seqedit.pipeline.results.train_views import create_train_views, is_training_dir
 from seqedit.schemas.tables import TABLES, arrow_schema
 from seqedit.storage import Location, Where, location
 from seqedit.workers.health import DRIFT_PREFIX, PERIODIC_CHECKS
@@ -78,7 +79,8 @@ def connect(
 ) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with one view per table, sandboxed to the campaign's tables,
     plus `shards` (the campaign state, one row per shard), `curves` (`CURVES_SQL`) and
-    `periodic` (`PERIODIC_SQL`).
+    `periodic` (`PERIODIC_SQL`). A training directory (`seqedit train`) gets its `train`
+    and `train_curves` views instead (`train_views`).
 
     `others` maps a name to another campaign dir: that campaign gets the same views inside
     a schema of that name (`b.curves`, `b.evals`, ...), so one statement can compare
@@ -89,6 +91,14 @@ def connect(
     locked: a query can read the lakes but cannot read or write anything else.
     """
     root = location(campaign_dir)
+    if is_training_dir(root):  # `seqedit train`'s output: its `train` table
+        if others:
+            raise QueryError(f"{root}: a training directory is queried alone (no --with)")
+        con = duckdb.connect()
+        con.execute("SET enable_external_access = false")
+        create_train_views(con, root)
+        con.execute("SET lock_configuration = true")
+        return con
     attached = _resolve_others(others)
     state = CampaignState.load(root)
     states: dict[str, CampaignState] = {}

@@ -5,10 +5,12 @@ every prefix of shards is a random sample of the corpus, and each shard is a chu
 the first k shards are in (in shard order, whatever order they finish in), the
 `StabilityMonitor` computes from their sum the quantities edits use for the probe requests'
 keys (`methods.covariance_stability`: C^-1 k, and P k for AlphaEdit's threshold) and
-compares them with those of the first k-1. The first prefix whose largest relative change
-is below EPS is the result: the job stops handing out shards, and the stats are the sum of
-that prefix, in shard order (so a rerun resumes from the partials and stops at the same
-prefix). The evidence (every prefix's tokens and changes) goes into the stats' metadata.
+compares them with those of the first k-1. P k needs an eigendecomposition of each C, so it
+is computed only once C^-1 k has settled (earlier prefixes record no P k change). The first
+prefix whose largest relative change is below EPS is the result: the job stops handing
+out shards, and the stats are the sum of that prefix, in shard order (so a rerun resumes
+from the partials and stops at the same prefix). The evidence (every prefix's tokens and
+changes) goes into the stats' metadata.
 """
 
 from __future__ import annotations
@@ -21,7 +23,11 @@ import ray
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from seqedit.methods.covariance import SecondMomentAccumulator
-from seqedit.methods.covariance_stability import probe_quantities, relative_change
+from seqedit.methods.covariance_stability import (
+    inverse_quantities,
+    projected_quantities,
+    relative_change,
+)
 from seqedit.schemas.requests import EditRequest
 from seqedit.workers.covariance_worker import ShardSums
 
@@ -88,7 +94,9 @@ class StabilityMonitor:
         self.parts: dict[int, ShardSums] = {}
         self.prefix = 0  # shards 0..prefix-1 are summed into `running`
         self.running: dict[int, SecondMomentAccumulator] = {}
-        self.previous: dict[str, Any] | None = None
+        self.previous: dict[str, Any] | None = None  # C^-1 K of the previous prefix
+        self.last_moments: dict[int, Any] | None = None  # its C (for P K when needed)
+        self.projected: tuple[int, dict[str, Any]] | None = None  # (prefix, its P K)
         self.evidence: list[dict[str, Any]] = []
         self.stopped_at: int | None = None
 
@@ -110,10 +118,17 @@ class StabilityMonitor:
                 raise StableReached(self.prefix)
 
     def _check(self) -> bool:
+        """Is the prefix just completed stable? C^-1 k first; P k (an eigendecomposition
+        per layer) only once C^-1 k has settled, against the previous prefix's P k."""
         moments = {layer: acc.moment() for layer, acc in self.running.items()}
-        current = probe_quantities(moments, self.keys, self.rule.nullspace_threshold)
+        current = inverse_quantities(moments, self.keys)
         changes = relative_change(self.previous or {}, current)
         self.previous = current
+        threshold = self.rule.nullspace_threshold
+        if threshold is not None:
+            if max(changes.values()) < self.rule.eps:
+                changes |= self._projected_change(moments, threshold)
+            self.last_moments = moments
         worst = max(changes.values())
         tokens = next(iter(self.running.values())).count
         self.evidence.append({
@@ -125,6 +140,19 @@ class StabilityMonitor:
         log.info("until-stable: %d/%d shards, %d tokens, largest relative change %.3g",
                  self.prefix, self.total, tokens, worst)  # fmt: skip
         return worst < self.rule.eps
+
+    def _projected_change(self, moments: dict[int, Any], threshold: float) -> dict[str, float]:
+        """P K's change from the previous prefix (whose P K is computed now if it was not
+        needed then)."""
+        if self.projected is None or self.projected[0] != self.prefix - 1:
+            before = {}
+            if self.last_moments is not None:
+                before = projected_quantities(self.last_moments, self.keys, threshold)
+            self.projected = (self.prefix - 1, before)
+        now = projected_quantities(moments, self.keys, threshold)
+        change = relative_change(self.projected[1], now)
+        self.projected = (self.prefix, now)
+        return change
 
     def record(self) -> dict[str, Any]:
         """The evidence for the stats' metadata."""

@@ -26,19 +26,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from seqedit.files import file_sha256, write_text_atomic
 from seqedit.schemas.loaders import load_requests
+from seqedit.schemas.tables import TrainRow, arrow_schema
 from seqedit.workers.mend_trainer import MendTrainer, MendTrainingConfig
 from seqedit.workers.model_io import load_model, model_fingerprint
 
-TRAIN_SCHEMA = pa.schema(
-    [
-        ("step", pa.int64()),
-        ("split", pa.string()),
-        ("name", pa.string()),
-        ("value", pa.float64()),
-        ("seconds", pa.float64()),
-        ("workers", pa.int64()),
-    ]
-)
+TRAIN_SCHEMA = arrow_schema(TrainRow)
 """The `train` table: one row per (step, split, metric); split is "train" or "val"."""
 
 
@@ -178,6 +170,7 @@ def train_loop(job_json: str) -> None:
         step_started = time.perf_counter()
         metrics = trainer.train_step()
         metrics["time/step"] = time.perf_counter() - step_started
+        metrics["time/edit"] = metrics["time/step"] / config.batch_size
         for i, rate in enumerate(trainer.editor.edit_lrs.detach().tolist()):
             metrics[f"lr/edit.{i}"] = rate
         seconds = time.perf_counter() - started
