@@ -1,8 +1,8 @@
 """Covariance statistics until stable, against the full pass, measured in the same run.
 
     .venv/bin/python bench/stats_until_stable.py [--setting testbed gpt2-small]
-        [--eps 0.05] [--shards 16] [--actors 2] [--probes 64] [--edits 100]
-        [--out runs/bench-until-stable]
+        [--eps 0.05] [--shards 16] [--actors 2] [--probes 64] [--samples 20000]
+        [--edits 100] [--no-campaigns] [--out runs/bench-until-stable]
 
 For each setting, the same sharded stats job twice over the same corpus and layers: the
 full pass, and `--until-stable EPS` (probes: `--probes` of the edited requests). Then
@@ -17,9 +17,9 @@ Settings:
   --dataset ../shared/data/counterfact_dev.json --limit 300 --out runs/cf-testbed`) on its
   English corpus (corpus.jsonl); ROME at layer 0, AlphaEdit at layers 0 and 1.
 - gpt2-small: a random-init GPT-2 of the gpt2-small shape (12 layers, 768 wide, seed 0) on
-  the testbed's tokenizer, over a seeded sample of 20,000 of the 151k WordNet sentences of
-  ../shared/data (a full pass over all of them takes about an hour on 2 cores, twice per
-  run); ROME at layer 5, AlphaEdit at layers 4 and 5.
+  the testbed's tokenizer, over a seeded sample of `--samples` (20,000) of the 151k WordNet
+  sentences of ../shared/data (`--samples 0`: all of them, about half an hour per full
+  pass on 2 cores); ROME at layer 5, AlphaEdit at layers 4 and 5.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from seqedit.schemas.campaign import load_spec  # noqa: E402
 from seqedit.schemas.loaders import load_requests  # noqa: E402
 from seqedit.workers.covariance_worker import CovarianceWorker  # noqa: E402
 from seqedit.workers.stats import StatsConfig  # noqa: E402
+from seqedit.workers.stats_store import tensors_sha256  # noqa: E402
 
 TESTBED = ROOT / "runs" / "cf-testbed"
 WORDNET = ROOT.parent / "shared" / "data" / "english_wordnet.txt"
@@ -130,7 +131,7 @@ def run_setting(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     model = TESTBED if name == "testbed" else gpt2_small(out / "model")
     corpus = TESTBED / "corpus.jsonl" if name == "testbed" else WORDNET
     layers = sorted({setting["rome_layer"], *setting["alphaedit_layers"]})
-    samples = None if name == "testbed" else 20_000
+    samples = None if name == "testbed" or args.samples == 0 else args.samples
     config = StatsConfig(layers=layers, corpus=[str(corpus)], batch_size=32, max_length=128,
                          dtype="float64", n_samples=samples)  # fmt: skip
     requests_file = TESTBED / "requests.jsonl"
@@ -143,10 +144,16 @@ def run_setting(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     summary = {k: v for k, v in info.items() if k != "history"}
     print(json.dumps({"setting": name, "until_stable": summary}), flush=True)
     for entry in info["history"]:
-        print(f"  {entry['shards']:3d} shards {entry['tokens']:9d} tokens  largest relative "
-              f"change {entry['max_change']}", flush=True)
+        print(
+            f"  {entry['shards']:3d} shards {entry['tokens']:9d} tokens  largest relative "
+            f"change {entry['max_change']}",
+            flush=True,
+        )
+    digests = [tensors_sha256({str(k): a.sum for k, a in r.accumulators.items()})[:16]
+               for r in (full, stable)]  # fmt: skip
+    print(f"sums sha256: full {digests[0]}, until stable {digests[1]}", flush=True)
     rows = []
-    for method in ("rome", "alphaedit"):
+    for method in () if args.no_campaigns else ("rome", "alphaedit"):
         scores = {which: campaign(out / f"{method}-{which}", model, requests_file,
                                   out / f"stats-{which}", method, setting, args.edits)
                   for which in ("full", "stable")}  # fmt: skip
@@ -163,6 +170,15 @@ def run_setting(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             "time_ratio": round(full_s / stable_s, 2),
         })  # fmt: skip
         print(format_table_rows(rows[-1:]), flush=True)
+    if args.no_campaigns:
+        rows.append({"setting": name, "tokens_used": info["tokens_used"],
+                     "tokens_full": full.meta.token_count,
+                     "share": round(info["tokens_used"] / full.meta.token_count, 3),
+                     "stop_change": round(info["final_change"] or float("nan"), 4),
+                     "err_inv_k": round(errors["inverse_keys"], 4),
+                     "err_p_k": round(errors["projected_keys"], 4),
+                     "s_full": round(full_s, 1), "s_stable": round(stable_s, 1),
+                     "time_ratio": round(full_s / stable_s, 2)})  # fmt: skip
     return rows
 
 
@@ -179,9 +195,13 @@ def main() -> None:
     parser.add_argument("--eps", type=float, default=0.05)
     parser.add_argument("--shards", type=int, default=16)
     parser.add_argument("--probes", type=int, default=64)
+    parser.add_argument("--samples", type=int, default=20_000,
+                        help="gpt2-small: WordNet sentences sampled (0: all 151k)")  # fmt: skip
     parser.add_argument("--actors", type=int, default=2, help="stats actors (1 CPU each)")
     parser.add_argument("--edits", type=int, default=100)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-until-stable")
+    parser.add_argument("--no-campaigns", action="store_true",
+                        help="time the two stats jobs only (no ES/PS/NS)")  # fmt: skip
     args = parser.parse_args()
     args.out = args.out.resolve()  # campaign specs resolve paths against their own folder
     rows = [row for name in args.setting for row in run_setting(name, args)]

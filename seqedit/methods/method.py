@@ -26,7 +26,9 @@ Derived = dict[int, dict[str, torch.Tensor]]
 class Prepare(Protocol):
     """(model, tokenizer, config, second moments by layer or None, derived tensors or None)
     -> the per-campaign context. `derived` (from `EditMethod.derive`, possibly loaded from a
-    cache) replaces recomputing them; without it `prepare` computes them itself."""
+    cache) replaces recomputing them; without it `prepare` computes them itself. A method
+    with `EditMethod.trained` also gets, sixth, the trained checkpoint's contents (or None:
+    its config names none)."""
 
     def __call__(
         self,
@@ -37,6 +39,22 @@ class Prepare(Protocol):
         derived: Derived | None = None,
         /,
     ) -> Any: ...
+
+
+@dataclass(frozen=True)
+class TrainedParts:
+    """A method that edits with parts trained beforehand (`seqedit train <method>`): the
+    editor worker reads the checkpoint its config names (tensors and plain values only,
+    checked against the model it was trained on) and hands the contents to `prepare`.
+
+    Attributes:
+        checkpoint: config -> the checkpoint path it names (a training directory or its
+            `best/editor.pt`), or None for the method's untrained form.
+        command: how a user makes one, for error messages.
+    """
+
+    checkpoint: Callable[[Any], str | None]
+    command: str
 
 
 Derive = Callable[[Any, torch.Tensor], dict[str, torch.Tensor]]
@@ -174,10 +192,13 @@ class Footprint:
     Attributes:
         step: what one edit step logs (`StepUpdates`).
         state: the sequential state checkpointed after some edits (`StateAfter`).
+        typical: the shapes are typical, not exact: they depend on the data (MEND's rank is
+            an edit example's token count; a memory's label width, its target's).
     """
 
     step: StepUpdates
     state: StateAfter = no_state_after
+    typical: bool = False
 
 
 NetUpdate = Callable[[Any, list[list[Update]]], list[Update]]
@@ -247,6 +268,7 @@ class EditMethod:
         footprint: what it writes to disk, by shape and dtype (edit log, checkpoints);
             None: `seqedit validate` makes no disk estimate for it.
         hparams_import: how its EasyEdit / reference hparams files read (None: not at all).
+        trained: for methods with trained parts (MEND), where they are (`TrainedParts`).
         net_update: the total change of many steps in fewer factors (`NetUpdate`), used by
             `seqedit export --format peft`; None: the steps' factors side by side.
         quick_hparams: a fast, valid config for the tests' tiny testbed (layer 0 of a
@@ -272,6 +294,7 @@ class EditMethod:
     footprint: Footprint | None = None
     hparams_import: HparamsImport | None = None
     net_update: NetUpdate | None = None
+    trained: TrainedParts | None = None
     quick_hparams: Mapping[str, Any] = field(default_factory=dict)
     testbed_hparams: Mapping[str, Any] = field(default_factory=dict)
 

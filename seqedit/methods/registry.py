@@ -18,11 +18,13 @@ from seqedit.methods.ft import FT_L, FT_M
 from seqedit.methods.grace import GRACE
 from seqedit.methods.lora import LORA
 from seqedit.methods.memit import MEMIT
+from seqedit.methods.mend_method import MEND
 from seqedit.methods.method import EditMethod
 from seqedit.methods.rome import ROME
 
 METHODS: dict[str, EditMethod] = {
-    method.name: method for method in (ROME, MEMIT, ALPHAEDIT, FT_L, FT_M, GRACE, LORA, DPO)
+    method.name: method
+    for method in (ROME, MEMIT, ALPHAEDIT, FT_L, FT_M, GRACE, LORA, DPO, MEND)
 }
 
 

@@ -13,8 +13,11 @@ import pytest
 
 from seqedit.pipeline.cli.main import main
 from seqedit.pipeline.results.views import query
+from seqedit.pipeline.run.driver import run_campaign
 from seqedit.pipeline.run.train_job import EarlyStopping, StopState, TrainJob, run_train_job
+from seqedit.schemas.campaign import load_spec
 from seqedit.workers.mend_trainer import MendTrainingConfig
+from tests.pipeline.specs import write_spec
 
 CONFIG = {
     "batch_size": 4,
@@ -59,10 +62,22 @@ def test_training_job_writes_table_and_best_and_resumes(
     assert best["step"] in val_steps and best["model_fingerprint"] and best["train_sha256"]
     assert (out / "best" / "editor.pt").is_file()
     _query_and_report(out, rows, best["step"])
+    _campaign_edits_with_it(tiny_testbed, out, tmp_path)
 
     again = run_train_job(job)  # the same command again: resumes at the end, trains nothing
     assert _table(out) == rows
     assert again["best"] == summary["best"]
+
+
+def _campaign_edits_with_it(testbed: Path, out: Path, tmp_path: Path) -> None:
+    """`method: mend` with `checkpoint:` the training directory: a campaign's edits."""
+    spec_file = write_spec(tmp_path, testbed, None, n_edits=2, method="mend",
+                           hparams={"checkpoint": str(out), "last_blocks": 2})  # fmt: skip
+    state = run_campaign(load_spec(spec_file), tmp_path / "campaign")
+    assert state.status == "done"
+    edits = query(tmp_path / "campaign", "SELECT method, update_norm FROM edits").to_pylist()
+    assert [e["method"] for e in edits] == ["mend", "mend"]
+    assert all(e["update_norm"] > 0 for e in edits)
 
 
 def _query_and_report(out: Path, rows: list[dict], best_step: int) -> None:

@@ -205,7 +205,7 @@ def _write_best(out: Path, job: TrainJob, trainer: MendTrainer, stop: StopState)
     best.mkdir(parents=True, exist_ok=True)
     torch.save(
         {"editor": trainer.editor.state_dict(), "modules": trainer.editor.modules_edited,
-         "shapes": trainer.editor.shapes},
+         "shapes": trainer.editor.shapes, "network": job.config.network.model_dump()},
         best / "editor.pt.tmp",
     )  # fmt: skip
     (best / "editor.pt.tmp").replace(best / "editor.pt")
