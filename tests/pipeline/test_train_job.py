@@ -122,6 +122,29 @@ def test_early_stop_fires_and_keeps_the_best(
     assert max(losses) < 20  # it stopped before max_steps
 
 
+@pytest.mark.slow
+def test_two_ray_train_workers_give_one_workers_validation_curve(
+    ray_local: None, tiny_testbed: Path, tmp_path: Path
+) -> None:
+    """The same global batch on 1 and on 2 data-parallel workers (half a CPU each, on this
+    2-CPU Ray): every validation metric at every validation step agrees within 1e-4
+    (relative; the gradient sums differ in float rounding only)."""
+    train, val = _data(tiny_testbed, tmp_path)
+    curves = {}
+    for workers in (1, 2):
+        job = TrainJob(model=str(tiny_testbed), train=str(train), val=str(val),
+                       out=str(tmp_path / f"w{workers}"), workers=workers,
+                       cpus_per_worker=1 / workers,
+                       config=MendTrainingConfig(**CONFIG))  # fmt: skip
+        rows = _table(Path(run_train_job(job)["out"]))
+        assert {r["workers"] for r in rows} == {workers}
+        measured = [r for r in rows if r["split"] == "val" and not r["name"].startswith("time/")]
+        curves[workers] = {(r["step"], r["name"]): r["value"] for r in measured}
+    assert curves[2].keys() == curves[1].keys() and len(curves[1]) >= 3 * 8
+    for key, value in curves[1].items():
+        assert curves[2][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
 def test_stop_state_counts_checks_without_improvement() -> None:
     rule = EarlyStopping(metric="loss/total", mode="min", patience=2, min_delta=0.1)
     state = StopState()
