@@ -6,10 +6,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from seqedit.pipeline.cli.main import main
 from seqedit.pipeline.results.views import query
@@ -153,3 +161,89 @@ def test_stop_state_counts_checks_without_improvement() -> None:
     assert state.observe(0.5, 3, rule) and state.bad_checks == 0
     assert not state.observe(0.6, 4, rule) and not state.stopped
     assert not state.observe(0.7, 5, rule) and state.stopped and state.best_step == 3
+
+
+def _final_val(out: Path) -> dict[str, float]:
+    """The last validation's metrics (time/* left out) of a training directory."""
+    rows = [r for r in _table(out) if r["split"] == "val" and not r["name"].startswith("time/")]
+    last = max(r["step"] for r in rows)
+    return {r["name"]: r["value"] for r in rows if r["step"] == last}
+
+
+def _once_checkpointed(out: Path, kill: Callable[[], None]) -> threading.Thread:
+    """A thread that calls `kill` once the job in `out` has written its first validation
+    (its first checkpoint follows at once) and not its last."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if (out / "train" / "rows-000000002.parquet").is_file():
+                time.sleep(1.0)  # the checkpoint is reported right after the rows
+                kill()
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def _train_worker_pid() -> int:
+    """The process of a Ray Train worker (Ray titles it "ray::RayTrainWorker...")."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                title = cmdline.read_bytes()
+            except OSError:
+                continue
+            if b"ray::RayTrainWorker" in title:
+                return int(cmdline.parent.name)
+        time.sleep(0.05)
+    raise TimeoutError("no Ray Train worker process found")
+
+
+@pytest.mark.extended  # SIGKILLs a Ray Train worker and a driver (make test-extended)
+def test_a_killed_worker_and_a_killed_driver_resume_to_an_uninterrupted_runs_metrics(
+    ray_local: None, tiny_testbed: Path, tmp_path: Path
+) -> None:
+    train, val = _data(tiny_testbed, tmp_path)
+
+    fields = {**CONFIG, "max_steps": 12}  # long enough to be killed in the middle
+
+    def job(out: str) -> TrainJob:
+        return TrainJob(model=str(tiny_testbed), train=str(train), val=str(val),
+                        out=str(tmp_path / out), config=MendTrainingConfig(**fields))  # fmt: skip
+
+    reference = _final_val(Path(run_train_job(job("reference"))["out"]))
+
+    killed = job("worker")  # a worker SIGKILLed after the first checkpoint: Ray Train
+    victims: list[int] = []  # restarts the group from that checkpoint
+
+    def kill_worker() -> None:
+        victims.append(_train_worker_pid())
+        os.kill(victims[-1], signal.SIGKILL)
+        victims.append(int(time.time()))
+
+    watcher = _once_checkpointed(Path(killed.out), kill_worker)
+    summary = run_train_job(killed)
+    watcher.join(timeout=5)
+    last_part = Path(killed.out) / "train" / "rows-000000012.parquet"
+    assert len(victims) == 2 and last_part.stat().st_mtime >= victims[1]  # killed mid-run
+    assert _final_val(Path(summary["out"])) == pytest.approx(reference, rel=1e-5, abs=1e-7)
+    assert sorted({r["step"] for r in _table(Path(summary["out"]))}) == list(range(1, 13))
+
+    config = tmp_path / "train.yaml"  # the driver: `seqedit train` SIGKILLed, then again
+    config.write_text(yaml.safe_dump(fields))
+    command = [sys.executable, "-m", "seqedit.pipeline.cli", "train", "mend", "--model",
+               str(tiny_testbed), "--train", str(train), "--val", str(val), "--out",
+               str(tmp_path / "driver"), "--config", str(config)]  # fmt: skip
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    watcher = _once_checkpointed(tmp_path / "driver", lambda: driver.send_signal(signal.SIGKILL))
+    driver.wait(timeout=900)
+    watcher.join(timeout=5)
+    assert driver.returncode == -signal.SIGKILL  # killed before it finished
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, check=True)
+    out = Path(json.loads(done.stdout)["out"])
+    assert _final_val(out) == pytest.approx(reference, rel=1e-5, abs=1e-7)
+    assert sorted({r["step"] for r in _table(out)}) == list(range(1, 13))  # each step once
