@@ -273,13 +273,14 @@ class EditExample:
         return bool((logits[0, self.positions].argmax(-1) == self.labels).all())
 
 
-def token_factors(
+def token_factors_and_nll(
     model: PreTrainedModel,
     example: EditExample,
     modules: Sequence[str],
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float]:
     """Per edited map, (u (T, d_in), delta (T, d_out)) float32: its input at every token of
-    the example and the gradient of the example's NLL with respect to its output there.
+    the example and the gradient of the example's NLL with respect to its output there;
+    and that NLL (on the unedited model: the probes are zeros).
 
     Each map's output gets a zero probe added (a leaf requiring grad); the gradient with
     respect to the probe is delta. No parameter gradient is taken: weights, their flags and
@@ -297,8 +298,36 @@ def token_factors(
         missing = [m for m in modules if m not in probes]
         if missing:
             raise ValueError(f"the forward pass did not run {missing}")
-        grads = torch.autograd.grad(example.nll(logits), [probes[m] for m in modules])
-    return [(trace.inputs[m][0].float(), g[0].float()) for m, g in zip(modules, grads, strict=True)]
+        nll = example.nll(logits)
+        grads = torch.autograd.grad(nll, [probes[m] for m in modules])
+    factors = [
+        (trace.inputs[m][0].float(), g[0].float()) for m, g in zip(modules, grads, strict=True)
+    ]
+    return factors, float(nll.detach())
+
+
+def token_factors(
+    model: PreTrainedModel,
+    example: EditExample,
+    modules: Sequence[str],
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`token_factors_and_nll` without the NLL."""
+    return token_factors_and_nll(model, example, modules)[0]
+
+
+def mend_updates_and_nll(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    request: EditRequest,
+    editor: MendEditor,
+) -> tuple[list[LowRankDelta], float]:
+    """MEND's update of every edited map for one request (model unchanged), without a
+    graph into the editor's parameters (for editing, not training); and the target's NLL
+    before the edit, from the same forward pass."""
+    example = EditExample.of(tokenizer, request, model_device(model))
+    factors, nll = token_factors_and_nll(model, example, editor.modules_edited)
+    with torch.no_grad():
+        return [editor.update(i, u, d) for i, (u, d) in enumerate(factors)], nll
 
 
 def mend_updates(
@@ -307,12 +336,8 @@ def mend_updates(
     request: EditRequest,
     editor: MendEditor,
 ) -> list[LowRankDelta]:
-    """MEND's update of every edited map for one request (model unchanged), without a
-    graph into the editor's parameters (for editing, not training)."""
-    example = EditExample.of(tokenizer, request, model_device(model))
-    factors = token_factors(model, example, editor.modules_edited)
-    with torch.no_grad():
-        return [editor.update(i, u, d) for i, (u, d) in enumerate(factors)]
+    """`mend_updates_and_nll` without the NLL."""
+    return mend_updates_and_nll(model, tokenizer, request, editor)[0]
 
 
 def weight_shapes(

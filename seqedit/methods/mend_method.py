@@ -24,11 +24,10 @@ from seqedit.methods.arch import ModuleNames
 from seqedit.methods.config import MethodConfig, names_for
 from seqedit.methods.keys_values import model_device
 from seqedit.methods.mend import (
-    EditExample,
     MendEditor,
     MendNetworkConfig,
     default_mend_modules,
-    mend_updates,
+    mend_updates_and_nll,
     weight_shapes,
 )
 from seqedit.methods.method import (
@@ -125,10 +124,7 @@ def mend_edit(
 ) -> EditResult:
     """One MEND edit: the update of every edited map (model unchanged). `loss` is the
     target's NLL before the edit (MEND optimises nothing at edit time: `steps` is 0)."""
-    updates = mend_updates(model, tokenizer, request, context.editor)
-    example = EditExample.of(tokenizer, request, model_device(model))
-    with torch.no_grad():
-        nll = float(example.nll(model(input_ids=example.input_ids).logits))
+    updates, nll = mend_updates_and_nll(model, tokenizer, request, context.editor)
     return EditResult(
         updates=list(updates),
         loss=nll,
