@@ -9,6 +9,7 @@ standard Hugging Face model directory:
     tokenizer.json, tokenizer_config.json                    the tokenizer (save_pretrained)
     requests.jsonl    the EditRequests the model was trained on, one JSON per line
     splits.json       with `split=`: train/validation/test case_ids, no subject shared
+    requests-<split>.jsonl   with `split=`: each split's requests (train, validation, test)
     corpus.jsonl      the training statements, {"text": ...} per line (a covariance corpus)
     testbed.json      TestbedReport, written last: its presence marks a complete build
     training-checkpoint.pt   only while training: the loop's state at the last recall
@@ -45,11 +46,13 @@ from seqedit.testbed.checkpoint import CHECKPOINT_FILE, TrainingCheckpoint, buil
 from seqedit.testbed.english import EnglishText
 from seqedit.testbed.phrasings import relation_phrasings, subject_phrasings
 from seqedit.testbed.splits import (
+    SPLIT_NAMES,
     SPLITS_FILE,
     RequestSplits,
     SplitName,
     SplitSpec,
     split_requests,
+    split_requests_file,
     write_splits,
 )
 from seqedit.testbed.text import PackedRows, train_tokenizer
@@ -198,7 +201,7 @@ def _write_inputs(
         out / CORPUS_FILE, [json.dumps({"text": s}, ensure_ascii=False) for s in statements]
     )
     if splits is not None:
-        write_splits(out, splits)
+        write_splits(out, splits, requests)
 
 
 def _recall_fields(
@@ -267,7 +270,7 @@ def build_testbed(
     t_start, cpu_start = time.perf_counter(), time.process_time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in (REPORT_FILE, SPLITS_FILE):
+    for stale in (REPORT_FILE, SPLITS_FILE, *map(split_requests_file, SPLIT_NAMES)):
         (out / stale).unlink(missing_ok=True)
     statements = _statements([*requests, *support], config.max_phrasings)
     english_train = english.train if english is not None else []

@@ -17,7 +17,9 @@ with a fraction > 0 that ends up empty (too few subjects) is an error, as are du
 case_ids (a split is a list of case_ids).
 
 A built testbed holds the result as `splits.json` (`RequestSplits`) beside
-`requests.jsonl`; `load_split(model_dir, "test")` returns that split's requests.
+`requests.jsonl`, and each split's requests as `requests-<split>.jsonl` (our JSONL format),
+the files `seqedit train --train/--val` and a campaign's `dataset.path` take;
+`load_split(model_dir, "test")` returns that split's requests.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Final, Literal, cast, get_args
 
@@ -162,12 +165,27 @@ def split_requests(requests: Sequence[EditRequest], spec: SplitSpec) -> RequestS
     return RequestSplits(spec=spec, **members, n_subjects=n_subjects)
 
 
-def write_splits(out_dir: str | Path, splits: RequestSplits) -> Path:
-    """Write `splits` as OUT_DIR/splits.json (atomically); returns the path."""
+def split_requests_file(name: SplitName) -> str:
+    """The file name of split `name`'s requests in a testbed directory."""
+    return f"requests-{name}.jsonl"
+
+
+def write_splits(
+    out_dir: str | Path, splits: RequestSplits, requests: Sequence[EditRequest] = ()
+) -> Path:
+    """Write `splits` as OUT_DIR/splits.json and, given the split `requests`, each split's
+    requests as OUT_DIR/requests-<split>.jsonl (all atomically); returns splits.json's path."""
+    out = Path(out_dir)
+    by_id = {r.case_id: r for r in requests}
+    for name in SPLIT_NAMES if requests else ():
+        lines = "".join(by_id[c].to_json() + "\n" for c in splits.case_ids(name))
+        write_atomic(out / split_requests_file(name), partial(_write_text, text=lines))
     text = splits.model_dump_json(indent=1) + "\n"
-    return write_atomic(
-        Path(out_dir) / SPLITS_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8")
-    )
+    return write_atomic(out / SPLITS_FILE, partial(_write_text, text=text))
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.write_text(text, encoding="utf-8")
 
 
 def load_splits(model_dir: str | Path) -> RequestSplits:

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 import seqedit.testbed.build as build_module
 from seqedit.pipeline.cli.main import main
+from seqedit.schemas.loaders import load_requests
 from seqedit.schemas.requests import EditRequest
 from seqedit.testbed.build import REQUESTS_FILE, TestbedConfig, TestbedReport
 from seqedit.testbed.splits import (
@@ -23,6 +24,7 @@ from seqedit.testbed.splits import (
     load_split,
     load_splits,
     split_requests,
+    split_requests_file,
     write_splits,
 )
 from seqedit.testbed.world import TestbedError
@@ -242,3 +244,6 @@ def test_cli_build_with_split_writes_splits_json(
     assert report.n_facts == 20, "the model is trained on every fact"
     test_requests = load_split(out, "test")
     assert [r.case_id for r in test_requests] == splits.test
+    for name in SPLIT_NAMES:  # the files `seqedit train` and campaigns take
+        loaded = load_requests(out / split_requests_file(name)).requests
+        assert loaded == load_split(out, name)
