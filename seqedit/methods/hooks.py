@@ -177,3 +177,10 @@ def reused_outputs(model: nn.Module, names: Sequence[str]) -> Iterator[None]:
     finally:
         for module in modules:
             module.__dict__.pop("forward", None)
+
+
+def outputs_hooked(model: nn.Module) -> bool:
+    """Whether a forward hook sits on the whole model (a memory method such as SERAC that
+    changes its outputs): then outputs must come from `model(...)`, not from its body and
+    head called apart."""
+    return bool(model._forward_hooks)

@@ -13,6 +13,7 @@ identity-initialised, untrained one: one plain gradient step of the target's NLL
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,12 +32,15 @@ from seqedit.methods.mend import (
     weight_shapes,
 )
 from seqedit.methods.method import (
+    EASYEDIT_TRAINER_FIELDS,
     Derived,
     EditMethod,
     Footprint,
+    HparamsImport,
     TrainedParts,
     edited_shapes,
     empty,
+    parameter_module,
 )
 from seqedit.methods.updates import EditResult, LowRankDelta, Update
 from seqedit.schemas.requests import EditRequest
@@ -138,6 +142,23 @@ def mend_edit(
     )
 
 
+def _inner_params(value: Any) -> tuple[dict[str, Any], str]:
+    """EasyEdit's `inner_params` (parameter names) -> `modules` (their modules)."""
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"a list of parameter names, got {value!r}")
+    modules = list(dict.fromkeys(parameter_module(name) for name in value))
+    return {"modules": modules}, f"inner_params: {len(value)} parameters -> modules: {modules}"
+
+
+def _network_field(source: str, ours: str) -> Callable[[Any], tuple[dict[str, Any], str]]:
+    """A field of the network's shape, given flat in EasyEdit's file, -> `network.<ours>`."""
+
+    def convert(value: Any) -> tuple[dict[str, Any], str]:
+        return {"network": {ours: value}}, f"{source}: {value} -> network.{ours}"
+
+    return convert
+
+
 def _step(model: PreTrainedModel, config: MendConfig, n: int) -> list[Update]:
     """Per edited map, float32 factors left (d_out, T) and right (d_in, T) per request,
     T = `example_tokens`."""
@@ -162,6 +183,51 @@ MEND = EditMethod(
     edit=mend_edit,
     footprint=Footprint(step=_step, typical=True),
     trained=TrainedParts(checkpoint=lambda config: config.checkpoint, command="seqedit train mend"),
+    hparams_import=HparamsImport(
+        easyedit_alg="MEND",
+        converted={
+            "inner_params": _inner_params,
+            "rank": _network_field("rank", "rank"),
+            "n_hidden": _network_field("n_hidden", "n_hidden"),
+            "edit_lr": _network_field("edit_lr", "edit_lr"),
+            "norm": _network_field("norm", "standardise"),
+        },
+        dropped={
+            "archive": "EasyEdit's own trained MEND (a pickle seqedit does not read); train "
+            "with `seqedit train mend` and give its directory as `checkpoint:`",
+            "alg": "names the method, as `alg_name` does",
+            "model_class": "the campaign's model directory says its class",
+            "tokenizer_class": "the campaign's model directory holds its tokenizer",
+            "tokenizer_name": "the campaign's model directory holds its tokenizer",
+        },
+        fixed={
+            "init": "id",
+            "act": "relu",
+            "mlp_class": "IDMLP",
+            "shared": True,
+            "combine": True,
+            "one_sided": False,
+            "x_only": False,
+            "delta_only": False,
+            "train_base": False,
+            "dropout": 0.0,
+            "hidden_dim": None,
+            "no_grad_layers": None,
+            "lr_scale": 1.0,
+        },
+        training=EASYEDIT_TRAINER_FIELDS,
+        training_renamed={
+            "lr": "lr",
+            "lr_lr": "lr_lr",
+            "cedit": "loss.c_edit",
+            "cloc": "loss.c_loc",
+            "rank": "network.rank",
+            "n_hidden": "network.n_hidden",
+            "edit_lr": "network.edit_lr",
+            "norm": "network.standardise",
+            "inner_params": "modules",
+        },
+    ),
     quick_hparams={"last_blocks": 1, "network": {"rank": 4, "edit_lr": 1e-2}},
     testbed_hparams={"last_blocks": 2, "network": {"rank": 8, "edit_lr": 1e-2}},
 )

@@ -7,7 +7,7 @@ them. No inheritance: the editor calls the functions held here.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -51,10 +51,16 @@ class TrainedParts:
         checkpoint: config -> the checkpoint path it names (a training directory or its
             `best/editor.pt`), or None for the method's untrained form.
         command: how a user makes one, for error messages.
+        fields: the keys the checkpoint file must hold (checked when it is read).
+        quick_training: a short training config on the tests' tiny testbed whose checkpoint
+            the every-method test edits with; None: the untrained form edits (MEND's is a
+            gradient step; SERAC's untrained counterfactual model does not answer edits).
     """
 
     checkpoint: Callable[[Any], str | None]
     command: str
+    fields: tuple[str, ...] = ("editor", "modules", "shapes", "network")
+    quick_training: Mapping[str, Any] | None = None
 
 
 Derive = Callable[[Any, torch.Tensor], dict[str, torch.Tensor]]
@@ -125,11 +131,14 @@ class MemoryHooks:
         apply: (context, entry) -> None: add one logged entry to the memory (after an edit,
             and when an evaluator or `seqedit rebuild` replays the edit log).
         size: (context) -> entries in the memory (recorded instead of update norms).
+        probe: (context, tokenizer, locality probe prompts) -> health metrics of the memory
+            on prompts outside every edit's scope (SERAC: `scope_hit_rate`); None: none.
     """
 
     install: Callable[[PreTrainedModel, Any], RemovableHandle]
     apply: Callable[[Any, MemoryEntry], None]
     size: Callable[[Any], int]
+    probe: Callable[[Any, PreTrainedTokenizerBase, Sequence[str]], dict[str, float]] | None = None
 
 
 SourceConversion = Callable[[Any], tuple[dict[str, Any], str]]
@@ -156,6 +165,12 @@ class HparamsImport:
         converted: source field -> how its value becomes our fields (GRACE's `inner_params`,
             a parameter name, becomes `layer` and `role`).
         one_layer_hint: added to the error when a file lists several layers for a `layer`.
+        fixed: source field -> the only value seqedit's method implements (MEND's
+            `act: relu`); that value is dropped with a note, another one is refused.
+        training: source fields that configure training, not editing (`seqedit train`);
+            dropped from the edit hparams with that reason.
+        training_renamed: source field -> the dotted field(s) of our training config it
+            becomes (`hparams import --training`; several separated by commas).
     """
 
     easyedit_alg: str | None = None
@@ -167,6 +182,27 @@ class HparamsImport:
     false_means: Mapping[str, Any] = field(default_factory=dict)
     converted: Mapping[str, SourceConversion] = field(default_factory=dict)
     one_layer_hint: str = ""
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+    training: tuple[str, ...] = ()
+    training_renamed: Mapping[str, str] = field(default_factory=dict)
+
+
+EASYEDIT_TRAINER_FIELDS: tuple[str, ...] = (
+    "lr", "lr_lr", "seed", "cedit", "cloc", "cbase", "model_save_pt",
+    "silent", "max_epochs", "max_iters", "log_interval", "eval_log_interval", "final_eval",
+    "val_interval", "early_stop_patience", "early_stop_key", "eval_only", "half", "debug",
+    "save", "verbose", "val_batch_size", "accumulate_bs", "val_steps", "opt", "grad_clip",
+    "results_dir", "log_errors", "edit_bs",
+)  # fmt: skip
+"""EasyEdit's trainer fields (MEND, SERAC yamls): training, not editing
+(`HparamsImport.training`)."""
+
+
+def parameter_module(name: str) -> str:
+    """A parameter name of EasyEdit's `inner_params` -> its module's dotted name
+    (`transformer.h[45].mlp.c_proj.weight` -> `transformer.h.45.mlp.c_proj`)."""
+    dotted = name.replace("[", ".").replace("]", "")
+    return dotted.removesuffix(".weight").removesuffix(".bias")
 
 
 StepUpdates = Callable[[PreTrainedModel, Any, int], list[Update]]

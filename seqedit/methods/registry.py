@@ -21,10 +21,11 @@ from seqedit.methods.memit import MEMIT
 from seqedit.methods.mend_method import MEND
 from seqedit.methods.method import EditMethod
 from seqedit.methods.rome import ROME
+from seqedit.methods.serac import SERAC
 
 METHODS: dict[str, EditMethod] = {
     method.name: method
-    for method in (ROME, MEMIT, ALPHAEDIT, FT_L, FT_M, GRACE, LORA, DPO, MEND)
+    for method in (ROME, MEMIT, ALPHAEDIT, FT_L, FT_M, GRACE, LORA, DPO, MEND, SERAC)
 }
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from seqedit.methods.hooks import outputs_hooked
 from seqedit.schemas.requests import spaced
 
 
@@ -159,7 +160,9 @@ def _score_batch(
     """Scores of `pairs` (row in `rows`, position predicting the target's first token in
     that row, target ids) from one forward pass over the padded rows."""
     inputs, offsets = padded_inputs(rows, pad_id, device, padding_side)
-    hidden = model.base_model(**inputs).last_hidden_state  # (B, T, d), after the final norm
+    whole = outputs_hooked(model)  # a memory method's hook changes the model's outputs
+    # (B, T, d) after the final norm; (B, T, V) logits through the hook if whole
+    hidden = model(**inputs).logits if whole else model.base_model(**inputs).last_hidden_state
     n_target = [len(ids) for _, _, ids in pairs]
     row_index = torch.tensor([row for row, _, _ in pairs], device=device)  # (P,)
     positions = torch.zeros((len(pairs), max(n_target)), dtype=torch.long)  # (P, L)
@@ -172,8 +175,8 @@ def _score_batch(
         valid[index, : len(ids)] = True
     positions, target_ids, valid = positions.to(device), target_ids.to(device), valid.to(device)
     # the head only where a target token is predicted: most positions are prompt and padding
-    at_targets = hidden[row_index[:, None], positions]  # (P, L, d)
-    logits = model.get_output_embeddings()(at_targets).float()  # (P, L, V)
+    at_targets = hidden[row_index[:, None], positions]  # (P, L, d), or (P, L, V) if whole
+    logits = (at_targets if whole else model.get_output_embeddings()(at_targets)).float()
     log_probs = torch.log_softmax(logits, dim=-1)  # (P, L, V)
     token_log_probs = log_probs.gather(2, target_ids[..., None])[..., 0] * valid  # (P, L)
     counts = torch.tensor(n_target, device=device, dtype=token_log_probs.dtype)  # (P,)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,16 @@ class EditedModel:
         if self.method.memory is None:
             return None
         return self.method.memory.size(self.context)
+
+    def memory_probe(
+        self, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]
+    ) -> dict[str, float]:
+        """The memory's health metrics on out-of-scope `prompts` (`MemoryHooks.probe`);
+        {} for a method without memory or without a probe."""
+        memory = self.method.memory
+        if memory is None or memory.probe is None:
+            return {}
+        return memory.probe(self.context, tokenizer, prompts)
 
     def snapshot(self) -> Snapshot:
         """Copies of the masters and of the memory."""

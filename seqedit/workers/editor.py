@@ -258,6 +258,8 @@ class SequentialEditor:
         memory_size = self.edited.memory_size()
         if memory_size is not None:
             metrics["memory_size"] = float(memory_size)
+        probes = self._base.probes if self._base is not None else []
+        metrics.update(self.edited.memory_probe(self.tokenizer, probes))
         return metrics
 
     def pid(self) -> int:

@@ -20,10 +20,12 @@ from seqedit.schemas.tables import EditRow, HealthAction, HealthRow
 _SEVERITY = {"none": 0, "record": 1, "retry": 2, "skip": 3, "stop": 4}
 
 PERIODIC_CHECKS = (
-    "retention", "locality_kl", "locality_top1", "perplexity", "perplexity_ratio", "memory_size"
+    "retention", "locality_kl", "locality_top1", "perplexity", "perplexity_ratio", "memory_size",
+    "scope_hit_rate",
 )  # fmt: skip
 """Names of the periodic checks, besides one `weight_drift.<module>` per edited module
-(`memory_size`, the entries of a memory-based method's memory, is recorded, not judged)."""
+(`memory_size`, the entries of a memory-based method's memory, and `scope_hit_rate`, the
+share of locality probes SERAC's classifier routes to an edit, are recorded, not judged)."""
 DRIFT_PREFIX = "weight_drift."
 NOT_FOR_MEMORY = frozenset({"update_norm", "weight_drift"})
 """Checks that mean nothing for a memory-based method (it changes no weight): skipped for
@@ -89,6 +91,7 @@ class HealthMonitor:
             "perplexity": (None, False),
             "perplexity_ratio": (spec.max_perplexity_ratio, False),
             "memory_size": (None, True),
+            "scope_hit_rate": (None, False),
         }
         rows = []
         for name, value in sorted(metrics.items()):

@@ -1,7 +1,7 @@
 """One data-parallel worker's share of training MEND: a plain class, no Ray.
 
 Every step takes the same global batch of `batch_size` training requests on every worker
-(a seeded permutation per epoch) and works on its rows rank, rank + world, ... of it:
+and works on its share of it (`trainer_common`: batches, shares, collectives):
 1. the per-token factors (u, delta) of its requests on the base model;
 2. their moments, gathered from all workers in rank order and merged, then added to the
    standardisers: every worker holds the same statistics;
@@ -9,15 +9,13 @@ Every step takes the same global batch of `batch_size` training requests on ever
 4. the gradients summed over workers, then one Adam step (the network at `lr`, the edit
    rates at `lr_lr`, as the reference trains them).
 So one worker and N workers at the same global batch take the same steps, to float
-rounding. Collective operations come from a `Collectives` (`LocalCollectives` for one
-worker; the Ray Train job passes torch.distributed's).
+rounding.
 """
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -35,6 +33,15 @@ from seqedit.methods.mend import (
 )
 from seqedit.methods.mend_loss import MendLossConfig, mend_loss
 from seqedit.schemas.requests import EditRequest
+from seqedit.workers.trainer_common import (
+    Collectives,
+    LocalCollectives,
+    add_metrics,
+    batch_means,
+    global_batch,
+    my_share,
+    sum_gradients,
+)
 
 
 class MendTrainingConfig(BaseModel):
@@ -56,29 +63,6 @@ class MendTrainingConfig(BaseModel):
     val_every: int = Field(default=100, ge=1, description="Steps between validations.")
     val_size: int | None = Field(default=None, ge=1, description="Validation requests (None: all).")
     seed: int = 0
-
-
-class Collectives(Protocol):
-    """What workers exchange: sums of tensors, and small objects from every worker."""
-
-    rank: int
-    world: int
-
-    def sum_(self, tensor: torch.Tensor) -> None: ...
-
-    def gather(self, value: Any) -> list[Any]: ...
-
-
-class LocalCollectives:
-    """The collectives of a single worker."""
-
-    rank, world = 0, 1
-
-    def sum_(self, tensor: torch.Tensor) -> None:
-        """Sum over workers in place (one worker: nothing to do)."""
-
-    def gather(self, value: Any) -> list[Any]:
-        return [value]
 
 
 def build_editor(model: PreTrainedModel, config: MendTrainingConfig) -> MendEditor:
@@ -121,16 +105,11 @@ class MendTrainer:
         self.step = 0
 
     def batch(self, step: int) -> list[EditRequest]:
-        """The global batch of `step`: consecutive slices of a seeded permutation per epoch."""
-        n, size = len(self.train), self.config.batch_size
-        per_epoch = max(1, n // size)
-        epoch, index = divmod(step, per_epoch)
-        order = list(range(n))
-        random.Random(self.config.seed * 1_000_003 + epoch).shuffle(order)
-        return [self.train[order[(index * size + k) % n]] for k in range(size)]
+        """The global batch of `step` (`trainer_common.global_batch`)."""
+        return global_batch(self.train, step, self.config.batch_size, self.config.seed)
 
     def _mine(self, requests: Sequence[EditRequest]) -> list[EditRequest]:
-        return list(requests)[self.comm.rank :: self.comm.world]
+        return my_share(requests, self.comm)
 
     def train_step(self) -> dict[str, float]:
         """One optimiser step on the global batch; returns its metrics (batch means)."""
@@ -162,15 +141,14 @@ class MendTrainer:
                 transposed=self.transposed, factors=request_factors,
             )  # fmt: skip
             (loss / len(global_batch)).backward()
-            for name, value in metrics.items():
-                sums[name] = sums.get(name, 0.0) + value
-        for param in self.editor.parameters():
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
-            self.comm.sum_(param.grad)
+            add_metrics(sums, metrics)
+        sum_gradients(self.editor.parameters(), self.comm)
         self.optimiser.step()
         self.step += 1
-        return self._means(sums, len(global_batch))
+        metrics = batch_means(sums, len(global_batch), self.comm)
+        for i, rate in enumerate(self.editor.edit_lrs.detach().tolist()):
+            metrics[f"lr/edit.{i}"] = rate
+        return metrics
 
     @torch.no_grad()
     def validate(self, requests: Sequence[EditRequest]) -> dict[str, float]:
@@ -185,15 +163,8 @@ class MendTrainer:
                 self.model, self.tokenizer, request, self.editor, self.config.loss,
                 transposed=self.transposed, factors=factors,
             )  # fmt: skip
-            for name, value in metrics.items():
-                sums[name] = sums.get(name, 0.0) + value
-        return self._means(sums, len(requests))
-
-    def _means(self, sums: dict[str, float], n: int) -> dict[str, float]:
-        names = sorted(set().union(*self.comm.gather(sorted(sums))))
-        totals = torch.tensor([sums.get(name, 0.0) for name in names], dtype=torch.float64)
-        self.comm.sum_(totals)
-        return {name: float(v) / n for name, v in zip(names, totals.tolist(), strict=True)}
+            add_metrics(sums, metrics)
+        return batch_means(sums, len(requests), self.comm)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs: the editor, the optimiser and the step."""
@@ -207,3 +178,12 @@ class MendTrainer:
         self.editor.load_state_dict(state["editor"])
         self.optimiser.load_state_dict(state["optimiser"])
         self.step = int(state["step"])
+
+    def parts(self) -> dict[str, Any]:
+        """`best/editor.pt`: the network, the maps it edits, their shapes, its shape."""
+        return {
+            "editor": self.editor.state_dict(),
+            "modules": self.editor.modules_edited,
+            "shapes": self.editor.shapes,
+            "network": self.config.network.model_dump(),
+        }

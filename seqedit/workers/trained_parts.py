@@ -3,9 +3,11 @@ wrote, checked before a campaign edits with it.
 
 A checkpoint is `<out>/best/editor.pt` (a config may name `<out>` or the file itself):
 tensors and plain values only (read with `weights_only`, never arbitrary pickled objects),
-holding `editor` (the network's state dict), `modules`, `shapes` and `network` (its
-shape). The `provenance.json` beside it names the model it was trained on; a checkpoint of
-another model is refused by its fingerprint.
+holding the fields the method's `TrainedParts.fields` names (MEND: `editor`, the network's
+state dict, `modules`, `shapes` and `network`, its shape; SERAC: `classifier`,
+`counterfactual`, `counterfactual_config` and `network`). The `provenance.json` beside it
+names the model it was trained on; a checkpoint of another model is refused by its
+fingerprint.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from seqedit.methods.method import EditMethod
 from seqedit.workers.model_io import model_fingerprint
 
 CHECKPOINT_FILE = "editor.pt"
-REQUIRED = ("editor", "modules", "shapes", "network")
 
 
 class TrainedPartsError(SeqeditError, ValueError):
@@ -61,7 +62,7 @@ def load_trained_parts(
         ) from exc
     if not isinstance(state, dict):
         raise TrainedPartsError(f"{path}: holds a {type(state).__name__}, expected a dict")
-    missing = [key for key in REQUIRED if key not in state]
+    missing = [key for key in method.trained.fields if key not in state]
     if missing:
         raise TrainedPartsError(f"{path}: missing field(s) {', '.join(missing)}")
     provenance = path.parent / "provenance.json"

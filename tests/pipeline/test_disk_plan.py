@@ -64,6 +64,9 @@ def test_every_method_is_estimated_without_weights(tmp_path: Path, name: str) ->
     small = estimate_disk(spec, GPT2Config(n_embd=64, n_layer=2, n_head=4))
     large = estimate_disk(spec, GPT2Config(n_embd=128, n_layer=2, n_head=4))
     assert small is not None and large is not None
+    if name == "serac":  # its memory holds token ids, whatever the model's width
+        assert 0 < small.edit_log == large.edit_log and 0 < small.checkpoints == large.checkpoints
+        return
     assert 0 < small.edit_log < large.edit_log and 0 < small.checkpoints < large.checkpoints
 
 

@@ -13,9 +13,12 @@ import pytest
 import torch
 
 from seqedit.methods.registry import METHODS
+from seqedit.pipeline.run.train_job import StopState, TrainJob, make_trainer, write_best
 from seqedit.testbed.build import load_testbed
 from seqedit.workers.edit_log import encode_edit_log
 from seqedit.workers.editor import SequentialEditor
+from seqedit.workers.model_io import load_model
+from seqedit.workers.trainer_common import LocalCollectives
 from tests.conftest import TINY_LAYER
 
 # Each method's fast config on the tiny testbed (`EditMethod.quick_hparams`, written for its
@@ -26,10 +29,32 @@ QUICK_HPARAMS: dict[str, dict[str, object]] = {
 }
 
 
+def quickly_trained(name: str, tiny_testbed: Path, out: Path) -> str:
+    """A checkpoint of `name`'s `TrainedParts.quick_training` on the tiny testbed's requests
+    (the trainer run in-process, as one Ray Train worker runs it)."""
+    trained = METHODS[name].trained
+    assert trained is not None and trained.quick_training is not None
+    requests = tiny_testbed / "requests.jsonl"
+    job = TrainJob(method=name, model=str(tiny_testbed), train=str(requests), val=str(requests),
+                   out=str(out), config=dict(trained.quick_training))  # fmt: skip
+    model, tokenizer = load_model(str(tiny_testbed))
+    _, train = load_testbed(tiny_testbed)
+    trainer = make_trainer(job, model, tokenizer, train, LocalCollectives())
+    while trainer.step < job.config.max_steps:
+        trainer.train_step()
+    write_best(out, job, trainer, StopState())
+    return str(out)
+
+
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_method_raises_the_new_target(name: str, tiny_testbed: Path, tiny_stats: Path) -> None:
+def test_method_raises_the_new_target(
+    name: str, tiny_testbed: Path, tiny_stats: Path, tmp_path: Path
+) -> None:
     assert QUICK_HPARAMS[name], f"give the new method {name!r} its quick_hparams"
     hparams = QUICK_HPARAMS[name]
+    trained = METHODS[name].trained
+    if trained is not None and trained.quick_training is not None:
+        hparams = {**hparams, "checkpoint": quickly_trained(name, tiny_testbed, tmp_path)}
     editor = SequentialEditor(
         str(tiny_testbed), name, hparams, stats_dir=str(tiny_stats), campaign="t"
     )

@@ -71,7 +71,8 @@ def test_training_lowers_the_validation_loss(
     for _ in range(20):
         metrics = trainer.train_step()
     after = trainer.validate(requests)
-    assert trainer.step == 20 and set(metrics) == set(before)
+    rates = {f"lr/edit.{i}" for i in range(len(trainer.editor.edit_lrs))}
+    assert trainer.step == 20 and set(metrics) == set(before) | rates
     # a random 2-block model moves slowly (5.47 -> 5.34 measured); constant without learning
     assert after["loss/total"] < before["loss/total"] - 0.08, (before, after)
     assert int(trainer.editor.transforms["128x32"].standardiser.count) > 0

@@ -298,6 +298,17 @@ def cmd_hparams_import(args: argparse.Namespace) -> None:
     from seqedit.files import write_text_atomic
     from seqedit.pipeline.cli.hparams_import import import_hparams, render_yaml
 
+    if args.training:
+        from seqedit.pipeline.cli.training_import import import_training, render_training_yaml
+
+        training = import_training(args.file, method=args.method)
+        text = render_training_yaml(training, args.file)
+        if args.out is None:
+            print(text, end="")
+            return
+        write_text_atomic(args.out, text)
+        print(f"training config: {training.method} from {args.file} -> {args.out}")
+        return
     imported = import_hparams(args.file, method=args.method)
     text = render_yaml(imported, args.file)
     if args.out is None:

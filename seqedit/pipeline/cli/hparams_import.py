@@ -173,7 +173,16 @@ def _convert(
     config_fields = set(get_method(method).config_cls.model_fields) - {"module_names"}
     renames, drops = dict(how.renamed), DROPPED_ANY_METHOD | dict(how.dropped)
     converted = set(how.converted)
-    known = sorted(config_fields | set(renames) | set(drops) | converted | set(TEMPLATE_FIELDS))
+    training = f"a training field: `seqedit train {method} --config` reads it (docs/hparams.md)"
+    drops |= {name: training for name in how.training}
+    known = sorted(
+        config_fields
+        | set(renames)
+        | set(drops)
+        | converted
+        | set(how.fixed)
+        | set(TEMPLATE_FIELDS)
+    )
     unknown = [field for field in source if field not in known]
     if unknown:
         lines = []
@@ -199,7 +208,16 @@ def _convert(
                 result.notes.append(f"layers: {source[field]} -> layer: {value}")
             hparams[ours] = value
         elif field in converted:
-            hparams.update(_converted(path, field, value, source, how, result))
+            for ours, part in _converted(path, field, value, source, how, result).items():
+                merged = isinstance(part, dict) and isinstance(hparams.get(ours), dict)
+                hparams[ours] = {**hparams[ours], **part} if merged else part
+        elif field in how.fixed:
+            if value != how.fixed[field]:
+                raise HparamsError(
+                    f"{path}: field {field!r}: {value!r} is not supported; seqedit's {method} "
+                    f"implements {field}: {how.fixed[field]!r} only"
+                )
+            result.dropped[field] = f"what seqedit's {method} does ({field}: {value!r})"
         elif field in drops and field not in config_fields:
             result.dropped[field] = drops[field]
         else:

@@ -214,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--method", default=None, help="our method; needed when the file or its path does not tell"
     )
     himport.add_argument("--out", type=Path, default=None, help="OUT.yaml (default: print)")
+    himport.add_argument(
+        "--training",
+        action="store_true",
+        help="a MEND/SERAC file's training fields, as the --config of `seqedit train`",
+    )
     himport.set_defaults(func=cmd_hparams_import)
 
     validate = sub.add_parser("validate", help="check a campaign spec without running it")

@@ -1,4 +1,4 @@
-"""`seqedit train mend`: train a trained editor as a Ray Train job (pipeline/run/train_job)."""
+"""`seqedit train mend|serac`: train an editor as a Ray Train job (pipeline/run/train_job)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from seqedit.pipeline.cli.handlers import CliError
 def add_train_parser(sub: Any) -> None:
     """The `train` command and its options."""
     train = sub.add_parser(
-        "train", help="train an editor that learns to edit (MEND) as a Ray Train job"
+        "train", help="train an editor that learns to edit (MEND, SERAC) as a Ray Train job"
     )
-    train.add_argument("method", choices=["mend"], help="the editor to train")
+    train.add_argument("method", choices=["mend", "serac"], help="the editor to train")
     train.add_argument("--model", required=True, type=Path, help="HF model directory")
     train.add_argument("--train", required=True, type=Path, help="training requests (any format)")
     train.add_argument("--val", required=True, type=Path, help="validation requests")
@@ -26,8 +26,9 @@ def add_train_parser(sub: Any) -> None:
         "--config",
         type=Path,
         default=None,
-        help="YAML of training fields (network, loss, lr, batch_size, max_steps, "
-        "val_every, early_stopping, ...)",
+        help="YAML of training fields (MEND: network, loss, lr, ...; SERAC: scope, loss, "
+        "counterfactual, lr, cf_lr, ...; both: batch_size, max_steps, val_every, "
+        "early_stopping)",
     )
     train.add_argument("--workers", type=int, default=1, help="data-parallel Ray Train workers")
     train.add_argument("--cpus-per-worker", type=float, default=1)

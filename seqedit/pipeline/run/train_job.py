@@ -1,6 +1,7 @@
-"""Training a trained editor (MEND) as a Ray Train job: `seqedit train mend`.
+"""Training a trained editor (MEND, SERAC) as a Ray Train job: `seqedit train mend|serac`.
 
-A `TorchTrainer` runs `MendTrainer` (a plain class) on N data-parallel workers; torch.
+A `TorchTrainer` runs the method's trainer (`MendTrainer`, `SeracTrainer`: plain classes,
+`trainer_common.EditorTrainer`) on N data-parallel workers; torch.
 distributed carries the sums and gathers (gloo on CPU). Every `val_every` steps, and at the
 last step, the workers validate; rank 0 then writes, in this order:
 - `train/rows-<step>.parquet`: the train rows since the last validation and the val row;
@@ -22,13 +23,15 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from seqedit.files import file_sha256, write_text_atomic
 from seqedit.schemas.loaders import load_requests
 from seqedit.schemas.tables import TrainRow, arrow_schema
 from seqedit.workers.mend_trainer import MendTrainer, MendTrainingConfig
 from seqedit.workers.model_io import load_model, model_fingerprint
+from seqedit.workers.serac_trainer import SeracTrainer, SeracTrainingConfig
+from seqedit.workers.trainer_common import Collectives, EditorTrainer
 
 TRAIN_SCHEMA = arrow_schema(TrainRow)
 """The `train` table: one row per (step, split, metric); split is "train" or "val"."""
@@ -50,7 +53,7 @@ class TrainJob(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: Literal["mend"] = "mend"
+    method: Literal["mend", "serac"] = "mend"
     model: str
     train: str
     val: str
@@ -59,8 +62,27 @@ class TrainJob(BaseModel):
     cpus_per_worker: float = Field(default=1, gt=0)
     gpus_per_worker: float = Field(default=0, ge=0)
     max_failures: int = Field(default=3, ge=0, description="Worker-group restarts allowed.")
-    config: MendTrainingConfig = Field(default_factory=MendTrainingConfig)
+    config: MendTrainingConfig | SeracTrainingConfig = Field(default_factory=MendTrainingConfig)
     early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _config_of_the_method(cls, data: Any) -> Any:
+        """`config` is validated as the training config of `method` (fields of one method
+        are refused by the other's)."""
+        if isinstance(data, dict):
+            wanted = TRAINING_CONFIGS[data.get("method", "mend")]
+            config = data.get("config")
+            config = config.model_dump() if isinstance(config, BaseModel) else (config or {})
+            data = {**data, "config": wanted.model_validate(config)}
+        return data
+
+
+TRAINING_CONFIGS: dict[str, type[BaseModel]] = {
+    "mend": MendTrainingConfig,
+    "serac": SeracTrainingConfig,
+}
+"""Method -> its training config."""
 
 
 class StopState(BaseModel):
@@ -99,9 +121,30 @@ def provenance(job: TrainJob) -> dict[str, Any]:
         "val": job.val,
         "val_sha256": file_sha256(job.val),
         "config": job.config.model_dump(mode="json"),
+        **_counterfactual_provenance(job),
         "early_stopping": job.early_stopping.model_dump(mode="json"),
         "seqedit_version": __version__,
     }
+
+
+def _counterfactual_provenance(job: TrainJob) -> dict[str, Any]:
+    """SERAC started from another counterfactual model: which (its fingerprint)."""
+    path = getattr(job.config, "counterfactual", None)
+    if path is None:
+        return {}
+    return {"counterfactual": path, "counterfactual_fingerprint": model_fingerprint(path)}
+
+
+def make_trainer(
+    job: TrainJob, model: Any, tokenizer: Any, train: list, comm: Collectives
+) -> EditorTrainer:
+    """The plain trainer of `job.method` for one worker."""
+    if isinstance(job.config, SeracTrainingConfig):
+        counterfactual = None
+        if job.config.counterfactual is not None:
+            counterfactual, _ = load_model(job.config.counterfactual)
+        return SeracTrainer(model, tokenizer, job.config, train, comm, counterfactual)
+    return MendTrainer(model, tokenizer, job.config, train, comm)
 
 
 class TorchCollectives:
@@ -152,7 +195,7 @@ def train_loop(job_json: str) -> None:
     model, tokenizer = load_model(job.model)
     train = load_requests(job.train).requests
     val = load_requests(job.val).requests[: config.val_size]
-    trainer = MendTrainer(model, tokenizer, config, train, comm)
+    trainer = make_trainer(job, model, tokenizer, train, comm)
     stop = StopState()
     elapsed = 0.0
     checkpoint = ray.train.get_checkpoint()
@@ -171,8 +214,6 @@ def train_loop(job_json: str) -> None:
         metrics = trainer.train_step()
         metrics["time/step"] = time.perf_counter() - step_started
         metrics["time/edit"] = metrics["time/step"] / config.batch_size
-        for i, rate in enumerate(trainer.editor.edit_lrs.detach().tolist()):
-            metrics[f"lr/edit.{i}"] = rate
         seconds = time.perf_counter() - started
         pending += _rows(trainer.step, "train", metrics, seconds, comm.world)
         if trainer.step % config.val_every and trainer.step < config.max_steps:
@@ -192,22 +233,19 @@ def train_loop(job_json: str) -> None:
         pq.write_table(table, out / "train" / f"rows-{trainer.step:09d}.parquet")
         pending = []
         if improved:
-            _write_best(out, job, trainer, stop)
+            write_best(out, job, trainer, stop)
         with tempfile.TemporaryDirectory() as folder:
             state = {"trainer": trainer.state_dict(), "stop": stop.model_dump(), "seconds": seconds}
             torch.save(state, Path(folder) / "state.pt")
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
-def _write_best(out: Path, job: TrainJob, trainer: MendTrainer, stop: StopState) -> None:
-    """The best editor so far, with its provenance, replacing the previous best."""
+def write_best(out: Path, job: TrainJob, trainer: EditorTrainer, stop: StopState) -> None:
+    """The best parts so far (`trainer.parts()`) as OUT/best/editor.pt, with their
+    provenance, replacing the previous best."""
     best = out / "best"
     best.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {"editor": trainer.editor.state_dict(), "modules": trainer.editor.modules_edited,
-         "shapes": trainer.editor.shapes, "network": job.config.network.model_dump()},
-        best / "editor.pt.tmp",
-    )  # fmt: skip
+    torch.save(trainer.parts(), best / "editor.pt.tmp")
     (best / "editor.pt.tmp").replace(best / "editor.pt")
     meta = {**provenance(job), "step": trainer.step, "metric": job.early_stopping.metric,
             "value": stop.best}  # fmt: skip
@@ -227,6 +265,11 @@ def run_train_job(job: TrainJob) -> dict[str, Any]:
         update={name: str(Path(getattr(job, name)).resolve()) for name in ("model", "train", "val")}
         | {"out": str(out)}
     )
+    if isinstance(job.config, SeracTrainingConfig) and job.config.counterfactual is not None:
+        resolved = str(Path(job.config.counterfactual).resolve())
+        job = job.model_copy(
+            update={"config": job.config.model_copy(update={"counterfactual": resolved})}
+        )
     saved = out / "job.json"
     if saved.is_file():
         before = TrainJob.model_validate_json(saved.read_text())
