@@ -177,7 +177,9 @@ class HealthSpec(BaseModel):
 
 
 class CampaignSpec(BaseModel):
-    """A sequential editing campaign. Relative paths are resolved against the spec's folder."""
+    """A sequential editing campaign. Relative paths (`model`, `stats`, `dataset.path`,
+    `health.heldout`, `stats_build.corpus`, and a trained editor's `hparams.checkpoint`)
+    are resolved against the spec's folder."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -266,8 +268,12 @@ class CampaignSpec(BaseModel):
         build = self.stats_build
         if build is not None:
             build = build.model_copy(update={"corpus": [fix(c) or c for c in build.corpus]})
+        hparams = dict(self.hparams)
+        if isinstance(hparams.get("checkpoint"), str):  # a trained editor's directory
+            hparams["checkpoint"] = fix(hparams["checkpoint"])
         return self.model_copy(
             update={
+                "hparams": hparams,
                 "model": fix(self.model),
                 "stats": fix(self.stats),
                 "dataset": dataset,

@@ -24,6 +24,11 @@ def test_relative_paths_resolve_against_the_spec_folder(tmp_path: Path) -> None:
     assert spec.model == str(tmp_path / "model")
     assert spec.dataset.path == str(tmp_path / "data/requests.jsonl")
     assert spec.stats == str(tmp_path / "stats")
+    assert spec.hparams == {"layer": 1}
+    trained = GOOD.replace("hparams: {layer: 1}", "method: mend\nhparams: {checkpoint: ../mend}")
+    (tmp_path / "mend.yaml").write_text(trained)
+    mend = load_spec(tmp_path / "mend.yaml")
+    assert mend.hparams == {"checkpoint": str(tmp_path.parent / "mend")}
 
 
 def test_spec_hash_changes_with_content(tmp_path: Path) -> None:
