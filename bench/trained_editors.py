@@ -11,7 +11,9 @@ Each single edit is applied, its record scored (protocol `final`: ES/PS/NS as th
 campaigns score them) and rolled back exactly (`undo_last`). Each sequential run applies
 the first N test requests one after the other on the base model and scores all N at the
 end. Printed: ES/PS/NS means, seconds per edit (the edit alone, without scoring), and for a
-memory method the memory's size after the run.
+memory method the memory's size after the run. For SERAC also the routing: the share of
+the edits' rephrases the classifier routes in scope and of their neighbourhood prompts
+(which must stay out), with one edit in the memory and with every edit of a run.
 """
 
 from __future__ import annotations
@@ -62,6 +64,40 @@ def single_edits(args: argparse.Namespace, requests: list[EditRequest]) -> dict[
     return {**_means(rows), "n": len(rows), "s_per_edit": statistics.median(seconds)}
 
 
+def _routed(context: object, tokenizer: object, prompts: list[str]) -> list[bool]:
+    """Whether SERAC's classifier routes each prompt in scope of some edit in its memory
+    (probability > generation_threshold at the prompt's last token)."""
+    from seqedit.methods.serac import scope_hit_rate
+
+    return [scope_hit_rate(context, tokenizer, [p])["scope_hit_rate"] > 0 for p in prompts]  # type: ignore[arg-type]
+
+
+def serac_routing(editor: SequentialEditor, requests: list[EditRequest]) -> dict[str, float]:
+    """Rephrases routed in scope and locality prompts routed in scope, with the memory as
+    it is in `editor` (after the edits of `requests`)."""
+    context, tokenizer = editor.edited.context, editor.tokenizer
+    rephrases = [p for r in requests for p in r.paraphrase_prompts]
+    neighbours = [n.prompt for r in requests for n in r.neighborhood_prompts]
+    return {
+        "rephrase_in_scope": statistics.fmean(_routed(context, tokenizer, rephrases)),
+        "locality_in_scope": statistics.fmean(_routed(context, tokenizer, neighbours)),
+    }
+
+
+def single_routing(args: argparse.Namespace, requests: list[EditRequest]) -> dict[str, float]:
+    """Per edit, with only that edit in the memory: its rephrases and its neighbours."""
+    editor = _editor(args, keep_undo=True)
+    ins, outs = [], []
+    for step, request in enumerate(requests):
+        editor.edit(request, step)
+        routed = serac_routing(editor, [request])
+        ins.append(routed["rephrase_in_scope"])
+        outs.append(routed["locality_in_scope"])
+        editor.undo_last()
+    return {"rephrase_in_scope": statistics.fmean(ins), "locality_in_scope": statistics.fmean(outs),
+            "n": len(requests)}  # fmt: skip
+
+
 def sequential_edits(args: argparse.Namespace, requests: list[EditRequest]) -> dict[str, float]:
     """The requests edited in order, all scored at the end."""
     editor = _editor(args, keep_undo=False)
@@ -77,6 +113,8 @@ def sequential_edits(args: argparse.Namespace, requests: list[EditRequest]) -> d
     size = editor.edited.memory_size()
     if size is not None:
         result["memory_size"] = size
+    if args.method == "serac":  # with every edit in the memory
+        result |= serac_routing(editor, requests)
     return result
 
 
@@ -94,6 +132,10 @@ def main() -> None:
     results: dict[str, dict[str, float]] = {}
     results["single"] = single_edits(args, test[: args.single])
     print(f"{args.method} single edits: {json.dumps(results['single'])}", flush=True)
+    if args.method == "serac":
+        routing = single_routing(args, test[: args.single])
+        print(f"serac routing, one edit in memory: {json.dumps(routing)}", flush=True)
+        results["single"] |= routing
     for n in (int(x) for x in args.sequential.split(",") if x):
         if n > len(test):
             print(f"skipping {n} sequential edits: the test split has {len(test)} requests")

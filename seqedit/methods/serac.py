@@ -392,6 +392,7 @@ SERAC = EditMethod(
         training_renamed={
             "lr": "lr, cf_lr",
             "cedit": "loss.c_edit",
+            "cloc": "loss.c_scope",
             "small_name": "counterfactual",
         },
     ),

@@ -69,6 +69,7 @@ def test_easyedit_serac_edit_and_training() -> None:
     assert training.config["counterfactual"] == "./hugging_cache/gpt2"
     assert training.config["lr"] == training.config["cf_lr"] == 1e-5
     assert training.config["batch_size"] == 10 and training.config["max_steps"] == 1000
+    assert training.config["loss"] == {"c_edit": 0.1, "c_scope": 1.0}
     assert "cls_name" in training.dropped
 
 
