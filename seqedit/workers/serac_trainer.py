@@ -5,7 +5,9 @@ classifier (over the base model's token embeddings) and the counterfactual model
 LM with the base model's tokenizer: a copy of the base model by default, or any local HF
 model directory with the same vocabulary (`counterfactual:`). Batches, shares and
 collectives as MEND's (`trainer_common`): one worker and N at the same global batch take
-the same steps, to float rounding.
+the same steps, to float rounding. The counterfactual model trains in eval mode (no
+dropout, as the reference's `dropout: 0`): dropout's draws would differ between 1 and N
+workers.
 
 Counterfactual targets: with probability `swap_targets` a training request's target_new is
 replaced by the target of another request of the batch, so the counterfactual model learns
@@ -99,7 +101,7 @@ class SeracTrainer:
                     f"the base model's tokenizer ({len(tokenizer)}): it needs that tokenizer"
                 )
         self.counterfactual = copy.deepcopy(model) if counterfactual is None else counterfactual
-        self.counterfactual.to(next(model.parameters()).device)
+        self.counterfactual.to(next(model.parameters()).device).eval()
         for param in self.counterfactual.parameters():
             param.requires_grad_(True)
         d_model = int(model.get_input_embeddings().weight.shape[1])
@@ -140,8 +142,8 @@ class SeracTrainer:
     def train_step(self) -> dict[str, float]:
         """One optimiser step on the global batch; its metrics (batch means)."""
         self.classifier.train()
-        self.counterfactual.train()
-        batch = self._swapped(
+        self.counterfactual.eval()  # no dropout (the reference trains at dropout 0 too):
+        batch = self._swapped(  # N workers then take one worker's steps
             global_batch(self.train, self.step, self.config.batch_size, self.config.seed),
             self.step,
         )
