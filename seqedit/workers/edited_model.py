@@ -27,6 +27,7 @@ from seqedit.methods.registry import get_method
 from seqedit.methods.updates import MemoryEntry, Update
 from seqedit.workers.edited_weights import EditedWeights, edited_weights
 from seqedit.workers.tensor_files import read_safetensors, write_safetensors
+from seqedit.workers.trained_parts import prepare_context
 
 Snapshot = tuple[dict[str, torch.Tensor], SequentialState]
 """(fp32 masters by module, memory tensors by name): a point to come back to exactly."""
@@ -168,7 +169,7 @@ def attach_memory(
     config = validate_config(
         method.config_cls, json.loads(metadata["config"]), where=f"{path} config"
     )
-    context = method.prepare(model, tokenizer, config, None, None)
+    context = prepare_context(method, model, tokenizer, config, None)
     edited = EditedModel(model, method, config, names_for(model, config), context)
     method.load_state(context, tensors)
     return edited

@@ -33,7 +33,7 @@ from seqedit.workers.edit_log import encode_edit_log, parse_edit_log
 from seqedit.workers.edited_model import EditedModel, save_memory
 from seqedit.workers.evaluator import evaluate_records
 from seqedit.workers.model_io import load_model
-from seqedit.workers.trained_parts import load_trained_parts
+from seqedit.workers.trained_parts import prepare_context
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +100,9 @@ class SequentialEditor:
         self.second_moments, derived, self.derived_counts = method_statistics(
             self.method, self.config, self.names, model_dir=model_dir, stats_dir=stats_dir
         )
-        trained = load_trained_parts(self.method, self.config, model_dir)
-        self.context = self.method.prepare(
-            self.model, self.tokenizer, self.config, self.second_moments, derived,
-            *(() if self.method.trained is None else (trained,)),
+        self.context = prepare_context(
+            self.method, self.model, self.tokenizer, self.config, model_dir,
+            self.second_moments, derived,
         )  # fmt: skip
         self.edited = EditedModel(self.model, self.method, self.config, self.names, self.context)
         self.edit_log: list[tuple[int, list[Update]]] = []

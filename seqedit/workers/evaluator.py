@@ -33,6 +33,7 @@ from seqedit.schemas.tables import EvalRow, ModelEvalRow, Protocol
 from seqedit.workers.edit_log import Steps
 from seqedit.workers.edited_model import EditedModel
 from seqedit.workers.model_io import load_model
+from seqedit.workers.trained_parts import prepare_context
 
 Predictions = list[tuple[int, ...]]
 """Argmax token ids at the answer positions of each neighbour prompt of one record."""
@@ -245,10 +246,12 @@ class Evaluator:
         spec = get_method(method)
         config = validate_config(spec.config_cls, hparams, where=f"{spec.name} hparams")
         self.model, self.tokenizer = load_model(model_dir, device=device)
-        # a memory-based method's memory lives in its context (no statistics needed);
-        # the others need none here: their updates are weights
+        # a memory-based method's memory lives in its context (no statistics needed, its
+        # trained parts if it has any: SERAC's); the others need none: updates are weights
         context = (
-            spec.prepare(self.model, self.tokenizer, config, None, None) if spec.memory else None
+            prepare_context(spec, self.model, self.tokenizer, config, model_dir)
+            if spec.memory
+            else None
         )
         names = names_for(self.model, config)
         self.edited = EditedModel(self.model, spec, config, names, context)

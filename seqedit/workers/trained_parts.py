@@ -75,3 +75,20 @@ def load_trained_parts(
                 f"{model_dir} is {here[:12]}: a {method.name} network trained on another model"
             )
     return {**state, "source": str(path)}
+
+
+def prepare_context(
+    method: EditMethod,
+    model: Any,
+    tokenizer: Any,
+    config: Any,
+    model_dir: str | Path | None,
+    second_moments: dict[int, Any] | None = None,
+    derived: Any = None,
+) -> Any:
+    """`method.prepare` with its trained parts read (when it has any): what the editor, every
+    evaluator and a saved memory's loader build alike, so all of them answer the same.
+    `model_dir`: the model the parts must have been trained on (None: not checked)."""
+    trained = load_trained_parts(method, config, model_dir)
+    extra = () if method.trained is None else (trained,)
+    return method.prepare(model, tokenizer, config, second_moments, derived, *extra)

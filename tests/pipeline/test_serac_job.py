@@ -45,11 +45,23 @@ def test_serac_trains_on_ray_and_its_memory_holds_every_edit(
 
     n = 6
     spec_file = write_spec(tmp_path, tiny_testbed, None, n_edits=n, method="serac",
-                           hparams={"checkpoint": str(out)}, health={"every": 3})  # fmt: skip
+                           hparams={"checkpoint": str(out)}, health={"every": 3},
+                           evaluation={"immediate": True})  # fmt: skip
     state = run_campaign(load_spec(spec_file), tmp_path / "campaign")
     assert state.status == "done"
     edits = query(tmp_path / "campaign", "SELECT memory_size FROM edits ORDER BY step")
     assert edits["memory_size"].to_pylist() == list(range(1, n + 1))
+    # the evaluator actors answer with the same trained parts as the editor: each record's
+    # immediate P(new) - P(true) is the one the editor verified right after its edit
+    pairs = query(
+        tmp_path / "campaign",
+        "SELECT e.p_new_after - e.p_true_after AS edited, v.em AS evaluated FROM edits e "
+        "JOIN evals v USING (case_id) WHERE v.protocol = 'immediate' ORDER BY e.step",
+    ).to_pylist()
+    assert len(pairs) == n
+    for pair in pairs:
+        assert pair["evaluated"] == pytest.approx(pair["edited"], abs=1e-5)
+    assert any(abs(p["edited"]) > 1e-3 for p in pairs)
     health = query(
         tmp_path / "campaign",
         "SELECT check_name, value FROM health WHERE check_name IN "
