@@ -3,9 +3,6 @@ state resumes to the same weights."""
 
 from __future__ import annotations
 
-import threading
-from typing import Any
-
 import pytest
 import torch
 from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -15,6 +12,7 @@ from seqedit.methods.mend_loss import MendLossConfig
 from seqedit.schemas.requests import EditRequest, LocalityPrompt
 from seqedit.workers.mend_trainer import MendTrainer, MendTrainingConfig
 from tests.methods.tiny import tiny_gpt2, tiny_tokenizer
+from tests.workers.thread_workers import two_thread_workers
 
 PEOPLE = ["Fenna Underhill", "Helka Tillman", "Kelvin Everly", "Dovana Ravensworth"]
 PLACES = ["Corvale", "Kyrosoft", "the north", "the harp"]
@@ -78,29 +76,6 @@ def test_training_lowers_the_validation_loss(
     assert int(trainer.editor.transforms["128x32"].standardiser.count) > 0
 
 
-class ThreadCollectives:
-    """Collectives of workers that are threads of one process (for the test)."""
-
-    def __init__(self, rank: int, world: int, shared: dict[str, Any]) -> None:
-        self.rank, self.world, self.shared = rank, world, shared
-
-    def _exchange(self, value: Any) -> list[Any]:
-        barrier: threading.Barrier = self.shared["barrier"]
-        slots = self.shared["slots"]
-        slots[self.rank] = value
-        barrier.wait()
-        values = list(slots)
-        barrier.wait()
-        return values
-
-    def sum_(self, tensor: torch.Tensor) -> None:
-        values = self._exchange(tensor.clone())
-        tensor.copy_(torch.stack(values).sum(0))
-
-    def gather(self, value: Any) -> list[Any]:
-        return self._exchange(value)
-
-
 def test_two_workers_take_the_steps_of_one(
     model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast
 ) -> None:
@@ -108,24 +83,9 @@ def test_two_workers_take_the_steps_of_one(
     single = MendTrainer(model, tokenizer, CONFIG, requests)
     single_metrics = [single.train_step() for _ in range(4)]
 
-    shared = {"barrier": threading.Barrier(2), "slots": [None, None]}
-    pair = [  # a model each: a worker's hooks must not see the other's forward passes
-        MendTrainer(
-            tiny_gpt2(len(tokenizer)), tokenizer, CONFIG, requests, ThreadCollectives(r, 2, shared)
-        )
-        for r in range(2)
-    ]
-    metrics: list[list[dict[str, float]]] = [[], []]
-
-    def run(rank: int) -> None:
-        for _ in range(4):
-            metrics[rank].append(pair[rank].train_step())
-
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
+    pair, metrics = two_thread_workers(
+        lambda comm: MendTrainer(tiny_gpt2(len(tokenizer)), tokenizer, CONFIG, requests, comm), 4
+    )
     assert torch.equal(_flat(pair[0]), _flat(pair[1]))  # workers stay identical
     torch.testing.assert_close(_flat(pair[0]), _flat(single), rtol=1e-4, atol=1e-6)
     for got, expected in zip(metrics[0], single_metrics, strict=True):

@@ -3,8 +3,6 @@ resumes to the same parts, and its parts edit through `method: serac`."""
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
@@ -13,7 +11,8 @@ from seqedit.methods.serac import SERAC
 from seqedit.methods.serac_scope import ScopeConfig
 from seqedit.workers.serac_trainer import SeracTrainer, SeracTrainingConfig
 from tests.methods.tiny import tiny_gpt2, tiny_tokenizer
-from tests.workers.test_mend_trainer import ThreadCollectives, _requests
+from tests.workers.test_mend_trainer import _requests
+from tests.workers.thread_workers import two_thread_workers
 
 CONFIG = SeracTrainingConfig(scope=ScopeConfig(dim=8), lr=1e-2, cf_lr=1e-3, batch_size=4)
 
@@ -45,24 +44,9 @@ def test_two_workers_take_the_steps_of_one(tokenizer: PreTrainedTokenizerFast) -
     requests = _requests()
     single = SeracTrainer(tiny_gpt2(len(tokenizer)), tokenizer, CONFIG, requests)
     single_metrics = [single.train_step() for _ in range(3)]
-    shared = {"barrier": threading.Barrier(2), "slots": [None, None]}
-    pair = [
-        SeracTrainer(
-            tiny_gpt2(len(tokenizer)), tokenizer, CONFIG, requests, ThreadCollectives(r, 2, shared)
-        )
-        for r in range(2)
-    ]
-    metrics: list[list[dict[str, float]]] = [[], []]
-
-    def run(rank: int) -> None:
-        for _ in range(3):
-            metrics[rank].append(pair[rank].train_step())
-
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
+    pair, metrics = two_thread_workers(
+        lambda comm: SeracTrainer(tiny_gpt2(len(tokenizer)), tokenizer, CONFIG, requests, comm), 3
+    )
     assert torch.equal(_flat(pair[0]), _flat(pair[1]))
     torch.testing.assert_close(_flat(pair[0]), _flat(single), rtol=1e-4, atol=1e-6)
     for got, expected in zip(metrics[0], single_metrics, strict=True):
