@@ -297,28 +297,24 @@ def cmd_edit(args: argparse.Namespace) -> None:
 def cmd_hparams_import(args: argparse.Namespace) -> None:
     from seqedit.files import write_text_atomic
     from seqedit.pipeline.cli.hparams_import import import_hparams, render_yaml
+    from seqedit.pipeline.cli.training_import import import_training, render_training_yaml
 
     if args.training:
-        from seqedit.pipeline.cli.training_import import import_training, render_training_yaml
-
         training = import_training(args.file, method=args.method)
         text = render_training_yaml(training, args.file)
-        if args.out is None:
-            print(text, end="")
-            return
-        write_text_atomic(args.out, text)
-        print(f"training config: {training.method} from {args.file} -> {args.out}")
-        return
-    imported = import_hparams(args.file, method=args.method)
-    text = render_yaml(imported, args.file)
+        summary = f"training config: {training.method} from {args.file}"
+    else:
+        imported = import_hparams(args.file, method=args.method)
+        text = render_yaml(imported, args.file)
+        summary = (
+            f"hparams: {imported.method} from {imported.source_format} {args.file}, "
+            f"{len(imported.dropped)} dropped, {len(imported.renamed)} renamed"
+        )
     if args.out is None:
         print(text, end="")
         return
     write_text_atomic(args.out, text)
-    print(
-        f"hparams: {imported.method} from {imported.source_format} {args.file}, "
-        f"{len(imported.dropped)} dropped, {len(imported.renamed)} renamed -> {args.out}"
-    )
+    print(f"{summary} -> {args.out}")
 
 
 def _other_campaign(text: str) -> tuple[str, Location]:
