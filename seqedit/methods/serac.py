@@ -271,7 +271,7 @@ def serac_edit(
               "target_new": request.target_new},
     )  # fmt: skip
     return EditResult(
-        updates=[entry], loss=nll, steps=0, key=key_ids.float(), value=prefix_ids.float(),
+        updates=[entry], loss=nll, steps=0, key=torch.empty(0), value=torch.empty(0),
         target_prob=float(torch.exp(-torch.tensor(nll))), extras={"scope": float(sigma[-1])},
     )  # fmt: skip
 
