@@ -9,12 +9,16 @@ Every stage resumes: the testbed build from its training checkpoint, the covaria
 its finished shards, each campaign from its last checkpoint (run the script again after a
 kill). The specs are examples/counterfact-10k-METHOD.yaml; their paths point at
 runs/cf10k-testbed and runs/cf10k-stats-*, so `--runs` must be the checkout's runs/
-folder unless the specs are copied. Prints, per method: ES/PS/NS of all edits after the
-last one (protocol `final`), the retention curve, the first step where the success-rate
-trend (last 50 edits) falls below 0.5, held-out perplexity against the base model's,
-greedy generations and their n-gram entropy before and after, and seconds per edit;
-then the published 10k figures on Llama3-8B beside them. `seqedit report` writes the
-comparison page to RUNS/cf10k/report.
+folder unless the specs are copied. Each campaign's editor and evaluator are one-thread
+actors, so on 2 cores two processes finish sooner: `--methods rome,alphaedit` and, once
+runs/cf10k-stats-0 is built, `--methods memit,ft-m`; then a run with all four only
+summarizes. Prints ES/PS/NS of all 10,000 records on the base model, then per method:
+ES/PS/NS of all edits after the last one (protocol `final`), the retention curve, the
+first step where the success-rate trend (last 50 edits) falls below 0.5, held-out
+perplexity against the base model's, greedy generations and their n-gram entropy before
+and after, and seconds per edit; then the published 10k figures on Llama3-8B beside them.
+`seqedit report` writes the comparison page to RUNS/cf10k/report, with perplexity.png
+(perplexity ratio against edits applied) beside it.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from seqedit.methods.fluency import fluency
 from seqedit.methods.generation import generate_texts
+from seqedit.schemas.loaders import load_requests
+from seqedit.workers.evaluator import evaluate_records
 from seqedit.workers.model_io import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,6 +89,23 @@ def generations(model_dir: Path) -> tuple[list[str], float | None]:
     return texts, fluency(texts)
 
 
+def base_scores(testbed: Path, out: Path) -> dict[str, float]:
+    """ES/PS/NS of all 10,000 records on the unedited testbed (cached in `out`)."""
+    if out.is_file():
+        return json.loads(out.read_text())
+    model, tokenizer = load_model(str(testbed), device="cpu")
+    requests = load_requests(testbed / "requests.jsonl").requests
+    rows = evaluate_records(model, tokenizer, requests, [0] * len(requests),
+                            campaign="base", protocol="final", n_edits_applied=0)  # fmt: skip
+    scores = {}
+    for name in ("es", "ps", "ns"):  # records without paraphrases or neighbours have None
+        values = [getattr(r, name) for r in rows if getattr(r, name) is not None]
+        scores[name] = sum(values) / len(values)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(scores) + "\n")
+    return scores
+
+
 def summarize(method: str, campaign: Path, scratch: Path) -> dict:
     """The figures of one finished campaign (see the module docstring)."""
     final = query(campaign, "SELECT es, ps, ns FROM curves WHERE protocol = 'final'")[0]
@@ -95,7 +118,11 @@ def summarize(method: str, campaign: Path, scratch: Path) -> dict:
         campaign,
         "SELECT min(step) AS step FROM health WHERE check_name = 'success_rate' AND NOT passed",
     )[0]["step"]
-    ppl = query(campaign, "SELECT step, perplexity_ratio FROM periodic ORDER BY step")
+    ppl = query(
+        campaign,
+        "SELECT (SELECT count(*) FROM edits e WHERE e.step <= p.step) AS n, p.perplexity, "
+        "p.perplexity_ratio FROM periodic p ORDER BY p.step",
+    )
     timing = query(campaign, "SELECT avg(seconds) AS s, count(*) AS n FROM edits")[0]
     last = query(campaign, "SELECT max(step) AS step FROM edits")[0]["step"]
     model_dir = scratch / f"{method}-final"
@@ -109,8 +136,11 @@ def summarize(method: str, campaign: Path, scratch: Path) -> dict:
     }  # fmt: skip
 
 
-def print_summary(rows: list[dict], base_texts: list[str], base_fluency: float | None) -> None:
-    print(f"\nbase model: n-gram entropy {base_fluency:.3f}; {base_texts[2]!r}")
+def print_summary(
+    rows: list[dict], base: dict[str, float], base_texts: list[str], base_fluency: float | None
+) -> None:
+    print(f"\nbase model: ES/PS/NS {base['es']:.3f}/{base['ps']:.3f}/{base['ns']:.3f}, "
+          f"n-gram entropy {base_fluency:.3f}; {base_texts[2]!r}")  # fmt: skip
     print(f"\n{'method':<10} {'ES':>6} {'PS':>6} {'NS':>6} {'collapse':>9} "
           f"{'ppl x':>7} {'entropy':>8} {'s/edit':>7}   published ES/PS/NS")  # fmt: skip
     for row in rows:
@@ -126,6 +156,28 @@ def print_summary(rows: list[dict], base_texts: list[str], base_fluency: float |
         points = ", ".join(f"{p['n']}: {p['es']:.2f}/{p['ns']:.2f}" for p in row["curve"])
         print(f"\n{row['method']} retention ES/NS by edits applied: {points}")
         print(f"{row['method']} after all edits: {row['generations'][2]!r}")
+
+
+def plot_perplexity(rows: list[dict], out: Path) -> None:
+    """Held-out perplexity / the base model's against edits applied, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for row in rows:
+        points = [(p["n"], p["perplexity_ratio"]) for p in row["perplexity_ratio"]]
+        ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=row["method"])
+    ax.set_yscale("log")
+    ax.set_xlabel("edits applied (count)")
+    ax.set_ylabel("held-out perplexity / base (ratio, log)")
+    ax.set_title("Held-out English perplexity under 10,000 CounterFact edits")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -145,12 +197,14 @@ def main() -> None:
     for method in methods:
         run_campaign(method, root / method)
     rows = [summarize(m, root / m, root / "models") for m in methods]
+    base = base_scores(testbed, root / "base-scores.json")
     base_texts, base_fluency = generations(testbed)
-    print_summary(rows, base_texts, base_fluency)
+    print_summary(rows, base, base_texts, base_fluency)
     campaigns = [str(root / m) for m in methods]
     run("report", campaigns[0], *(["--compare", *campaigns[1:]] if campaigns[1:] else []),
         "--out", str(root / "report"))  # fmt: skip
-    (root / "summary.json").write_text(json.dumps(rows, indent=1) + "\n")
+    plot_perplexity(rows, root / "report" / "perplexity.png")
+    (root / "summary.json").write_text(json.dumps({"base": base, "methods": rows}, indent=1) + "\n")
     print(f"\nsummary: {root / 'summary.json'}")
 
 
