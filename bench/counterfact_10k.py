@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from seqedit.methods.fluency import fluency
 from seqedit.methods.generation import generate_texts
+from seqedit.pipeline.results.plots import log_y, plt, save
 from seqedit.schemas.loaders import load_requests
 from seqedit.workers.evaluator import evaluate_records
 from seqedit.workers.model_io import load_model
@@ -160,24 +161,17 @@ def print_summary(
 
 def plot_perplexity(rows: list[dict], out: Path) -> None:
     """Held-out perplexity / the base model's against edits applied, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     for row in rows:
         points = [(p["n"], p["perplexity_ratio"]) for p in row["perplexity_ratio"]]
         ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=row["method"])
-    ax.set_yscale("log")
+    log_y(ax)
     ax.set_xlabel("edits applied (count)")
     ax.set_ylabel("held-out perplexity / base (ratio, log)")
     ax.set_title("Held-out English perplexity under 10,000 CounterFact edits")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
+    save(fig, out)
 
 
 def main() -> None:
